@@ -1,0 +1,167 @@
+"""The `qcompile` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import EXIT_CODES, EXIT_INTERNAL, EXIT_USAGE, QCompileError
+
+SUBCOMMANDS = ("targets", "recipes", "passes", "verify")
+
+EPILOG = """examples:
+  qcompile model.onnx --target cpu --recipe w8a8 --calib calib.npz -o out/
+  qcompile det.onnx --target cpu --input-shape x:1,3,640,640 --calib imgs/ --verify-data eval.npz -o out/
+  qcompile model.onnx --target cpu --recipe my_recipe.yaml --dump-after quantize -o out/
+  qcompile verify original.onnx out/model.onnx --data eval.npz
+  qcompile targets | recipes | passes
+
+outputs (every target): OUT/model.onnx (+ model.onnx.data when external),
+  OUT/report.json, OUT/recipe.resolved.yaml
+
+exit codes:
+""" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
+
+
+def _compile_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qcompile", description="Compile an ONNX model for quantized deployment.",
+                                epilog=EPILOG + "\n\nsubcommands: " + ", ".join(SUBCOMMANDS),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="input ONNX model (external data next to it)")
+    p.add_argument("--target", default="cpu", help="target, e.g. cpu or cpu:avx2 (see `qcompile targets`)")
+    p.add_argument("--recipe", default="w8a8", help="built-in recipe name or a .yaml path (default w8a8)")
+    p.add_argument("--calib", help="calibration data: .npz (one array per input, batch on axis 0) or a folder")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D,D,...",
+                   help="pin a dynamic input shape (repeatable)")
+    p.add_argument("-o", "--output", default="out", help="output directory (default ./out)")
+    p.add_argument("--verify-data", help="held-out data for verification (default: the calibration data)")
+    p.add_argument("--verify-samples", type=int, default=64, help="samples used by verification (default 64)")
+    p.add_argument("--no-verify", action="store_true", help="skip verification")
+    p.add_argument("--dump-after", action="append", default=[], metavar="PASS",
+                   help="save the graph after PASS into OUT/dumps/ (repeatable; 'all' for every pass)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or table")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each pass")
+    return p
+
+
+def _cmd_compile(argv: list[str]) -> int:
+    args = _compile_parser().parse_args(argv)
+    from .compile import compile_model
+    from .model_io import parse_input_shapes
+    from .report import print_summary
+
+    result = compile_model(args.model, target=args.target, recipe=args.recipe, calib=args.calib,
+                           output_dir=args.output, input_shapes=parse_input_shapes(args.input_shape),
+                           verify=not args.no_verify, verify_data=args.verify_data,
+                           verify_samples=args.verify_samples, dump_after=tuple(args.dump_after),
+                           progress=not args.quiet)
+    if not args.quiet:
+        print_summary(result.report)
+        Console().print(f"wrote {', '.join(str(f) for f in result.files)}")
+    return 0
+
+
+def _cmd_targets(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="qcompile targets", description="List compile targets.").parse_args(argv)
+    from .hostinfo import detect_isa
+    from .targets import list_targets
+    table = Table(title="targets")
+    for col in ("target", "description", "weights", "activations", "opset", "variants"):
+        table.add_column(col)
+    for name, d in list_targets().items():
+        variants = list(d.get("variants", {}))
+        host = f" (host: {detect_isa(variants)})" if d.get("detect") == "host_isa" else ""
+        table.add_row(name, d.get("summary", ""), ", ".join(d["dtypes"]["weight"]) + " " +
+                      "/".join(d["granularity"]["weight"]), ", ".join(d["dtypes"]["activation"]) + " " +
+                      "/".join(d["granularity"]["activation"]), f">= {d['opset']['min']}",
+                      ", ".join(variants) + host)
+    Console().print(table)
+    return 0
+
+
+def _cmd_recipes(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="qcompile recipes", description="List built-in recipes.").parse_args(argv)
+    import yaml
+    from .recipe import builtin_recipes
+    table = Table(title="built-in recipes")
+    table.add_column("recipe")
+    table.add_column("description")
+    for name, path in sorted(builtin_recipes().items()):
+        meta = (yaml.safe_load(path.read_text()) or {}).get("metadata", {})
+        table.add_row(name, str(meta.get("description", "")))
+    Console().print(table)
+    return 0
+
+
+def _cmd_passes(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="qcompile passes", description="List registered passes.").parse_args(argv)
+    from .registry import all_passes
+    table = Table(title="passes")
+    table.add_column("pass")
+    table.add_column("description")
+    for name, spec in all_passes().items():
+        table.add_row(name, spec.summary)
+    Console().print(table)
+    return 0
+
+
+def _cmd_verify(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="qcompile verify",
+                                description="Compare a compiled model against its original in onnxruntime.")
+    p.add_argument("original")
+    p.add_argument("compiled")
+    p.add_argument("--data", help="inputs (.npz or folder); synthetic when omitted")
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--json", help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    from .calib_data import model_input_specs, open_dataset
+    from .model_io import load_model
+    from .report import print_summary, write_report
+    from .verify import verify_models
+    from pathlib import Path
+    compiled = load_model(args.compiled)
+    load_model(args.original)
+    data = open_dataset(args.data, model_input_specs(compiled), synthetic_samples=4, seed=1)
+    result = verify_models(Path(args.original), Path(args.compiled), data, samples=args.samples)
+    print_summary({"target": "-", "recipe": "-", "layers": {}, "verification": result})
+    if args.json:
+        write_report(Path(args.json), result)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(levelname)s %(message)s")
+    err = Console(stderr=True)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return globals()[f"_cmd_{argv[0]}"](argv[1:])
+        return _cmd_compile(argv)
+    except QCompileError as e:
+        err.print(f"[bold red]error:[/bold red] {e.render()}", highlight=False, markup=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written")
+        return 130
+    except SystemExit as e:  # argparse
+        return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+    except Exception:
+        path = "qcompile-crash.log"
+        try:
+            with open(path, "w") as f:
+                traceback.print_exc(file=f)
+        except OSError:
+            path = None
+        err.print("[bold red]internal error[/bold red]: this is a bug in qcompile, not in your input."
+                  + (f" Details in {path}; please report it." if path else ""))
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""compile_model: the whole flow — load, pipeline, save, verify, report — with
+every output staged and committed only on success."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import time
+from pathlib import Path
+
+import yaml
+
+from .calib_data import model_input_specs, open_dataset, shapes_from_data
+from .context import CompileContext, log
+from .errors import DataError, ModelError, QCompileError, UsageError
+from .model_io import (convert_opset, dynamic_inputs, file_sha256, fix_input_shapes, infer_shapes,
+                       load_model, opset_of, save_model)
+from .output import StagedOutput
+from .pipeline import run_pipeline
+from .recipe import Recipe, load_recipe, parse_steps
+from .report import write_report
+from .targets import Target, check_capabilities, load_target
+from .verify import verify_models
+
+MODEL_FILE = "model.onnx"
+REPORT_FILE = "report.json"
+RECIPE_FILE = "recipe.resolved.yaml"
+_VERSIONED = ("qcompile", "onnx", "onnx-ir", "onnxruntime", "onnxscript", "numpy", "ml_dtypes")
+
+
+@dataclasses.dataclass
+class CompileResult:
+    output_dir: Path
+    files: list[Path]
+    report: dict
+
+
+def prepare(target_spec: str, recipe_name: str) -> tuple[Target, Recipe]:
+    """Target and recipe, fully validated (recipe keys, order, target capabilities)."""
+    target = load_target(target_spec)
+    lowering = parse_steps(list(target.lowering), f"target {target.name}", "target") if target.lowering else []
+    recipe = load_recipe(recipe_name, extra_steps=lowering)
+    check_capabilities(target, recipe)
+    return target, recipe
+
+
+def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str = "w8a8",
+                  calib: str | Path | None = None, output_dir: str | Path = "out",
+                  input_shapes: dict[str, list[int]] | None = None, verify: bool = True,
+                  verify_data: str | Path | None = None, verify_samples: int = 64,
+                  dump_after: tuple[str, ...] = (), progress: bool = True) -> CompileResult:
+    started = time.perf_counter()
+    model_path = Path(model_path)
+    tgt, rec = prepare(target, recipe)
+    staged = StagedOutput(output_dir)
+    try:
+        result = _compile(model_path, tgt, rec, calib, staged, input_shapes or {}, verify, verify_data,
+                          verify_samples, set(dump_after), progress, started)
+        files = staged.commit()
+        result.files = files
+        return result
+    except BaseException:
+        staged.discard()
+        raise
+
+
+def _compile(model_path, tgt, rec, calib, staged, input_shapes, verify, verify_data, verify_samples,
+             dump_after, progress, started) -> CompileResult:
+    model = load_model(model_path)
+    original_opset = opset_of(model)
+    if original_opset < tgt.opset_min:
+        log.info("converting opset %d -> %d", original_opset, tgt.opset_convert_to)
+        model = convert_opset(model, tgt.opset_convert_to)
+    specs = model_input_specs(model)
+    dataset = open_dataset(calib, specs) if calib is not None else None
+    if not input_shapes and dataset is not None and dynamic_inputs(model):
+        input_shapes = shapes_from_data(dataset)
+    if input_shapes:
+        fix_input_shapes(model, input_shapes)
+    else:
+        infer_shapes(model)
+    ctx = CompileContext(target=tgt, calib=dataset, progress=progress)
+    still_dynamic = dynamic_inputs(model)
+    needs_ranges = any(s.spec.cls.gives(s.config) & {"ranges"} for s in rec.steps)
+    if still_dynamic and needs_ranges and dataset is None:
+        raise UsageError(f"inputs {sorted(still_dynamic)} have dynamic dimensions and no calibration data "
+                         "fixes them", hint="pass --input-shape NAME:D,D,... (or --calib data)")
+    model = run_pipeline(model, rec, ctx, dump_after=dump_after, dump_dir=staged.path("dumps"))
+    out_model = staged.path(MODEL_FILE)
+    save_model(model, out_model)
+
+    report = {
+        "model": str(model_path), "target": tgt.name, "target_variant": tgt.variant, "recipe": rec.name,
+        "opset": {"input": original_opset, "output": opset_of(model)},
+        "input_shapes": {k: list(v) for k, v in input_shapes.items()},
+    }
+    resolved = rec.to_dict()
+    resolved["target"] = {"name": tgt.name, "variant": tgt.variant}
+    resolved["provenance"] = {
+        "model_sha256": file_sha256(model_path),
+        "calibration_sha256": dataset.sha256() if dataset is not None else None,
+        "input_shapes": report["input_shapes"],
+        "versions": {p: _version(p) for p in _VERSIONED},
+    }
+    staged.path(RECIPE_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    if verify:
+        vdata = _verification_data(verify_data, dataset, model_input_specs(model), ctx)
+        layers = {name: rec_ for name, rec_ in ctx.layers.items() if rec_.get("status") == "quantized"}
+        layer_tensors = {n: {"input": r.get("input_tensor"), "output": r["output_tensor"]}
+                         for n, r in layers.items() if r.get("output_tensor")}
+        try:
+            report["verification"] = verify_models(model_path, out_model, vdata, samples=verify_samples,
+                                                   layers=layer_tensors, progress=progress)
+        except DataError:
+            raise
+        except Exception as err:
+            raise ModelError(f"verification could not run the models in onnxruntime: {err}") from None
+        for name, entry in report["verification"].get("layers", {}).items():
+            ctx.layers[name]["error"] = entry
+    report["layers"] = ctx.layers
+    report["warnings"] = ctx.warnings
+    report.update({k: v for k, v in ctx.report.items()})
+    report["compile_seconds"] = round(time.perf_counter() - started, 3)
+    write_report(staged.path(REPORT_FILE), report)
+    return CompileResult(staged.destination, [], report)
+
+
+def _verification_data(verify_data, dataset, specs, ctx):
+    if verify_data is not None:
+        return open_dataset(verify_data, specs)
+    if dataset is not None:
+        ctx.warn("no --verify-data: verifying on the calibration data (not held out); "
+                 "numbers will look better than on unseen inputs")
+        return dataset
+    ctx.warn("no data: verifying on synthetic inputs")
+    return open_dataset(None, specs, synthetic_samples=4, seed=1)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+__all__ = ["compile_model", "prepare", "CompileResult", "QCompileError"]

@@ -1,0 +1,36 @@
+"""State shared by the passes of one compile: target, data, statistics, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from .calib_data import Dataset
+from .observers import HistogramObserver
+from .targets import Target
+
+log = logging.getLogger("qcompile")
+
+
+@dataclasses.dataclass
+class CompileContext:
+    target: Target
+    calib: Dataset | None = None
+    progress: bool = True
+    # tensor name -> observer, filled by `calibrate`
+    stats: dict[str, HistogramObserver] = dataclasses.field(default_factory=dict)
+    # the calibrate pass's config (range method and its parameters)
+    calibration: Any = None
+    # tensors later passes want ranges for (asked before `calibrate` runs)
+    range_requests: set[str] = dataclasses.field(default_factory=set)
+    # report sections, one per pass, plus warnings
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    # per-layer decisions: node name -> record (op, status, scheme, reason)
+    layers: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            log.warning(message)

@@ -1,0 +1,83 @@
+"""Building blocks for QDQ graphs: initializers, Q→DQ pairs on activations, and
+weights stored quantized (int initializer + DequantizeLinear)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from .numerics import INT_TYPES
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    name = _unique(graph, name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _unique(graph: ir.Graph, name: str) -> str:
+    if name not in graph.initializers:
+        return name
+    i = 1
+    while f"{name}_{i}" in graph.initializers:
+        i += 1
+    return f"{name}_{i}"
+
+
+def dequantize_node(graph: ir.Graph, q_value: ir.Value, scale: np.ndarray, zero_point: np.ndarray, *,
+                    base: str, axis: int | None, like: ir.Value | None = None) -> ir.Node:
+    """A DequantizeLinear of `q_value` (appended to `graph`)."""
+    s = add_initializer(graph, f"{base}_scale", np.asarray(scale, dtype=np.float32).reshape(-1) if axis is not None
+                        else np.asarray(scale, dtype=np.float32).reshape(()))
+    z = add_initializer(graph, f"{base}_zero_point", np.asarray(zero_point).reshape(-1) if axis is not None
+                        else np.asarray(zero_point).reshape(()))
+    attrs = {"axis": int(axis)} if axis is not None else {}
+    node = ir.node("DequantizeLinear", [q_value, s, z], attrs, name=f"{base}_DequantizeLinear")
+    out = node.outputs[0]
+    out.name = f"{base}_dequantized"
+    out.dtype = ir.DataType.FLOAT
+    if like is not None and like.shape is not None:
+        out.shape = like.shape
+    graph.append(node)
+    return node
+
+
+def store_weight_quantized(graph: ir.Graph, weight: ir.Value, q: np.ndarray, scale: np.ndarray,
+                           zero_point: np.ndarray, axis: int | None) -> ir.Value:
+    """Replace a float weight by `q` (an int initializer) followed by DequantizeLinear."""
+    base = weight.name
+    q_init = add_initializer(graph, f"{base}_quantized", q)
+    node = dequantize_node(graph, q_init, scale, zero_point, base=base, axis=axis, like=weight)
+    return node.outputs[0]
+
+
+def insert_qdq(graph: ir.Graph, value: ir.Value, scale: float, zero_point: np.ndarray) -> ir.Value:
+    """Route every consumer of `value` through QuantizeLinear→DequantizeLinear.
+
+    Graph outputs keep the float value; one Q/DQ pair serves all consumers.
+    """
+    base = value.name
+    dq_out_holder = ir.Value(name=f"{base}_dequantized_tmp")
+    value.replace_all_uses_with(dq_out_holder)
+    zp = np.asarray(zero_point).reshape(())
+    s = add_initializer(graph, f"{base}_scale", np.asarray(scale, dtype=np.float32).reshape(()))
+    z = add_initializer(graph, f"{base}_zero_point", zp)
+    qnode = ir.node("QuantizeLinear", [value, s, z], name=f"{base}_QuantizeLinear")
+    qnode.outputs[0].name = f"{base}_quantized"
+    qnode.outputs[0].dtype = ir.DataType.from_numpy(zp.dtype)
+    qnode.outputs[0].shape = value.shape
+    graph.append(qnode)
+    dq = ir.node("DequantizeLinear", [qnode.outputs[0], s, z], name=f"{base}_DequantizeLinear")
+    dq_out = dq.outputs[0]
+    dq_out.name = f"{base}_dequantized"
+    dq_out.dtype = value.dtype
+    dq_out.shape = value.shape
+    graph.append(dq)
+    dq_out_holder.replace_all_uses_with(dq_out)
+    return dq_out
+
+
+def int_dtype_of(name: str) -> np.dtype:
+    return np.dtype(INT_TYPES[name][2])

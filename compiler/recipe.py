@@ -1,0 +1,133 @@
+"""Recipes: YAML files declaring an ordered list of passes with their options.
+
+`load_recipe` accepts a built-in name (`w8a8`) or a path, validates every pass and
+key against the registry, and checks that each pass comes after what it needs —
+all before any work on the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import build_config, config_to_dict
+from .errors import RecipeError
+from .registry import PassSpec, all_passes, get_pass
+
+API_VERSION = "qcompile/v1"
+_TOP_KEYS = {"apiversion", "metadata", "spec"}
+_SPEC_KEYS = {"passes"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    spec: PassSpec
+    config: Any
+    origin: str  # "recipe" or "target"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    file: str
+    steps: tuple[Step, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "apiversion": API_VERSION,
+            "metadata": {"name": self.name, "description": self.description, "source": self.file},
+            "spec": {"passes": [{"type": s.spec.name, **config_to_dict(s.config)} for s in self.steps]},
+        }
+
+
+def builtin_recipes() -> dict[str, Path]:
+    folder = importlib.resources.files("qcompile") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise RecipeError(f"cannot read recipe: {err.strerror}", file=str(path)) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"not valid YAML: {err}", file=str(path)) from None
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    builtins = builtin_recipes()
+    if name_or_path in builtins:
+        return builtins[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise RecipeError(f"recipe file not found: {path}")
+        return path
+    raise RecipeError(f"unknown recipe {name_or_path!r}",
+                      hint=f"built-in recipes: {', '.join(sorted(builtins))}; or pass a path to a .yaml file")
+
+
+def parse_steps(entries: Any, file: str, origin: str) -> list[Step]:
+    if not isinstance(entries, list) or not entries:
+        raise RecipeError("expected a non-empty list of passes", file=file, key="spec.passes")
+    steps = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "type" not in entry:
+            raise RecipeError("each pass needs a 'type'", file=file, key=f"spec.passes[{i}]")
+        options = dict(entry)
+        pass_type = options.pop("type")
+        spec = get_pass(str(pass_type))
+        if spec is None:
+            raise RecipeError(f"unknown pass {pass_type!r}", file=file, key=f"spec.passes[{i}].type",
+                              hint=f"known passes: {', '.join(all_passes())} (see `qcompile passes`)")
+        cfg = build_config(spec.cls.Config, options, file=file, pass_name=spec.name)
+        steps.append(Step(spec, cfg, origin))
+    return steps
+
+
+def check_order(steps: list[Step], file: str, initial: set[str] | None = None) -> None:
+    """Each pass's needs must be established by an earlier pass."""
+    facts = set(initial or ())
+    for step in steps:
+        missing = step.spec.cls.needs(step.config) - facts
+        if missing:
+            providers = [n for n, s in all_passes().items()
+                         if missing & s.cls.gives(s.cls.Config())]
+            raise RecipeError(
+                f"needs {', '.join(sorted(missing))}, which no earlier pass provides",
+                file=file, pass_name=step.spec.name,
+                hint=f"put {' or '.join(providers) or 'the providing pass'} before it")
+        facts |= step.spec.cls.gives(step.config)
+
+
+def load_recipe(name_or_path: str, extra_steps: list[Step] | None = None) -> Recipe:
+    path = resolve_recipe_path(name_or_path)
+    file = str(path)
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe is a mapping with apiversion, metadata and spec", file=file)
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise RecipeError(f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})", file=file, key=unknown[0])
+    if data.get("apiversion", API_VERSION) != API_VERSION:
+        raise RecipeError(f"unsupported apiversion {data['apiversion']!r}, expected {API_VERSION}",
+                          file=file, key="apiversion")
+    meta = data.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise RecipeError("expected a mapping", file=file, key="metadata")
+    spec = data.get("spec")
+    if not isinstance(spec, dict):
+        raise RecipeError("missing 'spec' mapping with a 'passes' list", file=file, key="spec")
+    unknown = sorted(set(spec) - _SPEC_KEYS)
+    if unknown:
+        raise RecipeError("unknown key (known: passes)", file=file, key=f"spec.{unknown[0]}")
+    steps = parse_steps(spec.get("passes"), file, "recipe") + list(extra_steps or [])
+    check_order(steps, file)
+    return Recipe(str(meta.get("name", path.stem)), str(meta.get("description", "")), file, tuple(steps))

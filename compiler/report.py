@@ -1,0 +1,52 @@
+"""report.json for tools and a short verification table for people."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)  # "inf" / "-inf" / "nan": JSON has no such numbers
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def write_report(path: Path, report: dict) -> None:
+    path.write_text(json.dumps(_jsonable(report), indent=2, sort_keys=False) + "\n")
+
+
+def print_summary(report: dict, console: Console | None = None) -> None:
+    console = console or Console(stderr=False)
+    layers = report.get("layers", {})
+    n_q = sum(1 for r in layers.values() if r.get("status") == "quantized")
+    n_f = sum(1 for r in layers.values() if r.get("status") == "float")
+    kernels = report.get("cpu_kernels")
+    line = f"[bold]{report['target']}[/bold] recipe [bold]{report['recipe']}[/bold]: {n_q} layers quantized, {n_f} float"
+    if kernels:
+        line += f"; {kernels['int8_layers']} run int8 kernels on {kernels['isa']}"
+    console.print(line)
+    ver = report.get("verification")
+    if ver and ver.get("outputs"):
+        table = Table(title=f"verification on {ver['samples']} samples ({ver['data']})")
+        for col in ("output", "SQNR dB", "cosine mean", "cosine min", "max |err|"):
+            table.add_column(col, justify="right" if col != "output" else "left")
+        for name, m in ver["outputs"].items():
+            table.add_row(name, f"{m['sqnr_db']}", f"{m['cosine_mean']}", f"{m['cosine_min']}", f"{m['max_abs']}")
+        console.print(table)
+        worst = sorted(((v.get("added_sqnr_db", float("inf")), k) for k, v in ver.get("layers", {}).items()
+                        if isinstance(v.get("added_sqnr_db"), (int, float))))[:5]
+        if worst:
+            console.print("layers adding the most error: " +
+                          ", ".join(f"{k} ({v} dB)" for v, k in worst))
+    for w in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {w}")

@@ -1,0 +1,139 @@
+"""Verification: run the original and the compiled model in onnxruntime on the
+same held-out inputs and measure how far the compiled one drifts.
+
+Per output: SQNR (dB, over all samples), cosine (mean and minimum per sample),
+max-abs error. Per quantized layer: SQNR of its output against the original's
+same tensor, and the SQNR of the noise it adds on top of what reached its input
+(the error it introduces; lowest first is what fallback returns to float).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .calib_data import Dataset
+from .ort_session import session_options
+from .progress import progress_bar
+
+
+class _Accumulator:
+    """Streaming error statistics for one tensor."""
+
+    def __init__(self):
+        self.signal = 0.0
+        self.noise = 0.0
+        self.max_abs = 0.0
+        self.cosines: list[float] = []
+
+    def update(self, ref: np.ndarray, got: np.ndarray) -> None:
+        ref = np.asarray(ref, dtype=np.float64)
+        got = np.asarray(got, dtype=np.float64)
+        if ref.shape != got.shape:
+            raise ValueError(f"shape mismatch {ref.shape} vs {got.shape}")
+        err = ref - got
+        finite = np.isfinite(ref) & np.isfinite(got)
+        self.signal += float(np.sum(np.square(ref[finite])))
+        self.noise += float(np.sum(np.square(err[finite])))
+        if finite.any():
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(err[finite]))))
+        for r, g in zip(ref.reshape(ref.shape[0], -1) if ref.ndim else [ref.ravel()],
+                        got.reshape(got.shape[0], -1) if got.ndim else [got.ravel()]):
+            nr, ng = np.linalg.norm(r), np.linalg.norm(g)
+            self.cosines.append(1.0 if nr == ng == 0 else float(np.dot(r, g) / max(nr * ng, 1e-300)))
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.noise == 0.0:
+            return float("inf")
+        if self.signal == 0.0:
+            return float("-inf")
+        return float(10.0 * np.log10(self.signal / self.noise))
+
+    @property
+    def nsr(self) -> float:
+        """Noise-to-signal power ratio (linear): additive across layers, unlike dB."""
+        return self.noise / self.signal if self.signal > 0 else float("inf")
+
+    def summary(self) -> dict:
+        return {"sqnr_db": _round(self.sqnr_db), "cosine_mean": _round(float(np.mean(self.cosines)), 6),
+                "cosine_min": _round(float(np.min(self.cosines)), 6), "max_abs": _round(self.max_abs, 6)}
+
+
+def _round(x: float, digits: int = 3):
+    return x if not np.isfinite(x) else round(float(x), digits)
+
+
+def _tensor_names(model_path: Path) -> set[str]:
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+
+
+def _session(model_path: Path, extra: list[str] = ()) -> ort.InferenceSession:
+    opts = session_options(level="all" if not extra else "basic")
+    if not extra:
+        return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    proto = onnx.load(str(model_path), load_external_data=False)
+    onnx.external_data_helper.load_external_data_for_model(proto, str(Path(model_path).parent))
+    present = {o.name for o in proto.graph.output}
+    for name in extra:
+        if name not in present:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def verify_models(original: Path, compiled: Path, dataset: Dataset, *, samples: int = 64,
+                  layers: dict[str, dict] | None = None, layer_samples: int = 4, progress: bool = True) -> dict:
+    """Compare `compiled` against `original` on up to `samples` samples of `dataset`.
+
+    `layers` maps a quantized layer's node name to {"input": tensor, "output": tensor}
+    (names present in both graphs) for the per-layer table.
+    """
+    ref_sess, got_sess = _session(original), _session(compiled)
+    out_names = [o.name for o in ref_sess.get_outputs()]
+    got_names = {o.name for o in got_sess.get_outputs()}
+    missing = [n for n in out_names if n not in got_names]
+    if missing:
+        raise ValueError(f"compiled model lacks outputs {missing}")
+    accs = {n: _Accumulator() for n in out_names}
+    total = min(samples, dataset.num_samples)
+    with progress_bar("verify", total, enabled=progress) as advance:
+        for feed in dataset.batches(1, limit=samples):
+            ref = ref_sess.run(out_names, feed)
+            got = got_sess.run(out_names, feed)
+            for name, r, g in zip(out_names, ref, got):
+                accs[name].update(r, g)
+            advance(1)
+    result = {"samples": total, "data": dataset.description,
+              "outputs": {n: a.summary() for n, a in accs.items()}}
+    if layers:
+        result["layers"] = _per_layer(original, compiled, dataset, layers, layer_samples)
+    return result
+
+
+def _per_layer(original: Path, compiled: Path, dataset: Dataset, layers: dict[str, dict], samples: int) -> dict:
+    both = _tensor_names(original) & _tensor_names(compiled)
+    tensors = sorted({t for spec in layers.values() for t in (spec.get("input"), spec["output"]) if t in both})
+    if not tensors:
+        return {}
+    ref_sess, got_sess = _session(original, tensors), _session(compiled, tensors)
+    accs = {t: _Accumulator() for t in tensors}
+    for feed in dataset.batches(1, limit=samples):
+        for t, r, g in zip(tensors, ref_sess.run(tensors, feed), got_sess.run(tensors, feed)):
+            accs[t].update(r, g)
+    table = {}
+    for node, spec in layers.items():
+        out = accs.get(spec["output"])
+        if out is None:
+            continue
+        inp = accs.get(spec.get("input") or "")
+        entry = {"tensor": spec["output"], "sqnr_db": _round(out.sqnr_db)}
+        if inp is not None:
+            # SQNR of the noise this layer adds on top of what reached its input.
+            added = out.nsr - inp.nsr
+            entry["added_sqnr_db"] = _round(float(-10.0 * np.log10(added))) if added > 0 else float("inf")
+        table[node] = entry
+    return table

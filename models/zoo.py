@@ -1,0 +1,211 @@
+"""Reference-model registry and fetcher for qcompile benchmarks.
+
+Why: the benchmarks need real, licence-clean models without touching a model
+hub.  The PP-OCR ONNX files ship inside a PyPI wheel (rapidocr-onnxruntime,
+Apache-2.0), so we pin wheel version + member path + sha256 of the extracted
+file and fetch them with ``pip download`` -- the only network the project uses.
+
+Cache layout: ``$QCOMPILE_CACHE/models/<name>/<file>`` where ``QCOMPILE_CACHE``
+defaults to ``~/.cache/qcompile``.  A cached file is trusted only if its
+sha256 matches; a tampered/partial file is re-fetched.  If ``$QCOMPILE_WHEELS``
+names a directory that already holds the pinned wheel, it is used instead of pip
+(offline runs).
+
+CLI::
+
+    python models/zoo.py list
+    python models/zoo.py fetch ppocr_det      # prints the cached path
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["ModelEntry", "REGISTRY", "FetchError", "get", "cache_root", "model_dir",
+           "sha256_file", "fetch", "main"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One pinned model: where it lives (wheel member) and how to feed it."""
+    name: str
+    package: str          # PyPI distribution name
+    version: str          # exact pinned version
+    member: str           # path of the .onnx inside the wheel
+    sha256: str           # sha256 of the extracted member
+    license: str
+    inputs: tuple[str, ...]               # graph input names
+    input_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)  # fixed shapes we use
+    metric: str = ""      # task metric used by the benchmark
+    description: str = ""
+
+    @property
+    def filename(self) -> str:
+        return self.member.rsplit("/", 1)[-1]
+
+    def shape_arg(self) -> str:
+        """Shape in qcompile CLI syntax, e.g. ``x:1,3,640,640``."""
+        return " ".join(f"{k}:{','.join(map(str, v))}" for k, v in self.input_shape.items())
+
+
+_RAPIDOCR = dict(package="rapidocr-onnxruntime", version="1.4.4", license="Apache-2.0")
+
+REGISTRY: dict[str, ModelEntry] = {
+    "ppocr_det": ModelEntry(
+        name="ppocr_det",
+        member="rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+        sha256="d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+        inputs=("x",),
+        input_shape={"x": (1, 3, 640, 640)},
+        metric="det_iou",
+        description="PP-OCRv4 DB text detector (opset 12, dynamic NCHW); output = prob map",
+        **_RAPIDOCR,
+    ),
+    "ppocr_cls": ModelEntry(
+        name="ppocr_cls",
+        member="rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        sha256="e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+        inputs=("x",),
+        input_shape={"x": (1, 3, 48, 192)},
+        metric="cls_agreement",
+        description="PP-OCR mobile v2.0 text-line 0/180 classifier (opset 11); output = softmax[2]",
+        **_RAPIDOCR,
+    ),
+}
+
+
+class FetchError(RuntimeError):
+    """A model could not be produced (pip failed, member missing, hash mismatch)."""
+
+
+def get(name: str) -> ModelEntry:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+def cache_root() -> Path:
+    """``$QCOMPILE_CACHE`` or ``~/.cache/qcompile`` (shared with tools/ppocr_data.py)."""
+    env = os.environ.get("QCOMPILE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "qcompile"
+
+
+def model_dir(name: str) -> Path:
+    return cache_root() / "models" / name
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _wheel_glob(entry: ModelEntry) -> str:
+    return f"{entry.package.replace('-', '_')}-{entry.version}-*.whl"
+
+
+def _download_wheel(entry: ModelEntry, dest: Path) -> Path:
+    """Find the pinned wheel in $QCOMPILE_WHEELS, else ``pip download`` it into dest."""
+    local = os.environ.get("QCOMPILE_WHEELS")
+    if local:
+        hits = sorted(Path(local).expanduser().glob(_wheel_glob(entry)))
+        if hits:
+            return hits[0]
+    spec = f"{entry.package}=={entry.version}"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", spec, "-d", str(dest)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FetchError(f"could not run pip to download {spec}: {exc}. "
+                         f"Download the wheel yourself (pip download --no-deps {spec} -d DIR) "
+                         f"and set QCOMPILE_WHEELS=DIR.") from exc
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip()[-800:]
+        raise FetchError(f"`pip download --no-deps {spec}` failed (rc={proc.returncode}); "
+                         f"model {entry.name!r} needs that wheel from PyPI. "
+                         f"Offline? put the wheel in a dir and set QCOMPILE_WHEELS=DIR.\n{tail}")
+    hits = sorted(dest.glob(_wheel_glob(entry)))
+    if not hits:
+        raise FetchError(f"pip reported success but no wheel matching {_wheel_glob(entry)} in {dest}")
+    return hits[0]
+
+
+def fetch(name: str, *, force: bool = False) -> Path:
+    """Return a verified local path to model ``name``, downloading it if needed.
+
+    Raises FetchError with a message saying what to install/fetch on failure.
+    """
+    entry = get(name)
+    out_dir = model_dir(name)
+    target = out_dir / entry.filename
+    if not force and target.is_file() and sha256_file(target) == entry.sha256:
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"qcompile-fetch-{name}-") as tmp:
+        wheel = _download_wheel(entry, Path(tmp))
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                try:
+                    info = zf.getinfo(entry.member)
+                except KeyError:
+                    raise FetchError(f"{wheel.name} has no member {entry.member!r}; "
+                                     f"the registry pin for {name!r} is wrong") from None
+                # Extract next to the target so os.replace is an atomic rename.
+                fd, part = tempfile.mkstemp(dir=out_dir, prefix=f".{entry.filename}.", suffix=".part")
+                try:
+                    with os.fdopen(fd, "wb") as dst, zf.open(info) as src:
+                        for chunk in iter(lambda: src.read(1 << 20), b""):
+                            dst.write(chunk)
+                    got = sha256_file(part)
+                    if got != entry.sha256:
+                        raise FetchError(f"sha256 mismatch for {entry.member} from {wheel.name}: "
+                                         f"got {got}, expected {entry.sha256}; refusing to use it "
+                                         f"(install exactly {entry.package}=={entry.version})")
+                    os.chmod(part, 0o644)
+                    os.replace(part, target)
+                finally:
+                    if os.path.exists(part):
+                        os.unlink(part)
+        except zipfile.BadZipFile as exc:
+            raise FetchError(f"{wheel} is not a valid wheel: {exc}") from exc
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="zoo", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="list registered models")
+    fp = sub.add_parser("fetch", help="fetch (or verify cached) model(s), print path(s)")
+    fp.add_argument("names", nargs="+", metavar="NAME")
+    fp.add_argument("--force", action="store_true", help="re-download even if cached")
+    args = ap.parse_args(argv)
+    if args.cmd == "list":
+        for e in REGISTRY.values():
+            cached = model_dir(e.name) / e.filename
+            print(f"{e.name:10s} {e.package}=={e.version} [{e.license}] {e.member}\n"
+                  f"{'':10s} inputs={e.shape_arg()} metric={e.metric} "
+                  f"cached={'yes' if cached.is_file() else 'no'}\n{'':10s} {e.description}")
+        return 0
+    rc = 0
+    for n in args.names:
+        try:
+            print(fetch(n, force=args.force))
+        except (FetchError, KeyError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            rc = 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Graph passes. Importing this package registers every built-in pass."""
+
+from . import calibrate, canonicalize, quantize  # noqa: F401

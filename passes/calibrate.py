@@ -1,0 +1,102 @@
+"""calibrate: stream calibration batches through onnxruntime and observe ranges.
+
+One session over the model exposes exactly the tensors later passes asked ranges
+for; each batch updates a fixed-size histogram per tensor and is then dropped, so
+memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import onnx_ir as ir
+
+from qcompile.calib_data import model_input_specs, open_dataset
+from qcompile.observers import HistogramObserver
+from qcompile.ort_session import session_for
+from qcompile.progress import progress_bar
+from qcompile.registry import QPass, register_pass
+
+
+@register_pass("calibrate")
+class Calibrate(QPass):
+    """Observe activation ranges on calibration data (min-max, percentile, entropy, MSE)."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        method: Literal["minmax", "percentile", "entropy", "mse"] = "percentile"
+        percentile: float = 99.999
+        samples: int = 256              # at most this many samples are used
+        batch_size: int = 1             # used when the model's batch dimension is dynamic
+        bins: int = 2048
+        synthetic_samples: int = 8      # data-free mode (no --calib)
+
+        def validate(self):
+            if not 50.0 < self.percentile <= 100.0:
+                return "percentile", f"must be in (50, 100], got {self.percentile}"
+            if self.samples < 1:
+                return "samples", "must be at least 1"
+            if self.batch_size < 1:
+                return "batch_size", "must be at least 1"
+            if self.bins < 128:
+                return "bins", "must be at least 128"
+            return None
+
+    @classmethod
+    def gives(cls, config) -> set[str]:
+        return {"ranges"}
+
+    def run(self, model: ir.Model) -> bool:
+        cfg, ctx = self.config, self.ctx
+        ctx.calibration = cfg
+        values = _values_by_name(model)
+        wanted = [values[n] for n in sorted(ctx.range_requests) if n in values]
+        if not wanted:
+            ctx.report["calibrate"] = {"tensors": 0, "samples": 0, "note": "no pass asked for ranges"}
+            return False
+        dataset = ctx.calib
+        if dataset is None:
+            dataset = open_dataset(None, model_input_specs(model), synthetic_samples=cfg.synthetic_samples)
+            ctx.warn(f"no calibration data: calibrating on {cfg.synthetic_samples} synthetic samples. "
+                     "Activation ranges from random inputs rarely match real data; expect a large "
+                     "accuracy loss. Pass --calib data.npz for a real compile.")
+        session = session_for(model, extra_outputs=wanted, level="basic")
+        names = [v.name for v in wanted]
+        observers = {n: HistogramObserver(cfg.bins) for n in names}
+        batch = _batch_size(model, cfg.batch_size)
+        total = min(cfg.samples, dataset.num_samples)
+        seen = 0
+        with progress_bar("calibrate", total, enabled=ctx.progress) as advance:
+            for feed in dataset.batches(batch, limit=cfg.samples):
+                outputs = session.run(names, feed)
+                for name, array in zip(names, outputs):
+                    observers[name].update(array)
+                n = next(iter(feed.values())).shape[0]
+                seen += n
+                advance(n)
+        ctx.stats.update(observers)
+        nonfinite = sorted(n for n, o in observers.items() if o.nonfinite)
+        if nonfinite:
+            ctx.warn(f"{len(nonfinite)} tensors held Inf/NaN during calibration (e.g. {nonfinite[0]}); "
+                     "those values are left out of their ranges")
+        ctx.report["calibrate"] = {"tensors": len(names), "samples": seen, "method": cfg.method,
+                                   "data": dataset.description}
+        return False
+
+
+def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
+    values = {v.name: v for v in model.graph.inputs}
+    for node in model.graph:
+        for out in node.outputs:
+            values[out.name] = out
+    return values
+
+
+def _batch_size(model: ir.Model, configured: int) -> int:
+    """The model's fixed batch size if it has one, else the configured one."""
+    sizes = {v.shape[0] for v in model.graph.inputs if v.shape is not None and len(v.shape) > 0}
+    fixed = [s for s in sizes if isinstance(s, int)]
+    return fixed[0] if fixed else configured
+
+

@@ -1,0 +1,60 @@
+"""canonicalize: put the exported graph into the one form later passes expect."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import onnxscript.optimizer
+from onnxscript import rewriter
+from onnxscript.rewriter.rules import common as common_rules
+
+from qcompile.model_io import infer_shapes
+from qcompile.registry import QPass, register_pass
+
+_GEMM_RULES = {
+    "keep": (),
+    "to_matmul_add": (common_rules.gemm_to_matmul_add_rule,),
+    "from_matmul_add": (common_rules.matmul_add_to_gemm_rule, common_rules.transpose_b_matmul_add_to_gemm_rule),
+}
+
+
+@register_pass("canonicalize")
+class Canonicalize(QPass):
+    """Constant folding, dead-node removal, BatchNorm folded into Conv/Gemm, Gemm/MatMul form, names."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        fold_constants: bool = True
+        fuse_batchnorm: bool = True
+        # Gemm/MatMul normal form: keep what the exporter wrote, or rewrite one into the other.
+        gemm: Literal["keep", "to_matmul_add", "from_matmul_add"] = "keep"
+
+    @classmethod
+    def gives(cls, config) -> set[str]:
+        return {"canonical"}
+
+    def run(self, model: ir.Model) -> bool:
+        before = model.graph.num_nodes()
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        if self.config.fold_constants:
+            # onnxscript's optimizer: constant folding, dead-node removal, no-op rules.
+            onnxscript.optimizer.optimize(model, num_iterations=2, onnx_shape_inference=False)
+        rules = list(_GEMM_RULES[self.config.gemm])
+        if self.config.fuse_batchnorm:
+            rules += [common_rules.fuse_batchnorm_into_conv_rule,
+                      common_rules.fuse_batchnorm_into_conv_transpose_rule,
+                      common_rules.fuse_batchnorm_into_gemm_rule]
+        fired = 0
+        if rules:
+            fired = rewriter.RewriteRuleSet(rules).apply_to_model(model)
+        common_passes.RemoveUnusedNodesPass()(model)
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        common_passes.NameFixPass()(model)
+        infer_shapes(model)
+        after = model.graph.num_nodes()
+        self.ctx.report["canonicalize"] = {"nodes_before": before, "nodes_after": after,
+                                           "rewrites": int(fired or 0)}
+        return True
