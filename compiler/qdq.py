@@ -53,14 +53,15 @@ def store_weight_quantized(graph: ir.Graph, weight: ir.Value, q: np.ndarray, sca
     return node.outputs[0]
 
 
-def insert_qdq(graph: ir.Graph, value: ir.Value, scale: float, zero_point: np.ndarray) -> ir.Value:
+def insert_qdq(graph: ir.Graph, value: ir.Value, scale: float, zero_point: np.ndarray) -> ir.Value | None:
     """Route every consumer of `value` through QuantizeLinear→DequantizeLinear.
 
     Graph outputs keep the float value; one Q/DQ pair serves all consumers.
     """
     base = value.name
-    dq_out_holder = ir.Value(name=f"{base}_dequantized_tmp")
-    value.replace_all_uses_with(dq_out_holder)
+    uses = list(value.uses())
+    if not uses:
+        return None  # only a graph output: nothing downstream to feed with int8
     zp = np.asarray(zero_point).reshape(())
     s = add_initializer(graph, f"{base}_scale", np.asarray(scale, dtype=np.float32).reshape(()))
     z = add_initializer(graph, f"{base}_zero_point", zp)
@@ -75,7 +76,8 @@ def insert_qdq(graph: ir.Graph, value: ir.Value, scale: float, zero_point: np.nd
     dq_out.dtype = value.dtype
     dq_out.shape = value.shape
     graph.append(dq)
-    dq_out_holder.replace_all_uses_with(dq_out)
+    for user, index in uses:
+        user.replace_input_with(index, dq_out)
     return dq_out
 
 

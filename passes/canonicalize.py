@@ -23,12 +23,14 @@ _GEMM_RULES = {
 
 @register_pass("canonicalize")
 class Canonicalize(QPass):
-    """Constant folding, dead-node removal, BatchNorm folded into Conv/Gemm, Gemm/MatMul form, names."""
+    """Constant folding, dead-node removal, BatchNorm/HardSwish fusion, Gemm/MatMul form, names."""
 
     @dataclasses.dataclass(frozen=True)
     class Config:
         fold_constants: bool = True
         fuse_batchnorm: bool = True
+        # x*relu6(x+3)/6 and HardSigmoid*x spelled out by exporters -> one HardSwish op
+        fuse_hardswish: bool = True
         # Gemm/MatMul normal form: keep what the exporter wrote, or rewrite one into the other.
         gemm: Literal["keep", "to_matmul_add", "from_matmul_add"] = "keep"
 
@@ -47,9 +49,10 @@ class Canonicalize(QPass):
             rules += [common_rules.fuse_batchnorm_into_conv_rule,
                       common_rules.fuse_batchnorm_into_conv_transpose_rule,
                       common_rules.fuse_batchnorm_into_gemm_rule]
-        fired = 0
-        if rules:
-            fired = rewriter.RewriteRuleSet(rules).apply_to_model(model)
+        rule_set = rewriter.RewriteRuleSet(rules)
+        if self.config.fuse_hardswish:
+            rule_set = rewriter.RewriteRuleSet([*rules, *common_rules.fuse_hardswish_rules().rules])
+        fired = rule_set.apply_to_model(model) if rule_set.rules else 0
         common_passes.RemoveUnusedNodesPass()(model)
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         common_passes.NameFixPass()(model)

@@ -17,6 +17,7 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from qcompile.numerics import INT_TYPES, compute_qparams, quantize, reduce_absmax
 from qcompile.qdq import insert_qdq, store_weight_quantized
@@ -212,7 +213,9 @@ class Quantize(QPass):
             node = p.node
             record = {"op": node.op_type, "status": "quantized",
                       "weight": None, "activation": act_dtype or "float",
-                      "input_tensor": p.activations[0].name if p.activations else None,
+                      # read now: a ReLU folded upstream has already rewired this input
+                      "input_tensor": next((v.name for v in node.inputs[:2]
+                                            if v is not None and v.const_value is None), None),
                       "output_tensor": node.outputs[0].name}
             if p.weight_index is not None:
                 w_val = node.inputs[p.weight_index]
@@ -242,6 +245,7 @@ class Quantize(QPass):
         for name, reason in skipped.items():
             ctx.layers[name] = {"status": "float", "reason": reason}
         graph.sort()
+        common_passes.RemoveUnusedNodesPass()(model)  # drops the float weights now unused
         ctx.report["quantize"] = {"quantized": len(usable), "float": len(skipped),
                                   "activation_dtype": act_dtype, "activation_tensors": len(act_tensors)}
         return bool(usable)

@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine (Python 3.10+ with pip and venv):
+#   make demo   builds the bundled model, compiles it for cpu and prints the verification table
+#   make test   runs the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench-quick clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) models/small_cnn.py build/demo
+	$(VENV)/bin/qcompile build/demo/small_cnn.onnx --target cpu --recipe w8a8 \
+		--calib build/demo/calib.npz --verify-data build/demo/eval.npz -o build/demo/out
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench-quick: $(STAMP)
+	$(PY) tools/bench_spine.py --quick
+
+clean:
+	rm -rf build $(VENV)
