@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import struct
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -69,23 +70,29 @@ class Dataset:
                             hint="give an .npz made with numpy.savez (one array per model input)") from None
 
     def _check_file(self, path: Path) -> int:
+        arrays = mmap_npz(path)
+        if arrays is not None:
+            return self._check_arrays(path, arrays)
         with self._open(path) as npz:
             if not hasattr(npz, "files"):
                 raise DataError(f"{path} is a single array; expected an .npz with one array per model input")
-            names = set(npz.files)
-            wanted = {s.name for s in self.specs}
-            if names != wanted:
-                missing, extra = sorted(wanted - names), sorted(names - wanted)
-                raise DataError(f"{path}: arrays {sorted(names)} do not match the model inputs {sorted(wanted)}"
-                                + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
-            counts = set()
-            for spec in self.specs:
-                arr = npz[spec.name]
-                self._check_array(path, spec, arr)
-                counts.add(arr.shape[0])
-            if len(counts) != 1:
-                raise DataError(f"{path}: inputs disagree on the number of samples (axis 0): {sorted(counts)}")
-            return counts.pop()
+            return self._check_arrays(path, {name: npz[name] for name in npz.files})
+
+    def _check_arrays(self, path: Path, arrays: dict[str, np.ndarray]) -> int:
+        names = set(arrays)
+        wanted = {s.name for s in self.specs}
+        if names != wanted:
+            missing, extra = sorted(wanted - names), sorted(names - wanted)
+            raise DataError(f"{path}: arrays {sorted(names)} do not match the model inputs {sorted(wanted)}"
+                            + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
+        counts = set()
+        for spec in self.specs:
+            arr = arrays[spec.name]
+            self._check_array(path, spec, arr)
+            counts.add(arr.shape[0] if arr.ndim else 0)
+        if len(counts) != 1:
+            raise DataError(f"{path}: inputs disagree on the number of samples (axis 0): {sorted(counts)}")
+        return counts.pop()
 
     def _check_array(self, path: Path, spec: InputSpec, arr: np.ndarray) -> None:
         if arr.dtype != spec.dtype:
@@ -100,29 +107,47 @@ class Dataset:
                                 f"{self._shape_text(spec)} (axis {axis}: {got} != {want})",
                                 hint="fix the data, or the model's dynamic size with --input-shape")
         if np.issubdtype(arr.dtype, np.floating):
-            bad = ~np.isfinite(arr)
-            if bad.any():
-                sample = int(np.argwhere(bad)[0][0])
-                kind = "NaN" if np.isnan(arr).any() else "Inf"
-                raise DataError(f"{path}: input {spec.name!r} holds {kind} ({int(bad.sum())} values; first in sample {sample})",
-                                hint="drop or repair those samples; calibration ranges would be meaningless")
+            for start in range(0, arr.shape[0], 16):  # in slices: a mapped file stays on disk
+                chunk = np.asarray(arr[start:start + 16])
+                bad = ~np.isfinite(chunk)
+                if bad.any():
+                    sample = start + int(np.argwhere(bad)[0][0])
+                    kind = "NaN" if np.isnan(chunk).any() else "Inf"
+                    raise DataError(f"{path}: input {spec.name!r} holds {kind} (first in sample {sample})",
+                                    hint="drop or repair those samples; calibration ranges would be meaningless")
 
     @staticmethod
     def _shape_text(spec: InputSpec) -> str:
         return "[" + ", ".join("?" if d is None else str(d) for d in spec.shape) + "]"
 
     # -- streaming ------------------------------------------------------------
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Yield feeds of at most `batch_size` samples; at most `limit` samples in all."""
+    def batches(self, batch_size: int, limit: int | None = None, *, exact: bool = False
+                ) -> Iterator[dict[str, np.ndarray]]:
+        """Yield feeds of `batch_size` samples (the last may be smaller unless `exact`,
+        for a model whose batch dimension is fixed); at most `limit` samples in all."""
         remaining = self.num_samples if limit is None else min(limit, self.num_samples)
+        if exact:
+            remaining -= remaining % batch_size
+            if remaining == 0:
+                raise DataError(f"the model's batch dimension is fixed to {batch_size}, but only "
+                                f"{min(limit or self.num_samples, self.num_samples)} samples are available",
+                                hint=f"give at least {batch_size} samples, or pin a smaller batch with --input-shape")
+        pending: list[dict[str, np.ndarray]] = []
+        have = 0
         for chunk in self._chunks():
             n = next(iter(chunk.values())).shape[0]
-            for start in range(0, n, batch_size):
+            start = 0
+            while start < n:
                 if remaining <= 0:
                     return
-                take = min(batch_size, n - start, remaining)
-                yield {k: np.ascontiguousarray(v[start:start + take]) for k, v in chunk.items()}
+                take = min(batch_size - have, n - start, remaining)
+                pending.append({k: np.ascontiguousarray(v[start:start + take]) for k, v in chunk.items()})
+                start += take
+                have += take
                 remaining -= take
+                if have == batch_size or remaining == 0:
+                    yield _concat(pending)
+                    pending, have = [], 0
 
     def _chunks(self) -> Iterator[dict[str, np.ndarray]]:
         if self.synthetic:
@@ -131,8 +156,48 @@ class Dataset:
                 yield {s.name: _synthetic(s, rng) for s in self.specs}
             return
         for path in self.files:
+            mapped = mmap_npz(path)
+            if mapped is not None:  # uncompressed .npz: batches are read from disk as needed
+                yield {s.name: mapped[s.name] for s in self.specs}
+                continue
             with self._open(path) as npz:
                 yield {s.name: npz[s.name] for s in self.specs}
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def mmap_npz(path: Path) -> dict[str, np.ndarray] | None:
+    """Memory-map the arrays of an uncompressed .npz (numpy.savez's default layout).
+
+    A batch slice then reads only its own bytes, so a large calibration file does
+    not have to fit in memory. Returns None for compressed or unusual files.
+    """
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+            for info in zf.infolist():
+                if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                    return None
+                f.seek(info.header_offset)
+                header = f.read(30)
+                name_len, extra_len = struct.unpack("<HH", header[26:30])
+                f.seek(info.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                if dtype.hasobject:
+                    return None
+                arrays[info.filename[:-4]] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
+                                                       order="F" if fortran else "C")
+    except (OSError, ValueError, zipfile.BadZipFile, struct.error):
+        return None
+    return arrays
 
 
 def _synthetic(spec: InputSpec, rng: np.random.Generator) -> np.ndarray:

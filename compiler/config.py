@@ -41,12 +41,16 @@ def _coerce(value: Any, tp: Any, where: dict) -> Any:
             return value
         raise RecipeError(f"{value!r} is not one of {_type_name(tp)}", **where)
     if origin in (Union, types.UnionType):
-        errors = []
-        for arg in get_args(tp):
+        args = get_args(tp)
+        if isinstance(value, dict):  # a mapping can only mean the dataclass: report its own error
+            nested = [a for a in args if dataclasses.is_dataclass(a)]
+            if len(nested) == 1:
+                return _coerce(value, nested[0], where)
+        for arg in args:
             try:
                 return _coerce(value, arg, where)
-            except RecipeError as err:
-                errors.append(err)
+            except RecipeError:
+                continue
         raise RecipeError(f"{value!r} is not {_type_name(tp)}", **where)
     if tp is type(None):
         if value is None:

@@ -71,7 +71,9 @@ def round_values(x: np.ndarray, mode: str = "half_even", rng: np.random.Generato
     if mode == "half_even":
         return np.rint(x)
     if mode == "half_away":
-        return np.sign(x) * np.floor(np.abs(x) + 0.5)
+        whole = np.trunc(x)
+        frac = x - whole  # exact in floating point
+        return whole + np.sign(x) * (np.abs(frac) >= 0.5)
     if mode == "floor":
         return np.floor(x)
     if mode == "ceil":

@@ -34,18 +34,21 @@ class HistogramObserver:
         x = np.asarray(x, dtype=np.float32).ravel()
         if x.size == 0:
             return
-        finite = np.isfinite(x)
-        if not finite.all():
-            self.nonfinite += int(x.size - finite.sum())
+        xmin, xmax = float(x.min()), float(x.max())
+        if not (math.isfinite(xmin) and math.isfinite(xmax)):  # NaN or ±Inf somewhere
+            finite = np.isfinite(x)
+            self.nonfinite += int(x.size - np.count_nonzero(finite))
             x = x[finite]
             if x.size == 0:
                 return
-        xmin, xmax = float(x.min()), float(x.max())
+            xmin, xmax = float(x.min()), float(x.max())
         self._cover(xmin, xmax)
         self.min, self.max = min(self.min, xmin), max(self.max, xmax)
         self.count += x.size
-        idx = ((x - self.lo) * (1.0 / self.width)).astype(np.int64)
-        np.clip(idx, 0, self.bins - 1, out=idx)
+        scaled = np.subtract(x, np.float32(self.lo))
+        scaled *= np.float32(1.0 / self.width)
+        idx = scaled.astype(np.intp)  # truncation: values sit in [lo, lo + bins*width)
+        np.minimum(idx, self.bins - 1, out=idx)
         self.counts += np.bincount(idx, minlength=self.bins)
 
     def _cover(self, lo: float, hi: float) -> None:
@@ -164,7 +167,7 @@ class HistogramObserver:
         s = scale.astype(np.float64)[:, None]
         z = zp.astype(np.float64)[:, None]
         q = np.clip(np.rint(c[None, :] / s) + z, qmin, qmax)
-        err = ((q - z) * s - c[None, :]) ** 2 + s**2 / 12.0
+        err = ((q - z) * s - c[None, :]) ** 2  # bins are finer than the quantization step
         total = (err * n[None, :]).sum(axis=1)
         i = int(np.argmin(total))
         return float(lo_c[i]), float(hi_c[i])

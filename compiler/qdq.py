@@ -53,14 +53,19 @@ def store_weight_quantized(graph: ir.Graph, weight: ir.Value, q: np.ndarray, sca
     return node.outputs[0]
 
 
-def insert_qdq(graph: ir.Graph, value: ir.Value, scale: float, zero_point: np.ndarray) -> ir.Value | None:
+def insert_qdq(graph: ir.Graph, value: ir.Value, scale: float, zero_point: np.ndarray, *,
+               through_graph_output: bool = False) -> ir.Value | None:
     """Route every consumer of `value` through QuantizeLinear→DequantizeLinear.
 
-    Graph outputs keep the float value; one Q/DQ pair serves all consumers.
+    One Q/DQ pair serves all consumers. A graph output keeps its float value unless
+    `through_graph_output`: then the output itself becomes the DequantizeLinear's
+    (same name), which onnxruntime needs to fuse a Conv into QLinearConv.
     """
     base = value.name
     uses = list(value.uses())
-    if not uses:
+    output_index = next((i for i, o in enumerate(graph.outputs) if o is value), None)
+    route_output = through_graph_output and output_index is not None
+    if not uses and not route_output:
         return None  # only a graph output: nothing downstream to feed with int8
     zp = np.asarray(zero_point).reshape(())
     s = add_initializer(graph, f"{base}_scale", np.asarray(scale, dtype=np.float32).reshape(()))
@@ -78,8 +83,8 @@ def insert_qdq(graph: ir.Graph, value: ir.Value, scale: float, zero_point: np.nd
     graph.append(dq)
     for user, index in uses:
         user.replace_input_with(index, dq_out)
+    if route_output:
+        value.name = f"{base}_float"
+        dq_out.name = base
+        graph.outputs[output_index] = dq_out
     return dq_out
-
-
-def int_dtype_of(name: str) -> np.dtype:
-    return np.dtype(INT_TYPES[name][2])

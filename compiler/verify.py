@@ -67,6 +67,14 @@ def _round(x: float, digits: int = 3):
     return x if not np.isfinite(x) else round(float(x), digits)
 
 
+def _fixed_batch(session: ort.InferenceSession) -> int:
+    """Batch size a model pinned with --input-shape wants (1 when dynamic)."""
+    for i in session.get_inputs():
+        if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0:
+            return i.shape[0]
+    return 1
+
+
 def _tensor_names(model_path: Path) -> set[str]:
     graph = onnx.load(str(model_path), load_external_data=False).graph
     return {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
@@ -99,14 +107,15 @@ def verify_models(original: Path, compiled: Path, dataset: Dataset, *, samples: 
     if missing:
         raise ValueError(f"compiled model lacks outputs {missing}")
     accs = {n: _Accumulator() for n in out_names}
+    batch = _fixed_batch(got_sess)
     total = min(samples, dataset.num_samples)
     with progress_bar("verify", total, enabled=progress) as advance:
-        for feed in dataset.batches(1, limit=samples):
+        for feed in dataset.batches(batch, limit=samples, exact=batch > 1):
             ref = ref_sess.run(out_names, feed)
             got = got_sess.run(out_names, feed)
             for name, r, g in zip(out_names, ref, got):
                 accs[name].update(r, g)
-            advance(1)
+            advance(batch)
     result = {"samples": total, "data": dataset.description,
               "outputs": {n: a.summary() for n, a in accs.items()}}
     if layers:
@@ -121,7 +130,8 @@ def _per_layer(original: Path, compiled: Path, dataset: Dataset, layers: dict[st
         return {}
     ref_sess, got_sess = _session(original, tensors), _session(compiled, tensors)
     accs = {t: _Accumulator() for t in tensors}
-    for feed in dataset.batches(1, limit=samples):
+    batch = _fixed_batch(got_sess)
+    for feed in dataset.batches(batch, limit=max(samples, batch), exact=batch > 1):
         for t, r, g in zip(tensors, ref_sess.run(tensors, feed), got_sess.run(tensors, feed)):
             accs[t].update(r, g)
     table = {}

@@ -7,6 +7,7 @@ memory does not grow with the number of samples.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from typing import Literal
 
@@ -64,12 +65,13 @@ class Calibrate(QPass):
         session = session_for(model, extra_outputs=wanted, level="basic")
         names = [v.name for v in wanted]
         observers = {n: HistogramObserver(cfg.bins) for n in names}
-        batch = _batch_size(model, cfg.batch_size)
+        batch, fixed = fixed_batch_size(model)
+        batch = batch or cfg.batch_size
         total = min(cfg.samples, dataset.num_samples)
         seen = 0
         with progress_bar("calibrate", total, enabled=ctx.progress) as advance:
-            for feed in dataset.batches(batch, limit=cfg.samples):
-                outputs = session.run(names, feed)
+            # onnxruntime runs batch i+1 (it releases the GIL) while numpy bins batch i.
+            for feed, outputs in _prefetched(session, names, dataset.batches(batch, limit=cfg.samples, exact=fixed)):
                 for name, array in zip(names, outputs):
                     observers[name].update(array)
                 n = next(iter(feed.values())).shape[0]
@@ -85,6 +87,22 @@ class Calibrate(QPass):
         return False
 
 
+def _prefetched(session, names, feeds):
+    """Yield (feed, outputs), computing the next batch's outputs in a worker thread.
+
+    At most two batches of activations are alive at once, so memory stays flat.
+    """
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for feed in feeds:
+            future = pool.submit(session.run, names, feed)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (feed, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
 def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
     values = {v.name: v for v in model.graph.inputs}
     for node in model.graph:
@@ -93,10 +111,10 @@ def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
     return values
 
 
-def _batch_size(model: ir.Model, configured: int) -> int:
-    """The model's fixed batch size if it has one, else the configured one."""
+def fixed_batch_size(model: ir.Model) -> tuple[int | None, bool]:
+    """(the model's fixed batch size, True) if axis 0 of its inputs is pinned, else (None, False)."""
     sizes = {v.shape[0] for v in model.graph.inputs if v.shape is not None and len(v.shape) > 0}
-    fixed = [s for s in sizes if isinstance(s, int)]
-    return fixed[0] if fixed else configured
+    fixed = [s for s in sizes if isinstance(s, int) and s > 0]
+    return (fixed[0], True) if fixed else (None, False)
 
 

@@ -12,11 +12,12 @@ from onnxscript import rewriter
 from onnxscript.rewriter.rules import common as common_rules
 
 from qcompile.model_io import infer_shapes
+from qcompile.passes.rules import gemm as gemm_rules
 from qcompile.registry import QPass, register_pass
 
 _GEMM_RULES = {
     "keep": (),
-    "to_matmul_add": (common_rules.gemm_to_matmul_add_rule,),
+    "to_matmul_add": (gemm_rules.gemm_to_matmul_add_rule,),
     "from_matmul_add": (common_rules.matmul_add_to_gemm_rule, common_rules.transpose_b_matmul_add_to_gemm_rule),
 }
 
@@ -49,10 +50,9 @@ class Canonicalize(QPass):
             rules += [common_rules.fuse_batchnorm_into_conv_rule,
                       common_rules.fuse_batchnorm_into_conv_transpose_rule,
                       common_rules.fuse_batchnorm_into_gemm_rule]
-        rule_set = rewriter.RewriteRuleSet(rules)
         if self.config.fuse_hardswish:
-            rule_set = rewriter.RewriteRuleSet([*rules, *common_rules.fuse_hardswish_rules().rules])
-        fired = rule_set.apply_to_model(model) if rule_set.rules else 0
+            rules += common_rules.fuse_hardswish_rules().rules
+        fired = rewriter.RewriteRuleSet(rules).apply_to_model(model) if rules else 0
         common_passes.RemoveUnusedNodesPass()(model)
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         common_passes.NameFixPass()(model)

@@ -73,6 +73,10 @@ class Quantize(QPass):
         weight: WeightScheme = WeightScheme()
         activation: ActivationScheme | None = ActivationScheme()
         fold_activations: bool = True
+        # a Conv feeding a graph output gets Q/DQ on it too: onnxruntime fuses QLinearConv only then
+        quantize_graph_outputs: bool = True
+        # keep layers float where the target says int8 is slower (its `int8_min_macs`)
+        speed_fallback: bool = True
 
     @classmethod
     def needs(cls, config) -> set[str]:
@@ -103,9 +107,10 @@ class Quantize(QPass):
 
     # -- planning -----------------------------------------------------------------
     @classmethod
-    def plan(cls, model: ir.Model, config) -> tuple[list[LayerPlan], dict[str, str]]:
+    def plan(cls, model: ir.Model, config, target=None) -> tuple[list[LayerPlan], dict[str, str]]:
         """Which layers get quantized, and why each other candidate stays float."""
         plans, skipped = [], {}
+        min_macs = target.setting("int8_min_macs") if (target is not None and config.speed_fallback) else None
         outputs = set(model.graph.outputs)
         for node in model.graph:
             if node.op_type not in ("Conv", "MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
@@ -120,6 +125,12 @@ class Quantize(QPass):
             if _matches(name, config.exclude):
                 skipped[name] = "excluded by quantize.exclude"
                 continue
+            if min_macs and config.activation is not None:
+                macs = layer_macs(node)
+                if macs is not None and macs < min_macs:
+                    skipped[name] = (f"int8 is slower than float for layers under {min_macs} MACs on "
+                                     f"{target.variant} (tools/cpu_layer_costs.py); this one has {macs}")
+                    continue
             found = cls._weight_of(node)
             if isinstance(found, str):
                 if config.activation is None or node.op_type != "MatMul":
@@ -167,7 +178,7 @@ class Quantize(QPass):
     def range_request(cls, model: ir.Model, config, ctx) -> set[str]:
         if config.activation is None:
             return set()
-        plans, _ = cls.plan(model, config)
+        plans, _ = cls.plan(model, config, ctx.target)
         return {v.name for p in plans for v in (*p.activations, p.output)}
 
     # -- rewriting ----------------------------------------------------------------
@@ -183,7 +194,7 @@ class Quantize(QPass):
     def run(self, model: ir.Model) -> bool:
         cfg, ctx = self.config, self.ctx
         graph = model.graph
-        plans, skipped = self.plan(model, cfg)
+        plans, skipped = self.plan(model, cfg, ctx.target)
         act_dtype = None
         if cfg.activation is not None:
             act_dtype = cfg.activation.dtype
@@ -235,13 +246,16 @@ class Quantize(QPass):
                 folded_out.replace_all_uses_with(node.outputs[0])
                 graph.remove(p.folded, safe=True)
                 record["folded"] = p.folded.op_type
-            for v in p.activations:
-                act_tensors.setdefault(v.name, v)
-            act_tensors.setdefault(p.output.name, node.outputs[0] if p.folded is not None else p.output)
+            if act_dtype is not None:
+                for v in p.activations:
+                    act_tensors.setdefault(v.name, v)
+                act_tensors.setdefault(p.output.name, node.outputs[0] if p.folded is not None else p.output)
             ctx.layers[node.name] = record
+        conv_outputs = {p.node.outputs[0].name for p in usable if p.node.op_type == "Conv"}
         for name, value in act_tensors.items():
             scale, zp = act_params[name]
-            insert_qdq(graph, value, scale, zp)
+            insert_qdq(graph, value, scale, zp,
+                       through_graph_output=cfg.quantize_graph_outputs and value.name in conv_outputs)
         for name, reason in skipped.items():
             ctx.layers[name] = {"status": "float", "reason": reason}
         graph.sort()
@@ -265,6 +279,9 @@ class Quantize(QPass):
         b = _const(bias)
         if b is None:
             return "bias is not constant; kept float"
+        if b.ndim > 1 and int(np.prod(b.shape[:-1])) != 1:
+            return f"bias of shape {list(b.shape)} is not a per-channel vector; kept float"
+        b = b.reshape(-1)
         scale = (np.float32(x_scale) * w_scale.astype(np.float32)).reshape(-1)
         if scale.size == 1:
             scale = np.full(b.shape[-1], scale[0], dtype=np.float32)
@@ -275,6 +292,20 @@ class Quantize(QPass):
         out = store_weight_quantized(graph, bias, q.astype(np.int32), scale, np.zeros_like(q, dtype=np.int32), 0)
         node.replace_input_with(2, out)
         return None
+
+
+def layer_macs(node: ir.Node) -> int | None:
+    """Multiply-accumulates of a Conv/MatMul/Gemm from its inferred shapes (None if unknown)."""
+    out = node.outputs[0].shape
+    w = node.inputs[1].shape if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if out is None or w is None or not all(isinstance(d, int) for d in (*out, *w)):
+        return None
+    if node.op_type == "Conv":  # out [N, Cout, *spatial]; w [Cout, Cin/g, *k]
+        return int(np.prod(out)) * int(np.prod(w[1:]))
+    if node.op_type == "Gemm":
+        k = w[1] if node.attributes.get_int("transB", 0) else w[0]
+        return int(np.prod(out)) * int(k)
+    return int(np.prod(out)) * int(w[-2]) if len(w) >= 2 else None  # MatMul
 
 
 def _clip_floor_is_zero(node: ir.Node) -> bool:

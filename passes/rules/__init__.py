@@ -1,0 +1,1 @@
+"""Declarative rewrite rules (onnxscript patterns) the passes apply."""
