@@ -44,6 +44,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip verification")
     p.add_argument("--dump-after", action="append", default=[], metavar="PASS",
                    help="save the graph after PASS into OUT/dumps/ (repeatable; 'all' for every pass)")
+    p.add_argument("--external-data", action="store_true",
+                   help="store weights in OUT/model.onnx.data (automatic for models over 2 GB)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or table")
     p.add_argument("-v", "--verbose", action="store_true", help="log each pass")
     return p
@@ -59,7 +61,7 @@ def _cmd_compile(argv: list[str]) -> int:
                            output_dir=args.output, input_shapes=parse_input_shapes(args.input_shape),
                            verify=not args.no_verify, verify_data=args.verify_data,
                            verify_samples=args.verify_samples, dump_after=tuple(args.dump_after),
-                           progress=not args.quiet)
+                           progress=not args.quiet, external_data=True if args.external_data else None)
     if not args.quiet:
         print_summary(result.report)
         Console().print(f"wrote {', '.join(str(f) for f in result.files)}")
@@ -128,7 +130,7 @@ def _cmd_verify(argv: list[str]) -> int:
     load_model(args.original)
     data = open_dataset(args.data, model_input_specs(compiled), synthetic_samples=4, seed=1)
     result = verify_models(Path(args.original), Path(args.compiled), data, samples=args.samples)
-    print_summary({"target": "-", "recipe": "-", "layers": {}, "verification": result})
+    print_summary({"target": "-", "recipe": "-", "layers": {}, "verification": result}, header=False)
     if args.json:
         write_report(Path(args.json), result)
     return 0

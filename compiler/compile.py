@@ -48,14 +48,19 @@ def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str = 
                   calib: str | Path | None = None, output_dir: str | Path = "out",
                   input_shapes: dict[str, list[int]] | None = None, verify: bool = True,
                   verify_data: str | Path | None = None, verify_samples: int = 64,
-                  dump_after: tuple[str, ...] = (), progress: bool = True) -> CompileResult:
+                  dump_after: tuple[str, ...] = (), progress: bool = True,
+                  external_data: bool | None = None) -> CompileResult:
+    """Compile `model_path` for `target` with `recipe`; outputs land in `output_dir` only on success.
+
+    `external_data`: store weights in `model.onnx.data` (None: only when over 2 GB).
+    """
     started = time.perf_counter()
     model_path = Path(model_path)
     tgt, rec = prepare(target, recipe)
     staged = StagedOutput(output_dir)
     try:
         result = _compile(model_path, tgt, rec, calib, staged, input_shapes or {}, verify, verify_data,
-                          verify_samples, set(dump_after), progress, started)
+                          verify_samples, set(dump_after), progress, started, external_data)
         files = staged.commit()
         result.files = files
         return result
@@ -65,7 +70,7 @@ def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str = 
 
 
 def _compile(model_path, tgt, rec, calib, staged, input_shapes, verify, verify_data, verify_samples,
-             dump_after, progress, started) -> CompileResult:
+             dump_after, progress, started, external_data) -> CompileResult:
     model = load_model(model_path)
     original_opset = opset_of(model)
     if original_opset < tgt.opset_min:
@@ -87,7 +92,7 @@ def _compile(model_path, tgt, rec, calib, staged, input_shapes, verify, verify_d
                          "fixes them", hint="pass --input-shape NAME:D,D,... (or --calib data)")
     model = run_pipeline(model, rec, ctx, dump_after=dump_after, dump_dir=staged.path("dumps"))
     out_model = staged.path(MODEL_FILE)
-    save_model(model, out_model)
+    save_model(model, out_model, external_data=external_data)
 
     report = {
         "model": str(model_path), "target": tgt.name, "target_variant": tgt.variant, "recipe": rec.name,

@@ -25,7 +25,7 @@ def write_report(path: Path, report: dict) -> None:
     path.write_text(json.dumps(_jsonable(report), indent=2, sort_keys=False) + "\n")
 
 
-def print_summary(report: dict, console: Console | None = None) -> None:
+def print_summary(report: dict, console: Console | None = None, *, header: bool = True) -> None:
     console = console or Console(stderr=False)
     layers = report.get("layers", {})
     n_q = sum(1 for r in layers.values() if r.get("status") == "quantized")
@@ -34,7 +34,8 @@ def print_summary(report: dict, console: Console | None = None) -> None:
     line = f"[bold]{report['target']}[/bold] recipe [bold]{report['recipe']}[/bold]: {n_q} layers quantized, {n_f} float"
     if kernels:
         line += f"; {kernels['int8_layers']} run int8 kernels on {kernels['isa']}"
-    console.print(line)
+    if header:
+        console.print(line)
     ver = report.get("verification")
     if ver and ver.get("outputs"):
         table = Table(title=f"verification on {ver['samples']} samples ({ver['data']})")

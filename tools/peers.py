@@ -151,11 +151,13 @@ def _tree_rss_kb(pid: int) -> int:
 
 
 def _default_mem_limit_mb() -> float:
+    """85% of RAM, but never more than what is available now minus 1 GiB (shared box)."""
     try:
         with open("/proc/meminfo") as f:
-            kb = next(int(l.split()[1]) for l in f if l.startswith("MemTotal:"))
-        return 0.85 * kb / 1024
-    except (OSError, StopIteration):
+            info = {l.split(":")[0]: int(l.split()[1]) for l in f}
+        total, avail = info["MemTotal"] / 1024, info.get("MemAvailable", info["MemTotal"]) / 1024
+        return max(1024.0, min(0.85 * total, avail - 1024))
+    except (OSError, KeyError, ValueError):
         return float("inf")
 
 
@@ -163,54 +165,63 @@ def run_measured(cmd: list[str], *, timeout: float | None = None, cwd=None, env=
                  mem_limit_mb: float | None = None, log_path=None) -> dict:
     """Run ``cmd`` in its own session; return rc, wall_s, peak_rss_mb, stdout, stderr, error.
 
-    Peak RSS is ru_maxrss of this child from ``os.wait4`` (KiB on Linux).  A
-    watchdog kills the child's process group on timeout or when the tree's RSS
-    exceeds ``mem_limit_mb`` (default 85% of RAM) so one peer cannot take the
-    machine down; that is reported as ``error`` instead of raising.
+    The main thread blocks in ``os.wait4`` (exact wall time; peak RSS = that
+    child's ru_maxrss, KiB on Linux, which also covers descendants it waited
+    for).  A watchdog thread kills the child's process group on timeout or when
+    the tree's RSS exceeds ``mem_limit_mb`` (default: min(85% of RAM,
+    MemAvailable - 1 GiB)) so one peer cannot take the machine down; that is
+    reported as ``error``, never raised.
     """
+    import threading
     mem_limit_mb = _default_mem_limit_mb() if mem_limit_mb is None else mem_limit_mb
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+", errors="replace") as out, \
+            tempfile.TemporaryFile("w+", errors="replace") as err:
         t0 = time.perf_counter()
         try:
             proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=cwd, env=env,
                                     start_new_session=True)
         except OSError as exc:
-            return dict(rc=None, wall_s=0.0, peak_rss_mb=None, stdout="", stderr="",
-                        error=f"could not start {cmd[0]}: {exc}")
-        killed, status, ru, watch_peak = None, 0, None, 0
-        while True:
-            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            elapsed = time.perf_counter() - t0
-            rss = _tree_rss_kb(proc.pid)
-            watch_peak = max(watch_peak, rss)
-            if timeout is not None and elapsed > timeout:
-                killed = f"timeout after {timeout:.0f}s"
-            elif rss / 1024 > mem_limit_mb:
-                killed = f"killed: tree RSS {rss / 1024:.0f} MB > limit {mem_limit_mb:.0f} MB"
-            if killed:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                _, status, ru = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05 if elapsed < 2 else 0.2)
+            return dict(rc=None, wall_s=0.0, peak_rss_mb=None, tree_rss_peak_mb=None,
+                        stdout="", stderr="", error=f"could not start {cmd[0]}: {exc}")
+        done = threading.Event()
+        state = {"killed": None, "tree_peak_kb": 0}
+
+        def watch():
+            while not done.wait(0.1):
+                rss = _tree_rss_kb(proc.pid)
+                state["tree_peak_kb"] = max(state["tree_peak_kb"], rss)
+                elapsed = time.perf_counter() - t0
+                if timeout is not None and elapsed > timeout:
+                    state["killed"] = f"timeout after {timeout:.0f}s"
+                elif rss / 1024 > mem_limit_mb:
+                    state["killed"] = (f"killed: tree RSS {rss / 1024:.0f} MB > limit "
+                                       f"{mem_limit_mb:.0f} MB")
+                if state["killed"]:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    return
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
+        done.set()
+        watcher.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     if log_path:
         Path(log_path).write_text(f"$ {' '.join(map(str, cmd))}\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
-    peak = max(ru.ru_maxrss, watch_peak) / 1024 if ru else watch_peak / 1024
-    error = killed
+    error = state["killed"]
     if not error and proc.returncode != 0:
         tail = (stderr.strip() or stdout.strip()).splitlines()[-6:]
         error = f"exit code {proc.returncode}: " + " | ".join(tail)[-600:]
-    return dict(rc=proc.returncode, wall_s=wall, peak_rss_mb=peak, stdout=stdout,
-                stderr=stderr, error=error)
+    return dict(rc=proc.returncode, wall_s=wall, peak_rss_mb=ru.ru_maxrss / 1024,
+                tree_rss_peak_mb=state["tree_peak_kb"] / 1024, stdout=stdout, stderr=stderr,
+                error=error)
 
 
 # ------------------------------------------------------------------- peers
@@ -272,7 +283,9 @@ def run_peers(model_path, calib_npz, input_shape, out_dir, peers=None, *,
         args = (model_path, calib_npz, input_shape, out_dir / f"{p.key}.onnx")
         qkw = dict(calibrate_method=p.calibrate_method, activation_type=p.activation_type, **kw)
         r = quantize_peer(*args, log_path=out_dir / f"{p.key}.log", **qkw)
-        row = dict(method=p.name, key=p.key, calib_stride=kw.get("calib_stride"), **r)
+        stride = kw.get("calib_stride")
+        row = dict(method=p.name + (f" (stride {stride})" if stride else ""), key=p.key,
+                   calib_stride=stride, **r)
         if r["status"] != "ok" and oom_retry_stride and not kw.get("calib_stride") and _is_mem_kill(r):
             qkw["calib_stride"] = oom_retry_stride
             r2 = quantize_peer(*args, log_path=out_dir / f"{p.key}.stride{oom_retry_stride}.log", **qkw)
