@@ -10,7 +10,7 @@ import traceback
 from rich.console import Console
 from rich.table import Table
 
-from .errors import EXIT_CODES, EXIT_INTERNAL, EXIT_USAGE, QCompileError
+from .errors import EXIT_CODES, EXIT_INTERNAL, EXIT_USAGE, QCompileError, UsageError
 
 SUBCOMMANDS = ("targets", "recipes", "passes", "verify")
 
@@ -53,6 +53,8 @@ def _compile_parser() -> argparse.ArgumentParser:
 
 def _cmd_compile(argv: list[str]) -> int:
     args = _compile_parser().parse_args(argv)
+    if args.verify_samples < 1:
+        raise UsageError(f"--verify-samples must be at least 1, got {args.verify_samples}")
     from .compile import compile_model
     from .model_io import parse_input_shapes
     from .report import print_summary
@@ -121,6 +123,8 @@ def _cmd_verify(argv: list[str]) -> int:
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--json", help="also write the results as JSON here")
     args = p.parse_args(argv)
+    if args.samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {args.samples}")
     from .calib_data import model_input_specs, open_dataset
     from .model_io import load_model
     from .report import print_summary, write_report

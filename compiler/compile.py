@@ -57,6 +57,11 @@ def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str = 
     started = time.perf_counter()
     model_path = Path(model_path)
     tgt, rec = prepare(target, recipe)
+    known = {s.spec.name for s in rec.steps}
+    unknown = sorted(set(dump_after) - known - {"all"})
+    if unknown:
+        raise UsageError(f"--dump-after {unknown[0]}: no such pass in this compile",
+                         hint=f"passes here: {', '.join(s.spec.name for s in rec.steps)} (or 'all')")
     staged = StagedOutput(output_dir)
     try:
         result = _compile(model_path, tgt, rec, calib, staged, input_shapes or {}, verify, verify_data,
@@ -100,7 +105,7 @@ def _compile(model_path, tgt, rec, calib, staged, input_shapes, verify, verify_d
         "input_shapes": {k: list(v) for k, v in input_shapes.items()},
     }
     resolved = rec.to_dict()
-    resolved["target"] = {"name": tgt.name, "variant": tgt.variant}
+    resolved["target"] = {"name": tgt.name, "variant": tgt.variant, "lowering": rec.target_steps()}
     resolved["provenance"] = {
         "model_sha256": file_sha256(model_path),
         "calibration_sha256": dataset.sha256() if dataset is not None else None,

@@ -110,6 +110,8 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
         data_name = path.name + ".data"
         ir.save(model, path, external_data=data_name, size_threshold_bytes=1024)
         return [path, path.with_name(data_name)]
+    if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+        ir.external_data.load_to_model(model)  # inline what still points at the input's .data file
     ir.save(model, path)
     return [path]
 

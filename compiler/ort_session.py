@@ -47,6 +47,13 @@ def session_for(model: ir.Model, *, extra_outputs: list[ir.Value] = (), threads:
             finally:
                 del model.graph.outputs[len(outputs):]
             return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    base_dirs = {v.const_value.base_dir for v in model.graph.initializers.values()
+                 if isinstance(v.const_value, ir.ExternalTensor)}
+    if len(base_dirs) == 1:  # weights still in the input's .data file: tell onnxruntime where
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      str(base_dirs.pop()))
+    elif base_dirs:
+        model = ir.external_data.load_to_model(model)
     proto = ir.to_proto(model)
     present = {o.name for o in proto.graph.output}
     for value in extra_outputs:

@@ -20,6 +20,8 @@ from .registry import PassSpec, all_passes, get_pass
 
 API_VERSION = "qcompile/v1"
 _TOP_KEYS = {"apiversion", "metadata", "spec"}
+# written into recipe.resolved.yaml for the record; accepted and ignored on input
+_RECORD_KEYS = {"target", "provenance"}
 _SPEC_KEYS = {"passes"}
 
 
@@ -41,8 +43,12 @@ class Recipe:
         return {
             "apiversion": API_VERSION,
             "metadata": {"name": self.name, "description": self.description, "source": self.file},
-            "spec": {"passes": [{"type": s.spec.name, **config_to_dict(s.config)} for s in self.steps]},
+            "spec": {"passes": [{"type": s.spec.name, **config_to_dict(s.config)}
+                                for s in self.steps if s.origin == "recipe"]},
         }
+
+    def target_steps(self) -> list[dict]:
+        return [{"type": s.spec.name, **config_to_dict(s.config)} for s in self.steps if s.origin == "target"]
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -113,7 +119,7 @@ def load_recipe(name_or_path: str, extra_steps: list[Step] | None = None) -> Rec
     data = _read_yaml(path)
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a mapping with apiversion, metadata and spec", file=file)
-    unknown = sorted(set(data) - _TOP_KEYS)
+    unknown = sorted(set(data) - _TOP_KEYS - _RECORD_KEYS)
     if unknown:
         raise RecipeError(f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})", file=file, key=unknown[0])
     if data.get("apiversion", API_VERSION) != API_VERSION:

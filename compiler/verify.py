@@ -109,6 +109,8 @@ def verify_models(original: Path, compiled: Path, dataset: Dataset, *, samples: 
     accs = {n: _Accumulator() for n in out_names}
     batch = _fixed_batch(got_sess)
     total = min(samples, dataset.num_samples)
+    if batch > 1:
+        total -= total % batch
     with progress_bar("verify", total, enabled=progress) as advance:
         for feed in dataset.batches(batch, limit=samples, exact=batch > 1):
             ref = ref_sess.run(out_names, feed)

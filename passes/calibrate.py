@@ -113,7 +113,8 @@ def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
 
 def fixed_batch_size(model: ir.Model) -> tuple[int | None, bool]:
     """(the model's fixed batch size, True) if axis 0 of its inputs is pinned, else (None, False)."""
-    sizes = {v.shape[0] for v in model.graph.inputs if v.shape is not None and len(v.shape) > 0}
+    sizes = {v.shape[0] for v in model.graph.inputs
+             if v.shape is not None and len(v.shape) > 0 and v.name not in model.graph.initializers}
     fixed = [s for s in sizes if isinstance(s, int) and s > 0]
     return (fixed[0], True) if fixed else (None, False)
 

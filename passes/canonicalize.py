@@ -42,6 +42,7 @@ class Canonicalize(QPass):
     def run(self, model: ir.Model) -> bool:
         before = model.graph.num_nodes()
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        names_before = _names_by_input(model)  # before onnxscript's optimizer fuses anything
         if self.config.fold_constants:
             # onnxscript's optimizer: constant folding, dead-node removal, no-op rules.
             onnxscript.optimizer.optimize(model, num_iterations=2, onnx_shape_inference=False)
@@ -54,6 +55,7 @@ class Canonicalize(QPass):
             rules += common_rules.fuse_hardswish_rules().rules
         fired = rewriter.RewriteRuleSet(rules).apply_to_model(model) if rules else 0
         common_passes.RemoveUnusedNodesPass()(model)
+        _restore_names(model, names_before)
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         common_passes.NameFixPass()(model)
         infer_shapes(model)
@@ -61,3 +63,23 @@ class Canonicalize(QPass):
         self.ctx.report["canonicalize"] = {"nodes_before": before, "nodes_after": after,
                                            "rewrites": int(fired or 0)}
         return True
+
+
+def _names_by_input(model: ir.Model) -> dict[tuple[str, str], str]:
+    """(op type, first input name) -> node name, to re-find a node a fusion rebuilt."""
+    return {(n.op_type, n.inputs[0].name): n.name for n in model.graph
+            if n.name and n.inputs and n.inputs[0] is not None}
+
+
+def _restore_names(model: ir.Model, before: dict[tuple[str, str], str]) -> None:
+    """Give a node rebuilt by a fusion (Conv+BatchNorm -> Conv) its exporter name back,
+    so recipe scopes written against the exported names keep matching."""
+    known = set(before.values())
+    taken = {n.name for n in model.graph if n.name}
+    for node in model.graph:
+        if node.name in known or not node.inputs or node.inputs[0] is None:
+            continue  # an original node (new ones are unnamed or named node_<Op>_<n>)
+        old = before.get((node.op_type, node.inputs[0].name))
+        if old and old not in taken:
+            node.name = old
+            taken.add(old)
