@@ -3,9 +3,9 @@
 Why: qcompile is judged against what a user gets today from
 ``onnxruntime.quantization.quantize_static``.  Each peer is run in a *fresh
 subprocess* so wall time and peak RSS are per-run and comparable with the
-qcompile CLI subprocess (``run_measured`` is used for both).  Peak RSS comes
-from ``os.wait4`` on that very child (its own ru_maxrss, max'ed with any
-descendants it waited for), not from a shared RUSAGE_CHILDREN pool.
+qcompile CLI subprocess (``run_measured`` is used for both).  Peak RSS is the
+ru_maxrss that ``os.wait4`` returns for that very process, forked from a tiny
+trampoline so the benchmark's own RSS does not leak into it (see _TRAMPOLINE).
 
 A peer = fix input shape (models ship with dynamic dims) -> convert opset to
 >= 13 (per-channel QDQ needs it; PP-OCR det is opset 12, cls opset 11) ->
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PeerSpec", "PEERS", "parse_shape", "prepare_model", "run_measured", "quantize_peer",
-           "run_peers", "load_inputs", "run_model", "compare", "evaluate", "latency",
+__all__ = ["PeerSpec", "PEERS", "parse_shape", "shape_arg", "prepare_model", "run_measured", "quantize_peer",
+           "run_peers", "activation_mb_per_sample", "auto_calib_stride", "load_inputs", "run_model", "compare", "evaluate", "latency", "latency_many",
            "model_size_mb", "main"]
 
 
@@ -150,35 +150,68 @@ def _tree_rss_kb(pid: int) -> int:
     return total
 
 
-def _default_mem_limit_mb() -> float:
-    """85% of RAM, but never more than what is available now minus 1 GiB (shared box)."""
+def _meminfo_mb() -> tuple[float, float] | None:
+    """(MemTotal, MemAvailable) in MiB, or None off Linux."""
     try:
         with open("/proc/meminfo") as f:
             info = {l.split(":")[0]: int(l.split()[1]) for l in f}
-        total, avail = info["MemTotal"] / 1024, info.get("MemAvailable", info["MemTotal"]) / 1024
-        return max(1024.0, min(0.85 * total, avail - 1024))
+        return info["MemTotal"] / 1024, info.get("MemAvailable", info["MemTotal"]) / 1024
     except (OSError, KeyError, ValueError):
-        return float("inf")
+        return None
+
+
+def _default_mem_limit_mb() -> float:
+    """85% of RAM, but never more than what is available now minus 1 GiB (shared box)."""
+    mi = _meminfo_mb()
+    return max(1024.0, min(0.85 * mi[0], mi[1] - 1024)) if mi else float("inf")
+
+
+# Why a trampoline: on Linux a child's ru_maxrss (wait4 / RUSAGE_CHILDREN /
+# even its own RUSAGE_SELF) starts from the hiwater RSS of the process it was
+# forked from, so a child of a 2 GB benchmark process "peaks" at >= 2 GB.  A
+# tiny ``python -S`` process forks the real command from its own ~10 MB image and
+# reports the grandchild's exact ru_maxrss and wall time (fork -> exit).
+_TRAMPOLINE = r"""
+import json, os, sys, time
+cmd, res = json.loads(sys.argv[1]), sys.argv[2]
+t = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(cmd[0], cmd)
+    except OSError as e:
+        sys.stderr.write("exec %s failed: %s\n" % (cmd[0], e))
+    os._exit(127)
+_, st, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t
+with open(res, "w") as f:
+    json.dump({"rc": os.waitstatus_to_exitcode(st), "wall_s": wall, "maxrss_kb": ru.ru_maxrss}, f)
+sys.exit(0)
+"""
 
 
 def run_measured(cmd: list[str], *, timeout: float | None = None, cwd=None, env=None,
                  mem_limit_mb: float | None = None, log_path=None) -> dict:
-    """Run ``cmd`` in its own session; return rc, wall_s, peak_rss_mb, stdout, stderr, error.
+    """Run ``cmd`` (in its own session); return rc, wall_s, peak_rss_mb, stdout, stderr, error.
 
-    The main thread blocks in ``os.wait4`` (exact wall time; peak RSS = that
-    child's ru_maxrss, KiB on Linux, which also covers descendants it waited
-    for).  A watchdog thread kills the child's process group on timeout or when
-    the tree's RSS exceeds ``mem_limit_mb`` (default: min(85% of RAM,
-    MemAvailable - 1 GiB)) so one peer cannot take the machine down; that is
-    reported as ``error``, never raised.
+    wall_s / peak_rss_mb are exact for ``cmd`` itself (see _TRAMPOLINE; RSS also
+    covers descendants it waited for).  A watchdog thread kills the process
+    group on timeout or when the tree's RSS exceeds ``mem_limit_mb`` (default:
+    min(85% of RAM, MemAvailable - 1 GiB)) so one peer cannot take the machine
+    down; that is reported as ``error``, never raised, and peak_rss_mb is then
+    the watchdog's sampled tree peak.
     """
     import threading
     mem_limit_mb = _default_mem_limit_mb() if mem_limit_mb is None else mem_limit_mb
+    fd, res_path = tempfile.mkstemp(prefix="qc-measure-", suffix=".json")
+    os.close(fd)
+    os.unlink(res_path)
+    tramp = [sys.executable, "-S", "-c", _TRAMPOLINE, json.dumps([str(c) for c in cmd]), res_path]
     with tempfile.TemporaryFile("w+", errors="replace") as out, \
             tempfile.TemporaryFile("w+", errors="replace") as err:
         t0 = time.perf_counter()
         try:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=cwd, env=env,
+            proc = subprocess.Popen(tramp, stdout=out, stderr=err, cwd=cwd, env=env,
                                     start_new_session=True)
         except OSError as exc:
             return dict(rc=None, wall_s=0.0, peak_rss_mb=None, tree_rss_peak_mb=None,
@@ -205,36 +238,51 @@ def run_measured(cmd: list[str], *, timeout: float | None = None, cwd=None, env=
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        _, status, ru = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
+        proc.wait()
+        outer_wall = time.perf_counter() - t0
         done.set()
         watcher.join()
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
+    try:
+        with open(res_path) as f:
+            res = json.load(f)
+        os.unlink(res_path)
+    except (OSError, ValueError):
+        res = None
     if log_path:
         Path(log_path).write_text(f"$ {' '.join(map(str, cmd))}\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
+    tree_peak = state["tree_peak_kb"] / 1024
+    if res:
+        rc, wall, peak = res["rc"], res["wall_s"], res["maxrss_kb"] / 1024
+    else:   # killed (or trampoline failed): fall back to outer numbers
+        rc, wall, peak = proc.returncode, outer_wall, tree_peak or None
     error = state["killed"]
-    if not error and proc.returncode != 0:
+    if not error and res is None:
+        error = f"measurement trampoline failed (rc={proc.returncode}): {stderr.strip()[-300:]}"
+    if not error and rc != 0:
         tail = (stderr.strip() or stdout.strip()).splitlines()[-6:]
-        error = f"exit code {proc.returncode}: " + " | ".join(tail)[-600:]
-    return dict(rc=proc.returncode, wall_s=wall, peak_rss_mb=ru.ru_maxrss / 1024,
-                tree_rss_peak_mb=state["tree_peak_kb"] / 1024, stdout=stdout, stderr=stderr,
-                error=error)
+        sig = f" ({signal.Signals(-rc).name})" if rc < 0 and -rc in signal.valid_signals() else ""
+        error = f"exit code {rc}{sig}: " + " | ".join(tail)[-600:]
+    return dict(rc=rc, wall_s=wall, peak_rss_mb=peak, tree_rss_peak_mb=tree_peak,
+                stdout=stdout, stderr=stderr, error=error)
 
 
 # ------------------------------------------------------------------- peers
 def quantize_peer(model_path, calib_npz, input_shape, out_path, *, calibrate_method="MinMax",
                   activation_type="QUInt8", calib_stride: int | None = None,
                   timeout: float | None = 3600, python: str = sys.executable,
-                  mem_limit_mb: float | None = None, log_path=None) -> dict:
+                  mem_limit_mb: float | None = None, log_path=None,
+                  hide_torch: bool = True) -> dict:
     """One quantize_static peer in a fresh subprocess.
 
     ``calib_stride`` sets ORT's ``extra_options["CalibStridedMinMax"]``: calibrate
     in chunks of that many samples (despite the name it applies to every
     method).  ``None`` = ORT defaults, which keep *all* intermediate outputs of
     all calibration samples in memory for the histogram methods.
+    ``hide_torch``: make ``import torch`` unavailable in the child (see
+    _child_main) so the peer is measured as in a torch-free environment.
 
     Returns {status, wall_s, peak_rss_mb, size_mb, out, phases, error}; never
     raises for a crashing peer (the error is recorded instead).
@@ -244,9 +292,15 @@ def quantize_peer(model_path, calib_npz, input_shape, out_path, *, calibrate_met
     if out_path.exists():
         out_path.unlink()
     spec = dict(model=str(model_path), calib=str(calib_npz), shape=parse_shape(input_shape),
-                out=str(out_path), method=calibrate_method, act=activation_type, stride=calib_stride)
-    r = run_measured([python, str(Path(__file__).resolve()), "_child", json.dumps(spec)],
-                     timeout=timeout, mem_limit_mb=mem_limit_mb, log_path=log_path)
+                out=str(out_path), method=calibrate_method, act=activation_type, stride=calib_stride,
+                hide_torch=hide_torch)
+    # The child's scratch (and ORT's ort.quant.* dirs, via TMPDIR) live in a dir
+    # the parent owns, so they are cleaned up even when the child is SIGKILLed.
+    with tempfile.TemporaryDirectory(prefix="qc-peer-") as scratch:
+        spec["scratch"] = scratch
+        env = dict(os.environ, TMPDIR=scratch)
+        r = run_measured([python, str(Path(__file__).resolve()), "_child", json.dumps(spec)],
+                         timeout=timeout, mem_limit_mb=mem_limit_mb, log_path=log_path, env=env)
     report = {}
     for line in reversed(r["stdout"].splitlines()):
         if line.startswith("@@PEER "):
@@ -264,7 +318,40 @@ def quantize_peer(model_path, calib_npz, input_shape, out_path, *, calibrate_met
 
 def _is_mem_kill(r: dict) -> bool:
     err = r.get("error") or ""
-    return err.startswith("killed: tree RSS") or "MemoryError" in err or r.get("rc") == -9
+    return (err.startswith("killed: tree RSS") or "MemoryError" in err
+            or (r.get("rc") == -9 and not err.startswith("timeout")))   # kernel OOM killer
+
+
+def activation_mb_per_sample(model_path, input_shape) -> float:
+    """Sum of float activation sizes (MB) for one sample, from ONNX shape inference.
+
+    The histogram calibrators (Percentile/Entropy) keep roughly this much per
+    calibration sample in memory when run with ORT defaults.
+    """
+    import onnx
+    with tempfile.TemporaryDirectory(prefix="qc-act-") as tmp:
+        m = onnx.load(str(prepare_model(model_path, Path(tmp) / "m.onnx", input_shape)))
+    sizes = {1: 4, 10: 2, 11: 8, 16: 2}        # float, float16, double, bfloat16
+    total = 0
+    for vi in [*m.graph.value_info, *m.graph.output]:
+        tt = vi.type.tensor_type
+        dims = [d.dim_value for d in tt.shape.dim]
+        if tt.elem_type in sizes and dims and all(dims):
+            total += int(np.prod(dims)) * sizes[tt.elem_type]
+    return total / 1e6
+
+
+def auto_calib_stride(model_path, input_shape, n_calib: int, budget_mb: float | None = None) -> int | None:
+    """None (= ORT defaults) if all ``n_calib`` samples' activations fit in ``budget_mb``
+    (default: 35% of MemAvailable), else the largest divisor of n_calib that fits."""
+    if budget_mb is None:
+        mi = _meminfo_mb()
+        budget_mb = 0.35 * mi[1] if mi else float("inf")
+    per = activation_mb_per_sample(model_path, input_shape)
+    if per * n_calib <= budget_mb:
+        return None
+    fits = [d for d in range(1, n_calib + 1) if n_calib % d == 0 and d * per <= budget_mb]
+    return max(fits, default=1)
 
 
 def run_peers(model_path, calib_npz, input_shape, out_dir, peers=None, *,
@@ -328,20 +415,33 @@ class _NpzReader:
         self.set_range(0, self.n)
 
 
+def _vm_hwm_mb() -> float | None:
+    """Peak RSS of this process image (VmHWM; unlike ru_maxrss not inherited at fork)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def _child_main(spec_json: str) -> int:
     """Runs inside the fresh subprocess: prepare -> pre_process -> quantize_static."""
-    import resource
     import warnings
     phases, warns = {}, []
     try:
         spec = json.loads(spec_json)
+        if spec.get("hide_torch", True):
+            # onnxruntime.tools/__init__ imports torch merely because it is installed
+            # (find_spec), which costs quant_pre_process ~1 s and ~250 MB that a
+            # torch-free ORT install would not pay; the quantizer never uses it.
+            sys.modules.setdefault("torch", None)
         t = time.perf_counter()
         import onnx  # noqa: F401
         from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                               quantize_static)
         from onnxruntime.quantization.shape_inference import quant_pre_process
         phases["import_s"] = time.perf_counter() - t
-        with tempfile.TemporaryDirectory(prefix="qc-peer-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="child-", dir=spec.get("scratch")) as tmp:
             t = time.perf_counter()
             fixed = prepare_model(spec["model"], Path(tmp) / "fixed.onnx", spec["shape"])
             phases["prepare_s"] = time.perf_counter() - t
@@ -366,13 +466,12 @@ def _child_main(spec_json: str) -> int:
                                 extra_options=extra)
             warns += sorted({str(w.message)[:200] for w in wl})[:5]
             phases["quantize_s"] = time.perf_counter() - t
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print("@@PEER " + json.dumps(dict(phases=phases, maxrss_mb=rss, warnings=warns)), flush=True)
+        print("@@PEER " + json.dumps(dict(phases=phases, maxrss_mb=_vm_hwm_mb(), warnings=warns)),
+              flush=True)
         return 0
     except BaseException as exc:  # report, do not hide
         traceback.print_exc()
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print("@@PEER " + json.dumps(dict(phases=phases, maxrss_mb=rss, warnings=warns,
+        print("@@PEER " + json.dumps(dict(phases=phases, maxrss_mb=_vm_hwm_mb(), warnings=warns,
                                           error=f"{type(exc).__name__}: {exc}"[:800])), flush=True)
         return 1
 
@@ -458,14 +557,7 @@ def evaluate(model_path, eval_npz, reference_outputs, *, limit: int | None = Non
     return compare(run_model(model_path, eval_npz, limit=n, threads=threads), reference_outputs)
 
 
-def latency(model_path, shape, batch: int = 1, runs: int = 30, threads: int = 2,
-            warmup: int = 5, seed: int = 0) -> float:
-    """Median wall ms of ``sess.run`` after ``warmup`` runs (ORT CPU, ORT_ENABLE_ALL).
-
-    ``shape``: {name: dims} / "x:1,3,640,640" / a dims tuple for single-input
-    models; axis 0 is replaced by ``batch``.
-    """
-    sess = _session(model_path, threads)
+def _random_feeds(sess, shape, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     inputs = sess.get_inputs()
     if isinstance(shape, (tuple, list)):
         shape = {inputs[0].name: list(shape)}
@@ -480,14 +572,64 @@ def latency(model_path, shape, batch: int = 1, runs: int = 30, threads: int = 2,
         dt = types.get(i.type, np.float32)
         feeds[i.name] = (rng.standard_normal(dims) if np.issubdtype(dt, np.floating)
                          else rng.integers(0, 2, dims)).astype(dt)
-    for _ in range(warmup):
-        sess.run(None, feeds)
+    return feeds
+
+
+def _timed_runs(sess, feeds, n: int) -> list[float]:
     ts = []
-    for _ in range(runs):
+    for _ in range(n):
         t = time.perf_counter()
         sess.run(None, feeds)
         ts.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(ts))
+    return ts
+
+
+def latency(model_path, shape, batch: int = 1, runs: int = 30, threads: int = 2,
+            warmup: int = 5, seed: int = 0) -> float:
+    """Median wall ms of ``sess.run`` after ``warmup`` runs (ORT CPU, ORT_ENABLE_ALL).
+
+    ``shape``: {name: dims} / "x:1,3,640,640" / a dims tuple for single-input
+    models; axis 0 is replaced by ``batch``.
+    """
+    sess = _session(model_path, threads)
+    feeds = _random_feeds(sess, shape, batch, seed)
+    _timed_runs(sess, feeds, warmup)
+    return float(np.median(_timed_runs(sess, feeds, runs)))
+
+
+def latency_many(models: dict, shape, batch: int = 1, runs: int = 30, threads: int = 2,
+                 warmup: int = 5, passes: int = 3, seed: int = 0) -> dict:
+    """``latency`` for several models: ``passes`` sequential passes over all of
+    them (each: ``warmup`` runs, then the median of ``runs``); per model the
+    *lowest* pass median is kept.
+
+    Why: on a shared 2-core box a background burst during one model's slot
+    would otherwise be charged to that model alone; taking the best of a few
+    passes spaced over time filters such bursts.  (Interleaving single runs
+    across sessions was tried and is worse: each switch wakes a cold thread
+    pool while the previous one still spins.)  Returns {key: ms} or
+    {key: "error: ..."} for a model that fails to load/run.
+    """
+    sessions, res = {}, {}
+    for k, path in models.items():
+        try:
+            sess = _session(path, threads)
+            sessions[k] = (sess, _random_feeds(sess, shape, batch, seed))
+        except Exception as exc:
+            res[k] = f"error: {type(exc).__name__}: {exc}"[:600]
+    best: dict = {}
+    for _ in range(max(1, passes)):
+        for k, (sess, feeds) in list(sessions.items()):
+            try:
+                _timed_runs(sess, feeds, warmup)
+                med = float(np.median(_timed_runs(sess, feeds, runs)))
+            except Exception as exc:
+                res[k] = f"error: {type(exc).__name__}: {exc}"[:600]
+                del sessions[k]
+                continue
+            best[k] = min(best.get(k, med), med)
+    res.update(best)
+    return res
 
 
 # ----------------------------------------------------------------------- CLI
