@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import shutil
 import time
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def _compile(model_path, tgt, rec, calib, staged, input_shapes, verify, verify_d
     model = run_pipeline(model, rec, ctx, dump_after=dump_after, dump_dir=staged.path("dumps"))
     out_model = staged.path(MODEL_FILE)
     save_model(model, out_model, external_data=external_data)
+    for name, write in sorted(ctx.artifacts.items()):
+        write(staged.path(name))
 
     report = {
         "model": str(model_path), "target": tgt.name, "target_variant": tgt.variant, "recipe": rec.name,
@@ -119,13 +122,23 @@ def _compile(model_path, tgt, rec, calib, staged, input_shapes, verify, verify_d
         layers = {name: rec_ for name, rec_ in ctx.layers.items() if rec_.get("status") == "quantized"}
         layer_tensors = {n: {"input": r.get("input_tensor"), "output": r["output_tensor"]}
                          for n, r in layers.items() if r.get("output_tensor")}
+        checked = out_model
+        if ctx.reference_model is not None:  # the shipped graph uses target ops: check its reference lowering
+            checked = staged.path(".reference") / MODEL_FILE
+            checked.parent.mkdir()
+            save_model(ctx.reference_model, checked)
         try:
-            report["verification"] = verify_models(model_path, out_model, vdata, samples=verify_samples,
+            report["verification"] = verify_models(model_path, checked, vdata, samples=verify_samples,
                                                    layers=layer_tensors, progress=progress)
+            report["verification"]["checked"] = "reference lowering of model.onnx" \
+                if checked != out_model else "model.onnx"
         except DataError:
             raise
         except Exception as err:
             raise ModelError(f"verification could not run the models in onnxruntime: {err}") from None
+        finally:
+            if checked != out_model:
+                shutil.rmtree(checked.parent, ignore_errors=True)
         for name, entry in report["verification"].get("layers", {}).items():
             ctx.layers[name]["error"] = entry
     report["layers"] = ctx.layers

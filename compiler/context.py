@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx_ir as ir
 
 from .calib_data import Dataset
 from .observers import HistogramObserver
@@ -29,6 +32,11 @@ class CompileContext:
     warnings: list[str] = dataclasses.field(default_factory=list)
     # per-layer decisions: node name -> record (op, status, scheme, reason)
     layers: dict[str, dict] = dataclasses.field(default_factory=dict)
+    # extra files a target emits beside model.onnx (name -> writer(path)), e.g. atc.sh
+    artifacts: dict[str, Callable[[Path], None]] = dataclasses.field(default_factory=dict)
+    # an onnxruntime-runnable equivalent of the shipped graph, when onnxruntime cannot run
+    # the shipped graph itself (custom target ops): verification runs this instead
+    reference_model: ir.Model | None = None
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
