@@ -38,7 +38,7 @@ class WeightScheme:
 class ActivationScheme:
     dtype: Literal["auto", "int8", "uint8"] = "auto"  # auto: what the target's int8 kernels want
     granularity: Literal["per_tensor"] = "per_tensor"
-    symmetric: bool = False
+    symmetric: bool | Literal["auto"] = "auto"  # auto: the target's `activation_symmetric`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +110,7 @@ class Quantize(QPass):
     def plan(cls, model: ir.Model, config, target=None) -> tuple[list[LayerPlan], dict[str, str]]:
         """Which layers get quantized, and why each other candidate stays float."""
         plans, skipped = [], {}
+        symmetric = activation_symmetric(config, target)
         min_macs = target.setting("int8_min_macs") if (target is not None and config.speed_fallback) else None
         outputs = set(model.graph.outputs)
         for node in model.graph:
@@ -143,7 +144,7 @@ class Quantize(QPass):
                          and v.const_value is None)
             out = node.outputs[0]
             folded = None
-            if config.activation is not None and config.fold_activations and not config.activation.symmetric:
+            if config.activation is not None and config.fold_activations and not symmetric:
                 users = out.uses()
                 if len(users) == 1 and out not in outputs:
                     user = users[0].node
@@ -188,8 +189,9 @@ class Quantize(QPass):
             return f"no calibration range for tensor {value.name!r}"
         cal = self.ctx.calibration
         act = self.config.activation
-        lo, hi = stats.range(cal.method, percentile=cal.percentile, dtype=dtype, symmetric=act.symmetric)
-        return compute_qparams(lo, hi, dtype, symmetric=act.symmetric)
+        symmetric = activation_symmetric(self.config, self.ctx.target)
+        lo, hi = stats.range(cal.method, percentile=cal.percentile, dtype=dtype, symmetric=symmetric)
+        return compute_qparams(lo, hi, dtype, symmetric=symmetric)
 
     def run(self, model: ir.Model) -> bool:
         cfg, ctx = self.config, self.ctx
@@ -292,6 +294,16 @@ class Quantize(QPass):
         out = store_weight_quantized(graph, bias, q.astype(np.int32), scale, np.zeros_like(q, dtype=np.int32), 0)
         node.replace_input_with(2, out)
         return None
+
+
+def activation_symmetric(config, target) -> bool:
+    """The recipe's choice, or with `auto` the target's (cpu: asymmetric uint8)."""
+    act = config.activation
+    if act is None:
+        return False
+    if act.symmetric == "auto":
+        return bool(target.setting("activation_symmetric", False)) if target is not None else False
+    return bool(act.symmetric)
 
 
 def layer_macs(node: ir.Node) -> int | None:
