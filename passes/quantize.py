@@ -188,7 +188,6 @@ class Quantize(QPass):
         if stats is None or stats.count == 0:
             return f"no calibration range for tensor {value.name!r}"
         cal = self.ctx.calibration
-        act = self.config.activation
         symmetric = activation_symmetric(self.config, self.ctx.target)
         lo, hi = stats.range(cal.method, percentile=cal.percentile, dtype=dtype, symmetric=symmetric)
         return compute_qparams(lo, hi, dtype, symmetric=symmetric)
