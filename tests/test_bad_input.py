@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
+from models import small_cnn
 from qcompile.errors import (EXIT_DATA, EXIT_MODEL, EXIT_OUTPUT, EXIT_RECIPE, EXIT_USAGE)
 
 MAX_MESSAGE_LINES = 3  # the message, its hint, and at most one more line
@@ -199,7 +200,7 @@ def test_failed_run_leaves_an_existing_output_directory_untouched(run_cli, work)
     out = work["out"]
     out.mkdir()
     (out / "keep.txt").write_text("previous results")
-    path = _calib(work, "nan2.npz", x=np.full((2, 3, 32, 32), np.nan, np.float32))
+    path = _calib(work, "nan2.npz", x=np.full((2, 3, small_cnn.SIZE, small_cnn.SIZE), np.nan, np.float32))
     res = run_cli(compile_args(work, calib=path))
     assert res.code == EXIT_DATA and "Traceback" not in res.err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
@@ -267,7 +268,7 @@ def test_verify_with_a_missing_model(run_cli, work):
 
 
 def test_verify_with_bad_data(run_cli, work):
-    path = _calib(work, "v_nan.npz", x=np.full((2, 3, 32, 32), np.nan, np.float32))
+    path = _calib(work, "v_nan.npz", x=np.full((2, 3, small_cnn.SIZE, small_cnn.SIZE), np.nan, np.float32))
     res = run_cli(["verify", work["model"], work["model"], "--data", path])
     assert res.code == EXIT_DATA and "Traceback" not in res.err and "NaN" in res.err
     assert not (res.cwd / "qcompile-crash.log").exists()

@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import onnx
 import pytest
+
+from models import small_cnn
 import yaml
 
 from conftest import ort_run_batched, ort_session
@@ -144,7 +146,7 @@ def test_resolved_recipe_records_provenance(compiled, small_cnn_files):
     prov = resolved["provenance"]
     assert prov["model_sha256"] == sha256(small_cnn_files["model"])
     assert prov["calibration_sha256"] == sha256(small_cnn_files["calib"])
-    assert prov["input_shapes"] == {"x": [1, 3, 32, 32]}
+    assert prov["input_shapes"] == {"x": [1, 3, small_cnn.SIZE, small_cnn.SIZE]}
     assert resolved["target"]["name"] == "cpu"
 
 
@@ -220,9 +222,9 @@ def test_input_shape_with_batch_2(run_cli, small_cnn_files, tmp_path):
     """A pinned batch of 2: calibration and verification must feed batches of 2."""
     out = tmp_path / "b2"
     res = run_cli([small_cnn_files["model"], "--calib", small_cnn_files["calib"], "--verify-data",
-                   small_cnn_files["eval"], "--input-shape", "x:2,3,32,32", "-o", out, "-q"])
+                   small_cnn_files["eval"], "--input-shape", f"x:2,3,{small_cnn.SIZE},{small_cnn.SIZE}", "-o", out, "-q"])
     assert res.code == 0, res.err
-    assert ort_session(out / "model.onnx").get_inputs()[0].shape == [2, 3, 32, 32]
+    assert ort_session(out / "model.onnx").get_inputs()[0].shape == [2, 3, small_cnn.SIZE, small_cnn.SIZE]
     report = json.loads((out / "report.json").read_text())
     assert report["calibrate"]["samples"] == 32 and report["verification"]["samples"] == 64
 
@@ -234,7 +236,7 @@ def batch3(small_cnn_files, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path_factory.mktemp("cwd"))
         code = main([str(small_cnn_files["model"]), "--calib", str(small_cnn_files["calib"]), "--verify-data",
-                     str(small_cnn_files["eval"]), "--input-shape", "x:3,3,32,32", "-o", str(out), "-q"])
+                     str(small_cnn_files["eval"]), "--input-shape", f"x:3,3,{small_cnn.SIZE},{small_cnn.SIZE}", "-o", str(out), "-q"])
     return code, out
 
 
