@@ -1,4 +1,4 @@
 """Target backends: one sub-package per target family (descriptor data, lowering passes,
 emitters). Importing this package registers their passes."""
 
-from . import cpu  # noqa: F401
+from . import ascend, cpu  # noqa: F401

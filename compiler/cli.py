@@ -82,7 +82,8 @@ def _cmd_targets(argv: list[str]) -> int:
         host = f" (host: {detect_isa(variants)})" if d.get("detect") == "host_isa" else ""
         table.add_row(name, d.get("summary", ""), ", ".join(d["dtypes"]["weight"]) + " " +
                       "/".join(d["granularity"]["weight"]), ", ".join(d["dtypes"]["activation"]) + " " +
-                      "/".join(d["granularity"]["activation"]), f">= {d['opset']['min']}",
+                      "/".join(d["granularity"]["activation"]),
+                      f"{d['opset']['min']}..{d['opset']['max']}" if d["opset"].get("max") else f">= {d['opset']['min']}",
                       ", ".join(variants) + host)
     Console().print(table)
     return 0

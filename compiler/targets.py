@@ -16,7 +16,7 @@ import yaml
 from .errors import TargetError, UsageError
 
 # Backend packages whose *.yaml files are target descriptors.
-BACKEND_PACKAGES = ("qcompile.backends.cpu",)
+BACKEND_PACKAGES = ("qcompile.backends.cpu", "qcompile.backends.ascend")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,17 @@ def load_target(spec: str) -> Target:
 
 
 def check_capabilities(target: Target, recipe) -> None:
-    """Refuse, before any work, a recipe asking for what the target lacks."""
+    """Refuse, before any work, a recipe asking for what the target lacks.
+
+    The target family's package may define `check_recipe(target, recipe) -> str | None`
+    (e.g. qcompile.backends.ascend: SoC capabilities); it runs first, then each pass's
+    `check_target`.
+    """
+    family_check = getattr(importlib.import_module(f"qcompile.backends.{target.family}"), "check_recipe", None) \
+        if f"qcompile.backends.{target.family}" in BACKEND_PACKAGES else None
+    problem = family_check(target, recipe) if family_check is not None else None
+    if problem:
+        raise TargetError(f"{recipe.file}: {problem}")
     for step in recipe.steps:
         check = getattr(step.spec.cls, "check_target", None)
         if check is None:

@@ -231,12 +231,13 @@ class Quantize(QPass):
                       "output_tensor": node.outputs[0].name}
             if p.weight_index is not None:
                 w_val = node.inputs[p.weight_index]
+                granularity = weight_granularity(cfg, ctx.target, node.op_type)
                 if w_val.name not in quantized_weights:
-                    q_out, w_scale = self._quantize_weight(graph, w_val, p.axis)
+                    q_out, w_scale = self._quantize_weight(graph, w_val, p.axis, granularity)
                     quantized_weights[w_val.name], weight_scales[w_val.name] = q_out, w_scale
                 node.replace_input_with(p.weight_index, quantized_weights[w_val.name])
                 w_scale = weight_scales[w_val.name]
-                record["weight"] = f"{cfg.weight.dtype} {cfg.weight.granularity}"
+                record["weight"] = f"{cfg.weight.dtype} {granularity}"
                 bias = node.inputs[2] if len(node.inputs) > 2 and node.op_type in ("Conv", "Gemm") else None
                 if bias is not None and act_dtype is not None and p.activations:
                     note = self._quantize_bias(graph, node, bias, act_params[p.activations[0].name][0], w_scale)
@@ -265,10 +266,10 @@ class Quantize(QPass):
                                   "activation_dtype": act_dtype, "activation_tensors": len(act_tensors)}
         return bool(usable)
 
-    def _quantize_weight(self, graph: ir.Graph, w_val: ir.Value, axis: int | None):
+    def _quantize_weight(self, graph: ir.Graph, w_val: ir.Value, axis: int | None, granularity: str):
         scheme = self.config.weight
         w = w_val.const_value.numpy().astype(np.float32)
-        axis = axis if scheme.granularity == "per_channel" else None
+        axis = axis if granularity == "per_channel" else None
         lo, hi = reduce_absmax(w, axis)
         scale, zp = compute_qparams(lo, hi, scheme.dtype, symmetric=scheme.symmetric, restricted=True,
                                     reduce_range=scheme.reduce_range)
@@ -293,6 +294,14 @@ class Quantize(QPass):
         out = store_weight_quantized(graph, bias, q.astype(np.int32), scale, np.zeros_like(q, dtype=np.int32), 0)
         node.replace_input_with(2, out)
         return None
+
+
+def weight_granularity(config, target, op_type: str) -> str:
+    """The recipe's weight granularity, unless the target takes this op's weights per-tensor
+    only (its `per_tensor_weight_ops`, e.g. Ascend: Gemm and MatMul)."""
+    if target is not None and op_type in (target.setting("per_tensor_weight_ops") or ()):
+        return "per_tensor"
+    return config.weight.granularity
 
 
 def activation_symmetric(config, target) -> bool:
