@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .numerics import INT_TYPES
 
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

@@ -27,7 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+try:  # run as a script or imported as models.*
+    from models.graph_builder import GraphBuilder
+except ImportError:  # pragma: no cover
+    from graph_builder import GraphBuilder
 
 OPSET = 17
 PAD_ID = 0
@@ -41,37 +46,7 @@ MASK_MIN = float(np.finfo(np.float32).min)  # -3.4028234663852886e38, as transfo
 GAIN = {"qk": 1.5, "v": 4.0, "attn_out": 12.0, "ffn_in": 2.0, "ffn_out": 24.0}
 
 
-class _Builder:
-    """Nodes named like the exporter's (`/scope/Op`, `/scope/Op_1`, ...), outputs `<node>_output_0`."""
-
-    def __init__(self):
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self._init_names: set[str] = set()
-        self._node_names: dict[str, int] = {}
-
-    def init(self, name: str, array, dtype=np.float32) -> str:
-        if name not in self._init_names:
-            self.inits.append(numpy_helper.from_array(np.asarray(array, dtype=dtype), name))
-            self._init_names.add(name)
-        return name
-
-    def const(self, value, dtype=np.float32) -> str:
-        """A shared constant initializer, named by its value."""
-        arr = np.asarray(value, dtype=dtype)
-        text = "_".join(str(v) for v in arr.ravel().tolist()) if arr.size else "empty"
-        suffix = "" if arr.ndim == 0 else f"_r{arr.ndim}"
-        return self.init(f"const_{np.dtype(dtype).name}_{text}{suffix}".replace("-", "m").replace(".", "p"),
-                         arr, dtype)
-
-    def node(self, op: str, inputs: list[str], scope: str, *, output: str | None = None, **attrs) -> str:
-        base = f"{scope}/{op}"
-        k = self._node_names.get(base, 0)
-        self._node_names[base] = k + 1
-        name = base if k == 0 else f"{base}_{k}"
-        out = output or f"{name}_output_0"
-        self.nodes.append(helper.make_node(op, inputs, [out], name=name, **attrs))
-        return out
+_Builder = GraphBuilder
 
 
 def _linear_weight(rng, d_in, d_out, gain=1.0):

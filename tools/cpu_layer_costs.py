@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 
 
 def conv_model(cin: int, cout: int, hw: int, k: int) -> onnx.ModelProto:
@@ -59,7 +59,6 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=200)
     args = ap.parse_args()
     import qcompile
-    from models.small_cnn import images  # noqa: F401  (keeps models importable here)
 
     sizes = [(8, 8, 8, 1), (16, 16, 8, 1), (32, 32, 16, 1), (32, 64, 16, 3), (64, 64, 32, 3),
              (64, 128, 40, 3), (128, 128, 80, 3)]
