@@ -40,10 +40,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-try:  # run as a script or imported as models.*
-    from models.graph_builder import GraphBuilder
-except ImportError:  # pragma: no cover
-    from graph_builder import GraphBuilder
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script, or loaded by path
+from graph_builder import GraphBuilder  # noqa: E402
 
 OPSET = 17
 PAD_ID = 0
