@@ -1,12 +1,13 @@
 # Two commands do all set-up on a fresh machine (Python 3.10+ with pip and venv):
 #   make demo   builds the bundled model, compiles it for cpu and prints the verification table
-#   make test   runs the test suite
+#   make test   runs the test suite and the quick benchmark (so the bench never rots)
+#   make bench  the full benchmark into docs/benchmarks/ (about 30 minutes)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench-quick clean
+.PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+	$(PY) tools/bench.py --quick --out build/bench-quick
 
-bench-quick: $(STAMP)
-	$(PY) tools/bench_spine.py --quick
+bench: $(STAMP)
+	$(PY) tools/bench.py
 
 clean:
 	rm -rf build $(VENV)
