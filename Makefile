@@ -21,8 +21,8 @@ demo: $(STAMP)
 		--calib build/demo/calib.npz --verify-data build/demo/eval.npz -o build/demo/out
 
 test: $(STAMP)
-	$(PY) -m pytest -q
 	$(PY) tools/bench.py --quick --out build/bench-quick
+	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) tools/bench.py
