@@ -720,8 +720,8 @@ def render_markdown(results: list[dict], meta: dict) -> str:
              f"* latency: onnxruntime CPU EP, ORT_ENABLE_ALL, {meta['threads']} intra-op threads, random inputs; "
              f"per model the best of {meta['latency_passes']} passes, each the median of {meta['latency_runs']} "
              f"runs after {meta['latency_warmup']} warm-up runs",
-             f"* batch 16: peers and fp32 run their batch-1 artifact (batch axis left dynamic); qcompile runs a "
-             f"second artifact compiled with `--input-shape NAME:16,...` (same calibration data)",
+             "* batch 16: peers and fp32 run their batch-1 artifact (batch axis left dynamic); qcompile runs a "
+             "second artifact compiled with `--input-shape NAME:16,...` (same calibration data)",
              f"* load average at start {meta['loadavg_start'][0]:.2f}; other processes used "
              f"{_f(None if bg is None else 100 * bg, '.0f')}% of the CPU during the whole run"
              + (" — **timings are contended: read the ratios, not the absolute numbers**" if (bg or 0) > 0.1 else ""),
