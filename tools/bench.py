@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.util
 import json
 import math
 import os
@@ -64,16 +63,8 @@ DEFAULT_MODELS = ("ppocr_det", "ppocr_cls", "minilm", "small_cnn", "bert_block")
 DEFAULT_RECIPES = ("w8a8", "w8a16")
 
 
-def _load(name: str, path: Path):
-    """Import a sibling script by path (models/ and tools/ are not packages); the module
-    names match tools/bench_spine.py's so both scripts share one module object."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sibling import load as _load  # noqa: E402
 
 
 # tools/peers.py imports only numpy at module level: cheap enough for the peer child too.
