@@ -79,8 +79,9 @@ def _compile(model_path, tgt, rec, calib, staged, input_shapes, verify, verify_d
              dump_after, progress, started, external_data) -> CompileResult:
     model = load_model(model_path)
     original_opset = opset_of(model)
-    if original_opset < tgt.opset_min:
-        log.info("converting opset %d -> %d", original_opset, tgt.opset_convert_to)
+    needed = required_opset(tgt, rec)
+    if original_opset < needed:
+        log.info("converting opset %d -> %d (needed: %d)", original_opset, tgt.opset_convert_to, needed)
         model = convert_opset(model, tgt.opset_convert_to)
     specs = model_input_specs(model)
     dataset = open_dataset(calib, specs) if calib is not None else None
@@ -147,6 +148,16 @@ def _compile(model_path, tgt, rec, calib, staged, input_shapes, verify, verify_d
     report["compile_seconds"] = round(time.perf_counter() - started, 3)
     write_report(staged.path(REPORT_FILE), report)
     return CompileResult(staged.destination, [], report)
+
+
+def required_opset(tgt: Target, rec: Recipe) -> int:
+    """The target's minimum, raised by what the passes emit (FP8 Q/DQ: 19, int4/blocks: 21)."""
+    need = tgt.opset_min
+    for step in rec.steps:
+        min_opset = getattr(step.spec.cls, "min_opset", None)
+        if min_opset is not None:
+            need = max(need, min_opset(step.config))
+    return need
 
 
 def _verification_data(verify_data, dataset, specs, ctx):

@@ -7,7 +7,6 @@ import numpy as np
 import onnx_ir as ir
 
 
-
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     name = _unique(graph, name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
@@ -25,14 +24,23 @@ def _unique(graph: ir.Graph, name: str) -> str:
     return f"{name}_{i}"
 
 
+def _param_shape(param: np.ndarray, axis: int | None, block_size: int | None) -> np.ndarray:
+    """Scale/zero-point layout DequantizeLinear wants: scalar, 1-D per axis, or blocked (full rank)."""
+    param = np.asarray(param)
+    if block_size:
+        return param
+    return param.reshape(-1) if axis is not None else param.reshape(())
+
+
 def dequantize_node(graph: ir.Graph, q_value: ir.Value, scale: np.ndarray, zero_point: np.ndarray, *,
-                    base: str, axis: int | None, like: ir.Value | None = None) -> ir.Node:
-    """A DequantizeLinear of `q_value` (appended to `graph`)."""
-    s = add_initializer(graph, f"{base}_scale", np.asarray(scale, dtype=np.float32).reshape(-1) if axis is not None
-                        else np.asarray(scale, dtype=np.float32).reshape(()))
-    z = add_initializer(graph, f"{base}_zero_point", np.asarray(zero_point).reshape(-1) if axis is not None
-                        else np.asarray(zero_point).reshape(()))
+                    base: str, axis: int | None, like: ir.Value | None = None,
+                    block_size: int | None = None) -> ir.Node:
+    """A DequantizeLinear of `q_value` (appended to `graph`); `block_size` for per-group scales."""
+    s = add_initializer(graph, f"{base}_scale", _param_shape(np.asarray(scale, dtype=np.float32), axis, block_size))
+    z = add_initializer(graph, f"{base}_zero_point", _param_shape(zero_point, axis, block_size))
     attrs = {"axis": int(axis)} if axis is not None else {}
+    if block_size:
+        attrs["block_size"] = int(block_size)
     node = ir.node("DequantizeLinear", [q_value, s, z], attrs, name=f"{base}_DequantizeLinear")
     out = node.outputs[0]
     out.name = f"{base}_dequantized"
@@ -44,24 +52,26 @@ def dequantize_node(graph: ir.Graph, q_value: ir.Value, scale: np.ndarray, zero_
 
 
 def store_weight_quantized(graph: ir.Graph, weight: ir.Value, q: np.ndarray, scale: np.ndarray,
-                           zero_point: np.ndarray, axis: int | None) -> ir.Value:
-    """Replace a float weight by `q` (an int initializer) followed by DequantizeLinear."""
+                           zero_point: np.ndarray, axis: int | None, block_size: int | None = None) -> ir.Value:
+    """Replace a float weight by `q` (an int/fp8 initializer, in its ONNX storage type:
+    numerics.to_storage) followed by DequantizeLinear."""
     base = weight.name
     q_init = add_initializer(graph, f"{base}_quantized", q)
-    node = dequantize_node(graph, q_init, scale, zero_point, base=base, axis=axis, like=weight)
+    node = dequantize_node(graph, q_init, scale, zero_point, base=base, axis=axis, like=weight,
+                           block_size=block_size)
     return node.outputs[0]
 
 
 def insert_qdq(graph: ir.Graph, value: ir.Value, scale: float, zero_point: np.ndarray, *,
-               through_graph_output: bool = False) -> ir.Value | None:
-    """Route every consumer of `value` through QuantizeLinear→DequantizeLinear.
+               through_graph_output: bool = False, consumers: set[ir.Node] | None = None) -> ir.Value | None:
+    """Route the consumers of `value` (all, or only `consumers`) through QuantizeLinear→DequantizeLinear.
 
-    One Q/DQ pair serves all consumers. A graph output keeps its float value unless
+    One Q/DQ pair serves them all. A graph output keeps its float value unless
     `through_graph_output`: then the output itself becomes the DequantizeLinear's
     (same name), which onnxruntime needs to fuse a Conv into QLinearConv.
     """
     base = value.name
-    uses = list(value.uses())
+    uses = [u for u in value.uses() if consumers is None or u.node in consumers]
     output_index = next((i for i, o in enumerate(graph.outputs) if o is value), None)
     route_output = through_graph_output and output_index is not None
     if not uses and not route_output:

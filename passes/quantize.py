@@ -1,57 +1,69 @@
-"""quantize: insert QDQ around Conv, MatMul and Gemm.
+"""quantize: turn Conv, MatMul and Gemm into quantized layers, one scheme per layer.
 
-Weights are stored as int8 initializers + DequantizeLinear (per-channel symmetric
-by default); activations get one QuantizeLinear→DequantizeLinear pair per tensor,
-with parameters from the calibrated ranges; Conv/Gemm biases become int32 with
-scale s_x·s_w, which onnxruntime needs to fuse the group into an int8 kernel.
-ReLU/Clip after a quantized layer fold into the output quantization (uint8 with
-zero point 0 saturates exactly like ReLU). With `activation: null` the pass is
-weight-only (W8A16).
+The scheme (compiler/schemes.py) comes from the recipe's `weight`/`activation`, or for
+layers matched by the recipe's `mix` table (glob → built-in scheme name or `float`)
+from that scheme. What each layer becomes:
+
+* weights: an int8/uint8/int4/uint4/FP8 initializer + DequantizeLinear, per tensor,
+  per output channel, or per group along the reduction axis (ONNX `block_size`);
+  rounded as the scheme says (stochastic rounding seeded per weight);
+* static activations: one QuantizeLinear→DequantizeLinear pair per tensor from the
+  calibrated range; Conv/Gemm biases become int32 at s_x·s_w (what onnxruntime needs
+  to fuse an int8 kernel); ReLU/Clip fold into an asymmetric output quantization;
+* dynamic activations (per-token or per-tensor, scales at run time): standard ONNX
+  integer ops (compiler/dynamic_qdq.py);
+* `activation: null`: weight-only (W8A16, W4A16).
+
+Every layer left float has its reason in the report; every quantized one its scheme
+and its weight bytes before/after.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import zlib
 from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from qcompile.numerics import INT_TYPES, compute_qparams, quantize, reduce_absmax
+from qcompile import dynamic_qdq
+from qcompile.numerics import (INT_TYPES, bits, block_minmax, compute_qparams, full_range_qparams, is_float8,
+                               qrange, quantize, reduce_absmax, to_storage)
 from qcompile.qdq import insert_qdq, store_weight_quantized
 from qcompile.registry import QPass, register_pass
+from qcompile.schemes import ActivationScheme, Scheme, WeightScheme, builtin_scheme, mixable_schemes, \
+    scheme_compatibility
 
 _FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightScheme:
-    dtype: Literal["int8", "uint8"] = "int8"
-    granularity: Literal["per_channel", "per_tensor"] = "per_channel"
-    symmetric: bool = True
-    reduce_range: bool = False  # 7-bit weights (onnxruntime's guard against U8S8 overflow)
-
-
-@dataclasses.dataclass(frozen=True)
-class ActivationScheme:
-    dtype: Literal["auto", "int8", "uint8"] = "auto"  # auto: what the target's int8 kernels want
-    granularity: Literal["per_tensor"] = "per_tensor"
-    symmetric: bool | Literal["auto"] = "auto"  # auto: the target's `activation_symmetric`
+# entropy/MSE ranges search an integer grid; FP8 activations use int8's as their proxy
+_GRID_FOR_RANGE = {"float8e4m3fn": "int8", "float8e5m2": "int8", "int4": "int4", "uint4": "uint4"}
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
     node: ir.Node
+    scheme: Scheme
     weight_index: int | None     # input index of the constant weight
     axis: int | None             # per-channel axis of that weight
     activations: tuple[ir.Value, ...]
     output: ir.Value             # tensor whose range quantizes the layer output
     folded: ir.Node | None       # ReLU/Clip folded into the output quantization
 
+    @property
+    def static(self) -> bool:
+        act = self.scheme.activation
+        return act is not None and not act.is_dynamic
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    @property
+    def dynamic(self) -> bool:
+        act = self.scheme.activation
+        return act is not None and act.is_dynamic
+
+
+def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -63,7 +75,7 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
 
 @register_pass("quantize")
 class Quantize(QPass):
-    """Insert QDQ for Conv/MatMul/Gemm: int8 weights, calibrated activations, int32 bias."""
+    """Quantize Conv/MatMul/Gemm: weights, static or dynamic activations, int32 bias, per-scope schemes."""
 
     @dataclasses.dataclass(frozen=True)
     class Config:
@@ -72,45 +84,91 @@ class Quantize(QPass):
         op_types: tuple[Literal["Conv", "MatMul", "Gemm"], ...] = ("Conv", "MatMul", "Gemm")
         weight: WeightScheme = WeightScheme()
         activation: ActivationScheme | None = ActivationScheme()
+        # per-scope schemes, first matching glob wins: {"*attention*": w8a16, "*head*": float}
+        mix: dict[str, str] = dataclasses.field(default_factory=dict)
         fold_activations: bool = True
         # a Conv feeding a graph output gets Q/DQ on it too: onnxruntime fuses QLinearConv only then
         quantize_graph_outputs: bool = True
         # keep layers float where the target says int8 is slower (its `int8_min_macs`)
         speed_fallback: bool = True
 
+        def validate(self) -> tuple[str, str] | None:
+            problem = scheme_compatibility(self.weight, self.activation)
+            if problem:
+                return problem
+            for glob, name in self.mix.items():
+                try:
+                    builtin_scheme(name)
+                except KeyError:
+                    return f"mix.{glob}", (f"unknown scheme {name!r}; a mix maps a layer-name glob to one of: "
+                                           f"{', '.join(mixable_schemes())}")
+            return None
+
+    @classmethod
+    def schemes(cls, config) -> list[Scheme]:
+        """Every scheme this config can give a layer (the recipe's and the mix table's)."""
+        return [Scheme("recipe", config.weight, config.activation)] + \
+            [builtin_scheme(name) for name in config.mix.values()]
+
+    @classmethod
+    def scheme_for(cls, config, layer: str) -> Scheme:
+        for glob, name in config.mix.items():
+            if fnmatch.fnmatchcase(layer, glob):
+                return builtin_scheme(name)
+        return Scheme("recipe", config.weight, config.activation)
+
     @classmethod
     def needs(cls, config) -> set[str]:
-        return {"ranges"} if config.activation is not None else set()
+        static = any(s.activation is not None and not s.activation.is_dynamic for s in cls.schemes(config))
+        return {"ranges"} if static else set()
 
     @classmethod
     def gives(cls, config) -> set[str]:
         return {"qdq"}
 
     @classmethod
+    def min_opset(cls, config) -> int:
+        """Lowest opset whose Q/DQ ops carry every dtype and granularity asked for."""
+        need = 13
+        for s in cls.schemes(config):
+            if s.weight is not None:
+                need = max(need, s.weight.min_opset())
+            if s.activation is not None:
+                need = max(need, s.activation.min_opset())
+        return need
+
+    @classmethod
     def check_target(cls, config, target) -> str | None:
-        scope = f"layers {list(config.include)}" + (f" minus {list(config.exclude)}" if config.exclude else "")
-        if config.weight.dtype not in target.weight_dtypes:
-            return (f"{scope}: {config.weight.dtype} weights are not supported by target {target.name} "
-                    f"(it supports {', '.join(target.weight_dtypes)})")
-        if config.weight.granularity not in target.weight_granularity:
-            return (f"{scope}: {config.weight.granularity} weights are not supported by {target.name} "
-                    f"(it supports {', '.join(target.weight_granularity)})")
-        act = config.activation
-        if act is not None:
-            if act.dtype != "auto" and act.dtype not in target.activation_dtypes:
-                return (f"{scope}: {act.dtype} activations are not supported by {target.name} "
-                        f"(it supports {', '.join(target.activation_dtypes)})")
-            if act.granularity not in target.activation_granularity:
-                return (f"{scope}: {act.granularity} activations are not supported by {target.name} "
-                        f"(it supports {', '.join(target.activation_granularity)})")
+        for scheme in cls.schemes(config):
+            if scheme.is_float:
+                continue
+            where = (f"layers {list(config.include)}" + (f" minus {list(config.exclude)}" if config.exclude else "")
+                     if scheme.name == "recipe" else f"layers given scheme {scheme.name!r} by mix")
+            w, act = scheme.weight, scheme.activation
+            if w.dtype not in target.weight_dtypes:
+                return (f"{where}: {w.dtype} weights are not supported by target {target.name} "
+                        f"(it supports {', '.join(target.weight_dtypes)})")
+            if w.granularity not in target.weight_granularity:
+                return (f"{where}: {w.granularity} weights are not supported by {target.name} "
+                        f"(it supports {', '.join(target.weight_granularity)})")
+            if act is not None:
+                if act.dtype != "auto" and act.dtype not in target.activation_dtypes:
+                    return (f"{where}: {act.dtype} activations are not supported by {target.name} "
+                            f"(it supports {', '.join(target.activation_dtypes)})")
+                if act.granularity not in target.activation_granularity:
+                    return (f"{where}: {act.granularity} activations are not supported by {target.name} "
+                            f"(it supports {', '.join(target.activation_granularity)})")
+        need = cls.min_opset(config)
+        if need > target.opset_convert_to:
+            return (f"the schemes asked for need ONNX opset {need} (FP8 Q/DQ: 19; int4 and per-group: 21), "
+                    f"but target {target.name} takes opset {target.opset_convert_to} at most")
         return None
 
     # -- planning -----------------------------------------------------------------
     @classmethod
     def plan(cls, model: ir.Model, config, target=None) -> tuple[list[LayerPlan], dict[str, str]]:
-        """Which layers get quantized, and why each other candidate stays float."""
+        """Which layers get quantized with which scheme, and why each other candidate stays float."""
         plans, skipped = [], {}
-        symmetric = activation_symmetric(config, target)
         min_macs = target.setting("int8_min_macs") if (target is not None and config.speed_fallback) else None
         outputs = set(model.graph.outputs)
         for node in model.graph:
@@ -126,7 +184,13 @@ class Quantize(QPass):
             if _matches(name, config.exclude):
                 skipped[name] = "excluded by quantize.exclude"
                 continue
-            if min_macs and config.activation is not None:
+            scheme = cls.scheme_for(config, name)
+            if scheme.is_float:
+                skipped[name] = "mix: float"
+                continue
+            act = scheme.activation
+            static = act is not None and not act.is_dynamic
+            if min_macs and static and act.dtype in ("auto", "int8", "uint8"):
                 macs = layer_macs(node)
                 if macs is not None and macs < min_macs:
                     skipped[name] = (f"int8 is slower than float for layers under {min_macs} MACs on "
@@ -134,7 +198,7 @@ class Quantize(QPass):
                     continue
             found = cls._weight_of(node)
             if isinstance(found, str):
-                if config.activation is None or node.op_type != "MatMul":
+                if not static or node.op_type != "MatMul":
                     skipped[name] = found
                     continue
                 weight_index, axis = None, None  # MatMul of two activations: both quantized
@@ -144,14 +208,16 @@ class Quantize(QPass):
                          and v.const_value is None)
             out = node.outputs[0]
             folded = None
-            if config.activation is not None and config.fold_activations and not symmetric:
+            if static and config.fold_activations and not activation_symmetric(act, target) \
+                    and act.dtype in ("auto", "uint8", "uint4"):
                 users = out.uses()
                 if len(users) == 1 and out not in outputs:
                     user = users[0].node
                     if user.op_type in _FOLDABLE_ACTIVATIONS and user.outputs[0] not in outputs \
                             and _clip_floor_is_zero(user):
                         folded = user
-            plans.append(LayerPlan(node, weight_index, axis, acts, folded.outputs[0] if folded else out, folded))
+            plans.append(LayerPlan(node, scheme, weight_index, axis, acts,
+                                   folded.outputs[0] if folded else out, folded))
         return plans, skipped
 
     @staticmethod
@@ -177,105 +243,189 @@ class Quantize(QPass):
 
     @classmethod
     def range_request(cls, model: ir.Model, config, ctx) -> set[str]:
-        if config.activation is None:
-            return set()
         plans, _ = cls.plan(model, config, ctx.target)
-        return {v.name for p in plans for v in (*p.activations, p.output)}
+        return {v.name for p in plans if p.static for v in (*p.activations, p.output)}
 
     # -- rewriting ----------------------------------------------------------------
-    def _activation_params(self, value: ir.Value, dtype: str) -> tuple[np.ndarray, np.ndarray] | str:
+    def _activation_dtype(self, act: ActivationScheme) -> str:
+        if act.dtype == "auto":
+            return "int8" if act.is_dynamic else self.ctx.target.setting("activation_dtype", "uint8")
+        return act.dtype
+
+    def _activation_params(self, value: ir.Value, act: ActivationScheme, dtype: str):
         stats = self.ctx.stats.get(value.name)
         if stats is None or stats.count == 0:
             return f"no calibration range for tensor {value.name!r}"
         cal = self.ctx.calibration
-        symmetric = activation_symmetric(self.config, self.ctx.target)
-        lo, hi = stats.range(cal.method, percentile=cal.percentile, dtype=dtype, symmetric=symmetric)
+        symmetric = activation_symmetric(act, self.ctx.target) or is_float8(dtype)
+        lo, hi = stats.range(cal.method, percentile=cal.percentile, dtype=_GRID_FOR_RANGE.get(dtype, dtype),
+                             symmetric=symmetric)
         return compute_qparams(lo, hi, dtype, symmetric=symmetric)
 
     def run(self, model: ir.Model) -> bool:
         cfg, ctx = self.config, self.ctx
         graph = model.graph
+        before_bytes = _initializer_bytes(graph)
         plans, skipped = self.plan(model, cfg, ctx.target)
-        act_dtype = None
-        if cfg.activation is not None:
-            act_dtype = cfg.activation.dtype
-            if act_dtype == "auto":
-                act_dtype = ctx.target.setting("activation_dtype", "uint8")
-        # Activation params for every tensor first: one Q/DQ pair per tensor.
-        act_params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        # Static activation params for every tensor first: one Q/DQ pair per tensor.
+        act_params: dict[str, tuple] = {}       # tensor -> (scale, zero point, dtype)
         usable = []
         for p in plans:
-            if act_dtype is not None:
+            if p.static:
+                dtype = self._activation_dtype(p.scheme.activation)
                 problems = []
                 for v in (*p.activations, p.output):
                     if v.name not in act_params:
-                        params = self._activation_params(v, act_dtype)
+                        params = self._activation_params(v, p.scheme.activation, dtype)
                         if isinstance(params, str):
                             problems.append(params)
                         else:
-                            act_params[v.name] = params
+                            act_params[v.name] = (*params, dtype)
                 if problems:
                     skipped[p.node.name] = problems[0]
                     continue
             usable.append(p)
-        quantized_weights: dict[str, ir.Value] = {}
-        weight_scales: dict[str, np.ndarray] = {}
+        quantized_weights: dict[tuple, tuple] = {}
         act_tensors: dict[str, ir.Value] = {}
+        consumers: dict[str, set | None] = {}   # None: every consumer (a layer output)
+        sizes = {"float": 0, "quantized": 0}
         for p in usable:
+            record = self._quantize_layer(graph, p, act_params, quantized_weights, sizes)
             node = p.node
-            record = {"op": node.op_type, "status": "quantized",
-                      "weight": None, "activation": act_dtype or "float",
-                      # read now: a ReLU folded upstream has already rewired this input
-                      "input_tensor": next((v.name for v in node.inputs[:2]
-                                            if v is not None and v.const_value is None), None),
-                      "output_tensor": node.outputs[0].name}
-            if p.weight_index is not None:
-                w_val = node.inputs[p.weight_index]
-                granularity = weight_granularity(cfg, ctx.target, node.op_type)
-                if w_val.name not in quantized_weights:
-                    q_out, w_scale = self._quantize_weight(graph, w_val, p.axis, granularity)
-                    quantized_weights[w_val.name], weight_scales[w_val.name] = q_out, w_scale
-                node.replace_input_with(p.weight_index, quantized_weights[w_val.name])
-                w_scale = weight_scales[w_val.name]
-                record["weight"] = f"{cfg.weight.dtype} {granularity}"
-                bias = node.inputs[2] if len(node.inputs) > 2 and node.op_type in ("Conv", "Gemm") else None
-                if bias is not None and act_dtype is not None and p.activations:
-                    note = self._quantize_bias(graph, node, bias, act_params[p.activations[0].name][0], w_scale)
-                    if note:
-                        record["note"] = note
-            if p.folded is not None:
-                folded_out = p.folded.outputs[0]
-                folded_out.replace_all_uses_with(node.outputs[0])
-                graph.remove(p.folded, safe=True)
-                record["folded"] = p.folded.op_type
-            if act_dtype is not None:
+            if p.static:
                 for v in p.activations:
                     act_tensors.setdefault(v.name, v)
-                act_tensors.setdefault(p.output.name, node.outputs[0] if p.folded is not None else p.output)
+                    if consumers.get(v.name, set()) is not None:
+                        consumers.setdefault(v.name, set()).add(node)
+                out = node.outputs[0] if p.folded is not None else p.output
+                act_tensors.setdefault(p.output.name, out)
+                consumers[p.output.name] = None
             ctx.layers[node.name] = record
-        conv_outputs = {p.node.outputs[0].name for p in usable if p.node.op_type == "Conv"}
+        conv_outputs = {p.node.outputs[0].name for p in usable if p.node.op_type == "Conv" and p.static}
         for name, value in act_tensors.items():
-            scale, zp = act_params[name]
-            insert_qdq(graph, value, scale, zp,
-                       through_graph_output=cfg.quantize_graph_outputs and value.name in conv_outputs)
+            scale, zp, dtype = act_params[name]
+            insert_qdq(graph, value, scale, to_storage(np.asarray(zp), dtype),
+                       through_graph_output=cfg.quantize_graph_outputs and value.name in conv_outputs,
+                       consumers=consumers.get(name))
         for name, reason in skipped.items():
             ctx.layers[name] = {"status": "float", "reason": reason}
         graph.sort()
         common_passes.RemoveUnusedNodesPass()(model)  # drops the float weights now unused
-        ctx.report["quantize"] = {"quantized": len(usable), "float": len(skipped),
-                                  "activation_dtype": act_dtype, "activation_tensors": len(act_tensors)}
+        after_bytes = _initializer_bytes(graph)
+        schemes = sorted({r["scheme"] for r in ctx.layers.values() if r.get("status") == "quantized"})
+        ctx.report["quantize"] = {
+            "quantized": len(usable), "float": len(skipped), "schemes": schemes,
+            "activation_tensors": len(act_tensors),
+            "weights": {"float_bytes": sizes["float"], "quantized_bytes": sizes["quantized"],
+                        "compression": round(sizes["float"] / sizes["quantized"], 3) if sizes["quantized"] else None},
+            "model_initializer_bytes": {"before": before_bytes, "after": after_bytes,
+                                        "compression": round(before_bytes / after_bytes, 3) if after_bytes else None},
+        }
         return bool(usable)
 
-    def _quantize_weight(self, graph: ir.Graph, w_val: ir.Value, axis: int | None, granularity: str):
-        scheme = self.config.weight
+    def _quantize_layer(self, graph, p: LayerPlan, act_params, quantized_weights, sizes) -> dict:
+        node, scheme = p.node, p.scheme
+        act = scheme.activation
+        act_dtype = act_params[p.activations[0].name][2] if (p.static and p.activations) else \
+            (self._activation_dtype(act) if act is not None else None)
+        record = {"op": node.op_type, "status": "quantized", "scheme": _scheme_label(scheme, act_dtype),
+                  "weight": None, "activation": act.label(act_dtype) if act is not None else "float",
+                  # read now: a ReLU folded upstream has already rewired this input
+                  "input_tensor": next((v.name for v in node.inputs[:2]
+                                        if v is not None and v.const_value is None), None),
+                  "output_tensor": node.outputs[0].name}
+        notes = []
+        if p.weight_index is not None:
+            w_val = node.inputs[p.weight_index]
+            granularity, block_axis = self._granularity(node, p, scheme.weight)
+            if granularity != scheme.weight.granularity:
+                notes.append(f"{scheme.weight.granularity} weights apply to MatMul/Gemm; {node.op_type} "
+                             f"uses {granularity}")
+            key = (w_val.name, scheme.weight, granularity, p.dynamic)
+            if key not in quantized_weights:
+                quantized_weights[key] = self._quantize_weight(graph, w_val, p, scheme.weight, granularity,
+                                                               block_axis, sizes)
+            q_out, w_scale, q_array, nbytes = quantized_weights[key]
+            record["weight"] = scheme.weight.label() if granularity == scheme.weight.granularity else \
+                f"{scheme.weight.dtype} {granularity}"
+            record["weight_bytes"] = {"float": int(_const(w_val).size * 4), "quantized": nbytes}
+            bias = node.inputs[2] if len(node.inputs) > 2 and node.op_type in ("Conv", "Gemm") else None
+            if p.dynamic:
+                x = p.activations[0]
+                b = _const(bias) if bias is not None else None
+                if bias is not None and b is None:
+                    notes.append("bias is not constant; kept float")
+                    b = None
+                new_out = dynamic_qdq.integer_layer(graph, node, x, q_array, w_scale, b,
+                                                    per_token=act.granularity == "per_token"
+                                                    and node.op_type != "Conv")
+                if act.granularity == "per_token" and node.op_type == "Conv":
+                    notes.append("per_token applies to MatMul/Gemm rows; Conv uses dynamic per_tensor")
+                    record["activation"] = "uint8 dynamic per_tensor"
+                record["output_tensor"] = new_out.name
+                if bias is not None and bias.const_value is None:
+                    notes.append("non-constant Gemm bias is not supported with dynamic activations")
+            else:
+                node.replace_input_with(p.weight_index, q_out)
+                if bias is not None and p.static and p.activations and act_dtype in ("int8", "uint8") \
+                        and granularity != "per_group" and not is_float8(scheme.weight.dtype):
+                    note = self._quantize_bias(graph, node, bias, act_params[p.activations[0].name][0], w_scale)
+                    if note:
+                        notes.append(note)
+        if p.folded is not None:
+            folded_out = p.folded.outputs[0]
+            folded_out.replace_all_uses_with(node.outputs[0])
+            graph.remove(p.folded, safe=True)
+            record["folded"] = p.folded.op_type
+        if notes:
+            record["note"] = "; ".join(notes)
+        return record
+
+    def _granularity(self, node, p: LayerPlan, weight: WeightScheme) -> tuple[str, int | None]:
+        """(granularity used, block axis for per_group)."""
+        granularity = weight_granularity(weight, self.ctx.target, node.op_type)
+        if p.dynamic and granularity == "per_group":
+            granularity = "per_channel"
+        if granularity != "per_group":
+            return granularity, None
+        if node.op_type == "Conv":
+            return "per_channel", None
+        if node.op_type == "Gemm":
+            return "per_group", (1 if node.attributes.get_int("transB", 0) else 0)
+        return "per_group", _const(node.inputs[p.weight_index]).ndim - 2  # MatMul: the K axis
+
+    def _quantize_weight(self, graph: ir.Graph, w_val: ir.Value, p: LayerPlan, scheme: WeightScheme,
+                         granularity: str, block_axis: int | None, sizes: dict):
         w = w_val.const_value.numpy().astype(np.float32)
-        axis = axis if granularity == "per_channel" else None
-        lo, hi = reduce_absmax(w, axis)
-        scale, zp = compute_qparams(lo, hi, scheme.dtype, symmetric=scheme.symmetric, restricted=True,
-                                    reduce_range=scheme.reduce_range)
-        q = quantize(w, scale, zp, scheme.dtype, axis=axis)
-        out = store_weight_quantized(graph, w_val, q, scale, zp, axis)
-        return out, scale
+        axis = p.axis if granularity == "per_channel" else None
+        block = None
+        if granularity == "per_group":
+            axis, block = block_axis, scheme.group_size
+            lo, hi = block_minmax(w, axis, block)
+        else:
+            lo, hi = reduce_absmax(w, axis)
+        if scheme.full_range:
+            scale, zp = full_range_qparams(lo, hi, scheme.dtype)
+        else:
+            scale, zp = compute_qparams(lo, hi, scheme.dtype, symmetric=scheme.symmetric, restricted=True,
+                                        reduce_range=scheme.reduce_range)
+        rng = np.random.default_rng([scheme.seed, zlib.crc32(w_val.name.encode())]) \
+            if scheme.rounding == "stochastic" else None
+        q = quantize(w, scale, zp, scheme.dtype, axis=axis, block_size=block, rounding=scheme.rounding, rng=rng)
+        if scheme.symmetric and not scheme.full_range and not is_float8(scheme.dtype):
+            qmin, qmax = qrange(scheme.dtype, restricted=True, reduce_range=scheme.reduce_range)
+            q = np.clip(q, qmin, qmax).astype(q.dtype)  # floor/ceil/stochastic can step past -qmax
+        nbytes = (q.size * bits(scheme.dtype) + 7) // 8 + scale.size * 4 + \
+            (0 if scheme.symmetric else (zp.size * bits(scheme.dtype) + 7) // 8)
+        sizes["float"] += w.size * 4
+        sizes["quantized"] += nbytes
+        if p.dynamic:  # integer ops take the raw int8 weight, laid out for MatMulInteger ([K, N])
+            if p.node.op_type == "Gemm" and p.node.attributes.get_int("transB", 0):
+                q = np.ascontiguousarray(q.T)
+            return None, scale, q, nbytes
+        out = store_weight_quantized(graph, w_val, to_storage(q, scheme.dtype), scale,
+                                     to_storage(np.asarray(zp), scheme.dtype), axis, block)
+        return out, scale, q, nbytes
 
     def _quantize_bias(self, graph, node, bias: ir.Value, x_scale: np.ndarray, w_scale: np.ndarray) -> str | None:
         b = _const(bias)
@@ -296,17 +446,26 @@ class Quantize(QPass):
         return None
 
 
-def weight_granularity(config, target, op_type: str) -> str:
-    """The recipe's weight granularity, unless the target takes this op's weights per-tensor
+def _scheme_label(scheme: Scheme, act_dtype: str | None) -> str:
+    act = scheme.activation
+    body = f"W[{scheme.weight.label()}] A[{act.label(act_dtype) if act is not None else 'float'}]"
+    return body if scheme.name == "recipe" else f"{scheme.name}: {body}"
+
+
+def _initializer_bytes(graph: ir.Graph) -> int:
+    return int(sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None))
+
+
+def weight_granularity(weight: WeightScheme, target, op_type: str) -> str:
+    """The scheme's weight granularity, unless the target takes this op's weights per-tensor
     only (its `per_tensor_weight_ops`, e.g. Ascend: Gemm and MatMul)."""
     if target is not None and op_type in (target.setting("per_tensor_weight_ops") or ()):
         return "per_tensor"
-    return config.weight.granularity
+    return weight.granularity
 
 
-def activation_symmetric(config, target) -> bool:
-    """The recipe's choice, or with `auto` the target's (cpu: asymmetric uint8)."""
-    act = config.activation
+def activation_symmetric(act: ActivationScheme | None, target) -> bool:
+    """The scheme's choice, or with `auto` the target's (cpu: asymmetric uint8)."""
     if act is None:
         return False
     if act.symmetric == "auto":

@@ -114,7 +114,7 @@ def test_wrong_type(tmp_path, pass_yaml, pass_name, key):
 
 @pytest.mark.parametrize("pass_yaml,key", [
     ("- type: quantize\n  activation: null\n  weight: {bits: 4}", "weight.bits"),
-    ("- type: quantize\n  activation: null\n  weight: {dtype: int4}", "weight.dtype"),
+    ("- type: quantize\n  activation: null\n  weight: {dtype: int3}", "weight.dtype"),
     # under an optional mapping (activation: ActivationScheme | None) the inner key is still named
     ("- type: calibrate\n- type: quantize\n  activation: {dtype: auto, symmetric: maybe}", "activation.symmetric"),
     ("- type: calibrate\n- type: quantize\n  activation: {bits: 8}", "activation.bits"),

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import importlib.resources
 from functools import lru_cache
 
@@ -77,6 +78,9 @@ def requested_features(config, target) -> tuple[list[str], str | None]:
         if feature is None:
             return [], f"weight dtype {wd!r} has no Ascend lowering"
         features.append(feature)
+        if getattr(weight, "granularity", "per_channel") == "per_group":
+            return features, ("per_group weights requested, but AscendDequant's deq_scale holds one scale per "
+                              "output channel (or per tensor); use weight.granularity: per_channel")
         if not getattr(weight, "symmetric", True):
             return features, ("asymmetric weights (weight.symmetric: false) requested, but Ascend's int8 "
                               "kernels take symmetric weights (no weight offset); use weight.symmetric: true")
@@ -95,6 +99,9 @@ def requested_features(config, target) -> tuple[list[str], str | None]:
         granularity = str(getattr(act, "granularity", "per_tensor"))
         if granularity != "per_tensor":
             features.append("per_token_activations")
+        elif getattr(act, "dynamic", False):
+            return features, ("dynamic activations requested, but AscendQuant takes its scale and offset as "
+                              "attributes fixed at compile time; use calibrated (static) activations")
         if getattr(act, "symmetric", "auto") is False:
             return features, (
                 "asymmetric activations (activation.symmetric: false) requested: an AscendQuant offset != 0 "
@@ -136,13 +143,32 @@ def check_quantize(config, target) -> str | None:
 
 
 def check_recipe(target, recipe) -> str | None:
-    """The family hook `qcompile.targets.check_capabilities` calls before any work."""
+    """The family hook `qcompile.targets.check_capabilities` calls before any work.
+
+    Every scheme a quantize step can give a layer is checked: the recipe's own and
+    each one its `mix` table names."""
     for step in recipe.steps:
-        if step.spec.name == "quantize":
-            problem = check_quantize(step.config, target)
+        if step.spec.name != "quantize":
+            continue
+        for scheme in step.spec.cls.schemes(step.config):
+            if scheme.is_float:
+                continue
+            config = step.config if scheme.name == "recipe" else _MixScope(
+                include=tuple(g for g, n in step.config.mix.items() if n == scheme.name),
+                weight=scheme.weight, activation=scheme.activation)
+            problem = check_quantize(config, target)
             if problem:
                 return f"pass 'quantize': {problem}"
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _MixScope:
+    """The layers a mix entry covers, shaped like a quantize config for the checks above."""
+    include: tuple[str, ...]
+    weight: object
+    activation: object
+    exclude: tuple[str, ...] = ()
 
 
 def unconfirmed_in_use(target, features) -> list[str]:

@@ -1,9 +1,12 @@
-"""cpu_lower: check that onnxruntime turns the QDQ graph into int8 kernels.
+"""cpu_lower: put the QDQ graph in the forms onnxruntime CPU runs, and check the kernels.
 
-The QDQ graph is already what onnxruntime CPU runs; what matters is whether its
-graph optimizer fuses each quantized layer into an int8 kernel on this host. The
-pass optimizes the model with onnxruntime, reads the optimized graph back and
-reports, per quantized layer, the kernel it got — and which nodes stay float.
+Most of the QDQ graph is already what onnxruntime CPU runs; its optimizer fuses
+Q/DQ groups into int8 kernels at load time. Two forms are rewritten first
+(backends/cpu/forms.py): blocked int4/int8 weight-only MatMuls become MatMulNBits,
+and FP8 activation Q/DQ pairs become casts. Then the pass optimizes the model with
+onnxruntime, reads the optimized graph back and reports, per quantized layer, the
+kernel it got (and a note where that form is slower than fp32: the descriptor's
+`slow_forms`) — and which nodes stay float.
 """
 
 from __future__ import annotations
@@ -11,13 +14,17 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+from typing import Literal
 import tempfile
 
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from qcompile.ort_session import session_for
 from qcompile.registry import QPass, register_pass
+
+from . import forms
 
 _FLOAT_COMPUTE = {"Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "NhwcFusedConv"}
 
@@ -42,14 +49,64 @@ class CpuLower(QPass):
     @dataclasses.dataclass(frozen=True)
     class Config:
         check_kernels: bool = True
+        # blocked int4/int8 weight DequantizeLinear -> MatMul as com.microsoft MatMulNBits
+        matmulnbits: bool = True
+        # MatMulNBits compute precision for weight-only layers: 0 = float (the W4A16 meaning),
+        # 4 = int8 (faster, quantizes activations per block at run time). Layers whose input
+        # is already int8-quantized (W4A8) always use 4.
+        weight_only_accuracy_level: Literal[0, 1, 2, 3, 4] = 0
 
     @classmethod
     def gives(cls, config) -> set[str]:
         return {"lowered"}
 
     def run(self, model: ir.Model) -> bool:
-        if not self.config.check_kernels:
-            return False
+        changed = self._rewrite_forms(model)
+        if self.config.check_kernels:
+            self._check_kernels(model)
+        return changed
+
+    def _rewrite_forms(self, model: ir.Model) -> bool:
+        graph = model.graph
+        nbits = 0
+        simulated = collections.Counter()
+        slow = self.ctx.target.setting("slow_forms") or {}
+        for node in list(graph):
+            if node.op_type == "QuantizeLinear":
+                kind = forms.simulated_qdq(graph, node)
+                if kind:
+                    simulated[kind] += 1
+        quantized = {n: r for n, r in self.ctx.layers.items() if r.get("status") == "quantized"}
+        if self.config.matmulnbits:
+            for node in list(graph):
+                if node.op_type != "MatMul" or node.name not in quantized:
+                    continue
+                dq, why_not = forms.matmulnbits_candidate(node)
+                if why_not:
+                    continue
+                a = node.inputs[0].producer()
+                int8_input = a is not None and a.op_type == "DequantizeLinear"
+                level = 4 if int8_input else self.config.weight_only_accuracy_level
+                forms.to_matmulnbits(graph, node, dq, level)
+                quantized[node.name]["lowered_to"] = f"MatMulNBits (accuracy_level {level})"
+                quantized[node.name]["speed_note"] = slow.get("matmulnbits_prefill")
+                nbits += 1
+        for name, record in quantized.items():
+            if "float8" in record.get("scheme", ""):
+                record["speed_note"] = slow.get("float8")
+            elif "A[int4" in record.get("scheme", "") or "A[uint4" in record.get("scheme", ""):
+                record["speed_note"] = slow.get("int4_activations")
+        if nbits or simulated:
+            graph.sort()
+            common_passes.RemoveUnusedNodesPass()(model)  # the replaced weights' initializers
+            if "com.microsoft" not in model.opset_imports and nbits:
+                model.opset_imports["com.microsoft"] = 1
+        self.ctx.report["cpu_forms"] = {"matmulnbits": nbits,
+                                        "simulated_activation_qdq": dict(simulated)}
+        return bool(nbits or simulated)
+
+    def _check_kernels(self, model: ir.Model) -> None:
+        slow = self.ctx.target.setting("slow_forms") or {}
         optimized = optimized_graph(model)
         int8_ops = set(self.ctx.target.setting("int8_kernels", []))
         counts = collections.Counter(n.op_type for n in optimized.graph.node)
@@ -69,6 +126,7 @@ class CpuLower(QPass):
             else:
                 record["kernel"] = "float (no int8 kernel fused: " + \
                     ("DequantizeLinear -> " + float_compute[name] if name in float_compute else "see optimized graph") + ")"
+                record.setdefault("speed_note", slow.get("dequantize_float"))
                 missed += 1
         self.ctx.report["cpu_kernels"] = {
             "isa": self.ctx.target.variant,
@@ -79,7 +137,6 @@ class CpuLower(QPass):
         if missed:
             self.ctx.warn(f"{missed} quantized layers did not fuse into an onnxruntime int8 kernel on "
                           f"{self.ctx.target.variant}; they run DequantizeLinear + float (see report.json layers)")
-        return False
 
 
 def _match(name: str, kernel_of: dict[str, str]) -> str | None:

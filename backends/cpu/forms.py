@@ -1,0 +1,142 @@
+"""Rewrites of the QDQ graph into the forms onnxruntime CPU runs fast, or runs at all.
+
+* Blocked int4/int8 weight DequantizeLinear → MatMul becomes one com.microsoft
+  MatMulNBits (onnxruntime's weight-only kernel; its packed layout: qcompile.packing).
+  onnxruntime's optimizer would fuse the DQ→MatMul itself at load time; writing the node
+  makes the shipped graph the kernel, picks its accuracy level (4 = int8 compute, for
+  layers whose input is already int8-quantized), and saves that work at every load.
+* FP8 and int4 QuantizeLinear→DequantizeLinear on an activation become float
+  arithmetic with the same numbers (Cast to FP8 and back; Round/Clip for int4):
+  onnxruntime 1.31's optimizer otherwise fuses FP8 QDQ into MatMulIntegerToFloat, which
+  rejects FP8 inputs, and its Clip→QuantizeLinear fusion throws on 4-bit zero points —
+  either way the model fails to load. Neither has a CPU kernel: both are simulations.
+
+Each function keeps the replaced node's name on the new one so the report's per-layer
+records still find their kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.numerics import FLOAT8_TYPES
+from qcompile.packing import matmulnbits_pack
+from qcompile.qdq import add_initializer
+
+_NBITS = {ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False),
+          ir.DataType.INT8: (8, True), ir.DataType.UINT8: (8, False)}
+_FLOAT8 = {spec[2] for spec in FLOAT8_TYPES.values()}
+_INT4 = {ir.DataType.INT4: (-8, 7), ir.DataType.UINT4: (0, 15)}
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def matmulnbits_candidate(matmul: ir.Node) -> tuple[ir.Node, str | None]:
+    """(the weight's DequantizeLinear, why it cannot become MatMulNBits or None)."""
+    dq = matmul.inputs[1].producer() if len(matmul.inputs) > 1 and matmul.inputs[1] is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return dq, "weight is not dequantized"
+    block = dq.attributes.get_int("block_size", 0)
+    q = dq.inputs[0]
+    if q.const_value is None or q.dtype not in _NBITS or q.shape is None or len(q.shape) != 2:
+        return dq, "weight is not a constant 2-D int4/int8 tensor"
+    if not block:
+        return dq, "weight is not blocked (per-group)"
+    if dq.attributes.get_int("axis", 1) % 2 != 0:
+        return dq, "weight blocks do not run along K (axis 0)"
+    if block < 16 or block & (block - 1):
+        return dq, f"MatMulNBits needs a power-of-two block size >= 16, got {block}"
+    if len(dq.outputs[0].uses()) != 1:
+        return dq, "weight shared with other nodes"
+    return dq, None
+
+
+def to_matmulnbits(graph: ir.Graph, matmul: ir.Node, dq: ir.Node, accuracy_level: int) -> ir.Node:
+    """Replace DequantizeLinear(blocked weight) → MatMul by MatMulNBits (same name, same output)."""
+    q_val = dq.inputs[0]
+    nbits, signed = _NBITS[q_val.dtype]
+    q = np.asarray(q_val.const_value.numpy()).astype(np.int16)
+    scale = _const(dq.inputs[1]).astype(np.float32)
+    zp = _const(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+    zp = None if zp is None or (signed and not np.any(np.asarray(zp).astype(np.int16))) else \
+        np.asarray(zp).astype(np.int16)
+    packed = matmulnbits_pack(q, scale, zp, bits=nbits, block_size=dq.attributes.get_int("block_size"),
+                              signed=signed)
+    base = q_val.name.removesuffix("_quantized")
+    inputs = [matmul.inputs[0], add_initializer(graph, f"{base}_nbits", packed["B"]),
+              add_initializer(graph, f"{base}_nbits_scales", packed["scales"])]
+    if packed["zero_points"] is not None:
+        inputs.append(add_initializer(graph, f"{base}_nbits_zero_points", packed["zero_points"]))
+    node = ir.node("MatMulNBits", inputs, {"K": packed["K"], "N": packed["N"], "bits": nbits,
+                                           "block_size": packed["block_size"],
+                                           "accuracy_level": int(accuracy_level)},
+                   domain="com.microsoft", name=matmul.name)
+    old = matmul.outputs[0]
+    new = node.outputs[0]
+    new.dtype, new.shape = old.dtype, old.shape
+    graph.insert_before(matmul, node)
+    for i, out in enumerate(graph.outputs):
+        if out is old:
+            graph.outputs[i] = new
+    old.replace_all_uses_with(new)
+    name = old.name
+    graph.remove(matmul, safe=True)
+    graph.remove(dq, safe=True)
+    new.name = name
+    return node
+
+
+def simulated_qdq(graph: ir.Graph, q: ir.Node) -> str | None:
+    """Rewrite an FP8 or int4 activation QuantizeLinear and the DequantizeLinears reading it
+    into float arithmetic with the same result; returns "float8"/"int4", or None if untouched.
+
+    FP8: Div → Cast(FP8, saturate) → Cast(float) → Mul. int4: Div → Round → Add(zp) →
+    Clip(qmin, qmax) → Sub(zp) → Mul (onnxruntime 1.31's Clip/ReLU→QuantizeLinear fusion
+    throws on 4-bit zero points, and no int4 activation kernel exists anyway).
+    """
+    q_out = q.outputs[0]
+    kind = "float8" if q_out.dtype in _FLOAT8 else "int4" if q_out.dtype in _INT4 else None
+    if kind is None or len(q.inputs) < 2 or _const(q.inputs[1]) is None or _const(q.inputs[1]).size != 1:
+        return None
+    dqs = [u.node for u in q_out.uses()]
+    if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs) or q_out in graph.outputs:
+        return None
+    x, scale = q.inputs[0], q.inputs[1]
+    f = ir.DataType.FLOAT
+    steps: list[tuple[str, list, dict, ir.DataType]] = [("Div", [x, scale], {}, f)]
+    if kind == "float8":
+        steps += [("Cast", [], {"to": q_out.dtype, "saturate": 1}, q_out.dtype), ("Cast", [], {"to": f}, f)]
+    else:
+        zp = float(np.asarray(_const(q.inputs[2]) if len(q.inputs) > 2 and q.inputs[2] is not None else 0)
+                   .astype(np.float32))
+        lo, hi = _INT4[q_out.dtype]
+        c = {k: add_initializer(graph, f"{q.name}_sim_{k}", np.float32(v))
+             for k, v in (("zp", zp), ("lo", lo), ("hi", hi))}
+        steps += [("Round", [], {}, f), ("Add", [None, c["zp"]], {}, f),
+                  ("Clip", [None, c["lo"], c["hi"]], {}, f), ("Sub", [None, c["zp"]], {}, f)]
+    steps.append(("Mul", [None, scale], {}, f))
+    nodes, prev = [], None
+    for i, (op, inputs, attrs, dtype) in enumerate(steps):
+        inputs = inputs or [None]
+        inputs = [prev if v is None else v for v in inputs]
+        node = ir.node(op, inputs, attrs, name=f"{q.name}_sim{i}_{op}")
+        node.outputs[0].name, node.outputs[0].dtype, node.outputs[0].shape = node.name, dtype, x.shape
+        nodes.append(node)
+        prev = node.outputs[0]
+    graph.insert_before(q, nodes)
+    for d in dqs:
+        for i, out in enumerate(graph.outputs):
+            if out is d.outputs[0]:
+                graph.outputs[i] = prev
+                name = out.name
+                out.name = f"{name}_replaced"
+                prev.name = name
+        d.outputs[0].replace_all_uses_with(prev)
+        graph.remove(d, safe=True)
+    graph.remove(q, safe=True)
+    return kind

@@ -1,0 +1,159 @@
+"""Quantization schemes: what a layer's weights and activations become.
+
+A scheme is the pair (`WeightScheme`, `ActivationScheme | None`) a `quantize` pass config
+carries; `activation: null` means weight-only. Each dataclass validates the combinations
+no backend can run (asymmetric FP8, per-token uint8, per-group FP8 ...) so a recipe
+fails on its key before any work. The built-in recipes are the named schemes: a
+per-scope `mix` table in a recipe refers to them by name (`w4a16`, `fp8`, ...) or `float`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+WeightDType = Literal["int8", "uint8", "int4", "uint4", "float8e4m3fn", "float8e5m2"]
+ActivationDType = Literal["auto", "int8", "uint8", "int4", "uint4", "float8e4m3fn", "float8e5m2"]
+Rounding = Literal["half_even", "half_away", "floor", "ceil", "trunc", "stochastic"]
+
+FLOAT8 = ("float8e4m3fn", "float8e5m2")
+INT4 = ("int4", "uint4")
+
+# Lowest ONNX opset whose QuantizeLinear/DequantizeLinear carry each feature.
+_OPSET_FOR_DTYPE = {"float8e4m3fn": 19, "float8e5m2": 19, "int4": 21, "uint4": 21}
+_OPSET_FOR_BLOCKS = 21  # DequantizeLinear's block_size attribute
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightScheme:
+    dtype: WeightDType = "int8"
+    # per_group: blocks of `group_size` along the reduction axis (MatMul/Gemm; ONNX block_size)
+    granularity: Literal["per_channel", "per_tensor", "per_group"] = "per_channel"
+    group_size: int = 128
+    symmetric: bool = True
+    reduce_range: bool = False  # 7-bit weights (onnxruntime's guard against U8S8 overflow)
+    # symmetric int4: map each group's largest-magnitude weight to -8, its sign carried by the
+    # scale (onnxruntime's RTN and llama.cpp's q4_0 convention): 16 levels instead of 15
+    full_range: bool = False
+    rounding: Rounding = "half_even"
+    seed: int = 0  # for stochastic rounding: the same seed gives the same weights
+
+    def validate(self) -> tuple[str, str] | None:
+        if self.granularity == "per_group" and self.group_size < 2:
+            return "group_size", f"group_size must be at least 2, got {self.group_size}"
+        if self.dtype in FLOAT8:
+            if not self.symmetric:
+                return "symmetric", f"{self.dtype} weights are symmetric (FP8 has no zero point offset)"
+            if self.rounding != "half_even":
+                return "rounding", (f"{self.dtype} rounds to nearest even (the ONNX cast); "
+                                    f"rounding {self.rounding!r} applies to integer dtypes")
+        if self.full_range and (self.dtype != "int4" or not self.symmetric):
+            return "full_range", f"full_range applies to symmetric int4 weights, not {self.label()}"
+        if self.reduce_range and self.dtype not in ("int8", "uint8"):
+            return "reduce_range", f"reduce_range applies to 8-bit weights, not {self.dtype}"
+        return None
+
+    def min_opset(self) -> int:
+        need = _OPSET_FOR_DTYPE.get(self.dtype, 13)
+        return max(need, _OPSET_FOR_BLOCKS) if self.granularity == "per_group" else need
+
+    def label(self) -> str:
+        gran = f"g{self.group_size}" if self.granularity == "per_group" else self.granularity
+        return f"{self.dtype} {gran}" + ("" if self.symmetric else " asym")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationScheme:
+    dtype: ActivationDType = "auto"  # auto: what the target's int8 kernels want
+    # per_token: one scale per row (last axis), computed at run time
+    granularity: Literal["per_tensor", "per_token"] = "per_tensor"
+    symmetric: bool | Literal["auto"] = "auto"  # auto: the target's `activation_symmetric`
+    dynamic: bool = False  # scales computed at run time instead of calibrated (per_token always is)
+
+    def validate(self) -> tuple[str, str] | None:
+        if self.dtype in FLOAT8 and self.symmetric is False:
+            return "symmetric", f"{self.dtype} activations are symmetric (FP8 has no zero point offset)"
+        if self.is_dynamic:
+            if self.dtype in FLOAT8 or self.dtype in INT4:
+                return "dtype", (f"dynamic activations are 8-bit integers (DynamicQuantizeLinear, "
+                                 f"MatMulInteger); {self.dtype} is static only")
+            if self.granularity == "per_token":
+                if self.dtype not in ("auto", "int8"):
+                    return "dtype", "per_token activations are int8 (symmetric, one scale per row)"
+                if self.symmetric is False:
+                    return "symmetric", "per_token activations are symmetric int8 (one scale per row, no offset)"
+            else:
+                if self.dtype not in ("auto", "uint8"):
+                    return "dtype", "dynamic per_tensor activations are uint8 (ONNX DynamicQuantizeLinear)"
+                if self.symmetric is True:
+                    return "symmetric", "dynamic per_tensor activations are asymmetric uint8 (DynamicQuantizeLinear)"
+        return None
+
+    @property
+    def is_dynamic(self) -> bool:
+        return self.dynamic or self.granularity == "per_token"
+
+    def min_opset(self) -> int:
+        # per-token: ReduceMax takes its axes as an input from opset 18
+        return max(_OPSET_FOR_DTYPE.get(self.dtype, 13), 18 if self.granularity == "per_token" else 13)
+
+    def label(self, dtype: str | None = None) -> str:
+        d = dtype or self.dtype
+        return f"{d} {'dynamic ' if self.is_dynamic else ''}{self.granularity}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """What one layer gets; `weight is None` means it stays float."""
+
+    name: str
+    weight: WeightScheme | None
+    activation: ActivationScheme | None
+
+    @property
+    def is_float(self) -> bool:
+        return self.weight is None
+
+
+def scheme_compatibility(weight: WeightScheme, activation: ActivationScheme | None) -> tuple[str, str] | None:
+    """Combinations of a weight and an activation scheme no lowering can run."""
+    if activation is not None and activation.is_dynamic:
+        if weight.dtype != "int8" or weight.granularity == "per_group":
+            return "weight", ("dynamic activations multiply int8 per-channel or per-tensor weights "
+                              f"(MatMulInteger/ConvInteger); got {weight.label()}")
+    if activation is not None and (weight.dtype in FLOAT8) != (activation.dtype in FLOAT8) \
+            and activation.dtype != "auto":
+        return "activation.dtype", (f"FP8 is all or nothing: weights {weight.dtype} with activations "
+                                    f"{activation.dtype} have no kernel anywhere")
+    if activation is not None and activation.dtype == "auto" and weight.dtype in FLOAT8:
+        return "activation.dtype", "FP8 weights need activation.dtype float8e4m3fn or float8e5m2 (not auto)"
+    return None
+
+
+def builtin_scheme(name: str) -> Scheme:
+    """The quantize scheme of the built-in recipe `name` (`float`: none), for `mix` tables."""
+    if name == "float":
+        return Scheme("float", None, None)
+    from .recipe import builtin_recipes, load_recipe  # recipes import passes, which import this
+
+    if name not in builtin_recipes():
+        raise KeyError(name)
+    recipe = load_recipe(name)
+    step = next((s for s in recipe.steps if s.spec.name == "quantize"), None)
+    if step is None or step.config.mix:
+        raise KeyError(name)
+    return Scheme(name, step.config.weight, step.config.activation)
+
+
+def mixable_schemes() -> list[str]:
+    """Names a `mix` table may use."""
+    from .recipe import builtin_recipes
+
+    names = []
+    for name in sorted(builtin_recipes()):
+        try:
+            builtin_scheme(name)
+        except KeyError:  # a recipe without a plain quantize step (e.g. itself a mix)
+            continue
+        names.append(name)
+    return names + ["float"]

@@ -1,0 +1,339 @@
+"""Quantization schemes (W4A16, W4A8, W4A4, W8A8 dynamic per-token, FP8, per-group, rounding
+modes, mix tables): each against a numpy simulation written here, the cpu lowering
+(MatMulNBits, simulated FP8/int4 activations) against the QDQ graph it came from, and
+the recipe errors for impossible combinations."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import TinyModels, to_proto
+from qcompile.compile import compile_model
+from qcompile.errors import EXIT_RECIPE, EXIT_TARGET, TargetError
+from qcompile.passes.quantize import Quantize
+from qcompile.recipe import load_recipe
+from qcompile.targets import load_target
+
+CPU = "cpu:avx512_vnni"
+
+
+# -- independent numpy references -------------------------------------------------------------------
+def ref_round(v: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "half_even":
+        return np.round(v)  # numpy rounds half to even
+    if mode == "half_away":
+        return np.sign(v) * np.floor(np.abs(v) + 0.5)
+    return {"floor": np.floor, "ceil": np.ceil, "trunc": np.trunc}[mode](v)
+
+
+def ref_int_weight(w: np.ndarray, qmax: int, *, axis: int, block: int | None = None, mode: str = "half_even",
+                   full_range: bool = False):
+    """Symmetric weights, one scale per channel (`axis`) or per block of `block` rows of a [K, N]
+    matrix; returns (int values, dequantized weights) computed column by column. `full_range`:
+    the block's largest-magnitude weight maps to -(qmax+1), the scale takes its sign."""
+    w = w.astype(np.float64)
+    q = np.zeros_like(w)
+    deq = np.zeros_like(w)
+    if block is None:
+        for c in range(w.shape[axis]):
+            col = np.take(w, c, axis=axis)
+            s = np.float32(np.abs(col).max() / qmax)
+            qc = np.clip(ref_round(col.astype(np.float32) / s, mode), -qmax, qmax)
+            idx = [slice(None)] * w.ndim
+            idx[axis] = c
+            q[tuple(idx)], deq[tuple(idx)] = qc, qc * s
+        return q, deq
+    k, n = w.shape
+    for j in range(n):
+        for start in range(0, k, block):
+            seg = w[start:start + block, j]
+            if full_range:
+                s = np.float32(seg[np.argmax(np.abs(seg))] / -(qmax + 1))
+                qs = np.clip(ref_round(seg.astype(np.float32) / s, mode), -qmax - 1, qmax)
+            else:
+                s = np.float32(np.abs(seg).max() / qmax)
+                qs = np.clip(ref_round(seg.astype(np.float32) / s, mode), -qmax, qmax)
+            q[start:start + block, j], deq[start:start + block, j] = qs, qs * s
+    return q, deq
+
+
+def ref_per_token(x: np.ndarray) -> np.ndarray:
+    """Row-wise symmetric int8 fake quantization."""
+    out = np.empty_like(x, dtype=np.float64)
+    for idx in np.ndindex(x.shape[:-1]):
+        row = x[idx].astype(np.float32)
+        s = np.float32(max(np.abs(row).max() / np.float32(127), np.float32(1e-12)))
+        out[idx] = np.clip(np.round(row / s), -127, 127) * s
+    return out
+
+
+def fp8_fake(x: np.ndarray, scale) -> np.ndarray:
+    scaled = np.clip(np.asarray(x, np.float32) / np.float32(scale), -448, 448)
+    return scaled.astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * np.float32(scale)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def run(model, feeds: dict, optimize: bool = True) -> list[np.ndarray]:
+    """Outputs for a batch, one sample at a time (compiled models have batch 1 pinned)."""
+    if not isinstance(model, (str, onnx.ModelProto)):
+        model = to_proto(model)
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    n = len(next(iter(feeds.values())))
+    rows = [sess.run(None, {k: v[i:i + 1] for k, v in feeds.items()}) for i in range(n)]
+    return [np.concatenate(outs) for outs in zip(*rows)]
+
+
+def recipe_file(tmp_path, quantize: str, calibrate: bool = True, name: str = "r.yaml") -> str:
+    body = "    - type: canonicalize\n" + ("    - type: calibrate\n" if calibrate else "")
+    body += "    - type: quantize\n      speed_fallback: false\n" + "".join(
+        f"      {line}\n" for line in quantize.strip().splitlines())
+    path = tmp_path / name
+    path.write_text("apiversion: qcompile/v1\nspec:\n  passes:\n" + body)
+    return str(path)
+
+
+def compile_tiny(tmp_path, model: onnx.ModelProto, recipe: str, data: np.ndarray, name: str = "m"):
+    path, npz = TinyModels.save(model, tmp_path / f"in-{name}", "model", data)
+    out = tmp_path / f"out-{name}"
+    result = compile_model(path, target=CPU, recipe=recipe, calib=npz, output_dir=out, progress=False,
+                           dump_after=("quantize",), verify_samples=8)
+    return onnx.load(out / "model.onnx"), onnx.load(out / "dumps" / next(
+        p.name for p in (out / "dumps").iterdir() if "quantize" in p.name)), result.report
+
+
+def mlp(d_in=64, d_hidden=32, d_out=8, seed=0) -> tuple[onnx.ModelProto, dict]:
+    model = TinyModels(seed).mlp(d_in, d_hidden, d_out)
+    return model, TinyModels.weights(model)
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+# -- weight-only int4, per group --------------------------------------------------------------------
+@pytest.mark.parametrize("d_in", [64, 48])  # 48: a last, partial group of 16
+def test_w4a16_groups_match_numpy_and_lower_to_matmulnbits(tmp_path, d_in):
+    model, w = mlp(d_in=d_in)
+    x = TinyModels.data((d_in,), 16)
+    final, qdq, report = compile_tiny(tmp_path, model, "w4a16", x)
+    # the QDQ graph: INT4 weights behind a blocked DequantizeLinear, values as numpy computes them
+    inits = {t.name: t for t in qdq.graph.initializer}
+    dq = next(n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("W1"))
+    assert inits[dq.input[0]].data_type == TensorProto.INT4
+    attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+    assert attrs == {"axis": 0, "block_size": 32}
+    q_ref, _ = ref_int_weight(w["W1"], 7, axis=1, block=32, full_range=True)
+    assert q_ref.min() == -8
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[dq.input[0]]).astype(np.int64), q_ref)
+    # the shipped graph: MatMulNBits, same numbers as the QDQ graph and as numpy
+    assert ops(final).count("MatMulNBits") == 2 and "DequantizeLinear" not in ops(final)
+    (got,) = run(final, {"x": x})
+    # unoptimized: onnxruntime's load-time DQ->MatMul fusion would compute with int8 activations
+    (via_qdq,) = run(qdq, {"x": x}, optimize=False)
+    _, w1 = ref_int_weight(w["W1"], 7, axis=1, block=32, full_range=True)
+    _, w2 = ref_int_weight(w["W2"], 7, axis=1, block=32, full_range=True)
+    expect = np.maximum(x.astype(np.float64) @ w1 + w["b1"], 0) @ w2
+    np.testing.assert_allclose(via_qdq, expect, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, via_qdq, rtol=1e-4, atol=1e-4)
+    layer = report["layers"]["/fc1/MatMul"]
+    assert layer["scheme"] == "W[int4 g32] A[float]" and layer["kernel"] == "MatMulNBits"
+    assert "MatMulNBits" in layer["lowered_to"] and layer["speed_note"]
+
+
+def test_weight_bytes_and_compression_in_report(tmp_path):
+    model, w = mlp(d_in=64, d_hidden=32, d_out=8)
+    _, _, report = compile_tiny(tmp_path, model, "w4a16", TinyModels.data((64,), 8))
+    layer = report["layers"]["/fc1/MatMul"]
+    # 64x32 int4 values (1024 bytes) + 2x32 float32 group scales (256 bytes), symmetric: no zero points
+    assert layer["weight_bytes"] == {"float": 64 * 32 * 4, "quantized": 64 * 32 // 2 + 2 * 32 * 4}
+    total = report["quantize"]["weights"]
+    floats = 64 * 32 * 4 + 32 * 8 * 4
+    quantized = (64 * 32 // 2 + 2 * 32 * 4) + (32 * 8 // 2 + 1 * 8 * 4)
+    assert (total["float_bytes"], total["quantized_bytes"]) == (floats, quantized)
+    assert total["compression"] == round(floats / quantized, 3)
+
+
+# -- dynamic per-token W8A8 -------------------------------------------------------------------------
+def test_w8a8_dynamic_per_token_matches_numpy(tmp_path):
+    model, w = mlp(d_in=16, d_hidden=32, d_out=8)
+    x = TinyModels.data((16,), 8) * np.linspace(0.1, 10, 8, dtype=np.float32)[:, None]  # rows differ in range
+    final, _, report = compile_tiny(tmp_path, model, "w8a8-dynamic", x)
+    assert "QuantizeLinear" not in ops(final) and ops(final).count("MatMulInteger") == 2
+    (got,) = run(final, {"x": x})
+    _, w1 = ref_int_weight(w["W1"], 127, axis=1)
+    _, w2 = ref_int_weight(w["W2"], 127, axis=1)
+    h = np.maximum(ref_per_token(x) @ w1 + w["b1"], 0)
+    expect = ref_per_token(h) @ w2
+    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
+    assert report["layers"]["/fc1/MatMul"]["activation"] == "int8 dynamic per_token"
+    assert report["layers"]["/fc1/MatMul"]["kernel"] in ("MatMulInteger", "MatMulIntegerToFloat",
+                                                         "DynamicQuantizeMatMul")
+
+
+def test_dynamic_conv_uses_per_tensor_convinteger(tmp_path, tiny):
+    model = tiny.conv_bn_relu()
+    x = TinyModels.data((3, 8, 8), 4)
+    final, _, report = compile_tiny(tmp_path, model, "w8a8-dynamic", x)
+    assert "ConvInteger" in ops(final) and "DynamicQuantizeLinear" in ops(final)
+    (got,) = run(final, {"x": x})
+    (ref,) = run(model, {"x": x})
+    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)) > 30
+    assert "per_tensor" in report["layers"]["/conv/Conv"]["note"]
+
+
+# -- FP8 and int4 activations: QDQ graph and its cpu simulation --------------------------------------
+def test_fp8_matches_numpy_and_cpu_form_matches_qdq(tmp_path, tiny):
+    model = tiny.gemm(d_in=16, d_out=8)
+    w = TinyModels.weights(model)
+    x = TinyModels.data((16,), 8)
+    final, qdq, report = compile_tiny(tmp_path, model, "fp8", x)
+    assert onnx.defs.onnx_opset_version() >= 19 and qdq.opset_import[0].version >= 19
+    q_nodes = [n for n in qdq.graph.node if n.op_type == "QuantizeLinear"]
+    inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    x_scale = float(inits[q_nodes[0].input[1]])
+    assert x_scale == pytest.approx(np.abs(x).max() / 448, rel=1e-6)
+    w_scale = np.abs(w["W"]).max(axis=1) / 448
+    w_fq = fp8_fake(w["W"] / w_scale[:, None], 1.0) * w_scale[:, None]
+    expect = fp8_fake(x, x_scale).astype(np.float64) @ w_fq.T + w["b"]
+    (via_qdq,) = run(qdq, {"x": x}, optimize=False)  # onnxruntime's optimizer cannot load FP8 QDQ
+    np.testing.assert_allclose(via_qdq, expect, rtol=1e-4, atol=1e-5)
+    assert "QuantizeLinear" not in ops(final) and "Cast" in ops(final)
+    (got,) = run(final, {"x": x})
+    np.testing.assert_allclose(got, via_qdq, rtol=1e-5, atol=1e-6)
+    assert report["cpu_forms"]["simulated_activation_qdq"] == {"float8": 1}  # x; y is a plain graph output
+    assert "FP8" in report["layers"]["/fc/Gemm"]["speed_note"]
+
+
+def test_w4a4_runs_in_onnxruntime_as_its_qdq_graph(tmp_path, tiny):
+    model = tiny.conv_bn_relu()
+    x = TinyModels.data((3, 8, 8), 8)
+    final, qdq, report = compile_tiny(tmp_path, model, "w4a4", x)
+    (got,) = run(final, {"x": x})  # int4 Q after ReLU: the load-time fusion that throws is avoided
+    (via_qdq,) = run(qdq, {"x": x}, optimize=False)
+    np.testing.assert_allclose(got, via_qdq, rtol=1e-5, atol=1e-6)
+    assert report["cpu_forms"]["simulated_activation_qdq"].get("int4", 0) >= 1
+
+
+# -- rounding modes and stochastic rounding ---------------------------------------------------------
+@pytest.mark.parametrize("mode", ["half_even", "half_away", "floor", "ceil", "trunc"])
+def test_weight_rounding_modes(tmp_path, mode):
+    model, w = mlp(d_in=16)
+    recipe = recipe_file(tmp_path, f"weight: {{dtype: int8, rounding: {mode}}}\nactivation: null", calibrate=False)
+    _, qdq, _ = compile_tiny(tmp_path, model, recipe, TinyModels.data((16,), 4))
+    inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    q_ref, _ = ref_int_weight(w["W1"], 127, axis=1, mode=mode)
+    np.testing.assert_array_equal(inits["W1_quantized"].astype(np.int64), q_ref)
+
+
+def _stochastic_weights(tmp_path, seed: int, tag: str) -> np.ndarray:
+    model, _ = mlp(d_in=16)
+    recipe = recipe_file(tmp_path, f"weight: {{dtype: int4, granularity: per_channel, rounding: stochastic, "
+                                   f"seed: {seed}}}\nactivation: null", calibrate=False, name=f"{tag}.yaml")
+    _, qdq, _ = compile_tiny(tmp_path, model, recipe, TinyModels.data((16,), 4), name=tag)
+    return {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}["W1_quantized"].astype(np.int64)
+
+
+def test_stochastic_rounding_is_seeded(tmp_path):
+    _, w = mlp(d_in=16)
+    a, b, c = (_stochastic_weights(tmp_path, s, t) for s, t in ((1, "a"), (1, "b"), (2, "c")))
+    np.testing.assert_array_equal(a, b)
+    assert np.any(a != c)
+    s = (np.abs(w["W1"]).max(axis=0) / 7).astype(np.float32)
+    v = w["W1"].astype(np.float32) / s
+    assert np.all((a == np.floor(v)) | (a == np.ceil(v)))  # only ever rounds to a neighbour
+
+
+# -- mix tables ---------------------------------------------------------------------------------------
+def test_mix_table_gives_each_scope_its_scheme(tmp_path, tiny):
+    model = tiny.shared_input(d_in=64)
+    recipe = recipe_file(tmp_path, 'mix: {"/b/*": w4a16}')
+    final, qdq, report = compile_tiny(tmp_path, model, recipe, TinyModels.data((64,), 16))
+    assert report["layers"]["/a/MatMul"]["scheme"].startswith("W[int8 per_channel] A[uint8")
+    assert report["layers"]["/b/MatMul"]["scheme"] == "w4a16: W[int4 g32] A[float]"
+    b = next(n for n in qdq.graph.node if n.name == "/b/MatMul")
+    assert b.input[0] == "x"  # the weight-only layer reads the float input, not the Q/DQ'd one
+    assert "MatMulNBits" in ops(final)
+
+    recipe = recipe_file(tmp_path, 'mix: {"/a/*": float}', name="float.yaml")
+    _, _, report = compile_tiny(tmp_path, model, recipe, TinyModels.data((64,), 16), name="f")
+    assert report["layers"]["/a/MatMul"] == {"status": "float", "reason": "mix: float"}
+
+
+# -- recipe errors before any work --------------------------------------------------------------------
+@pytest.mark.parametrize("quantize,key,words", [
+    ("weight: {dtype: int3}", "weight.dtype", ["int3"]),
+    ("weight: {dtype: float8e4m3fn, symmetric: false}\nactivation: {dtype: float8e4m3fn}", "weight.symmetric",
+     ["symmetric"]),
+    ("weight: {dtype: float8e4m3fn, rounding: floor}\nactivation: {dtype: float8e4m3fn}", "weight.rounding",
+     ["nearest even"]),
+    ("activation: {dtype: int4, granularity: per_token}", "activation.dtype", ["8-bit"]),
+    ("activation: {dtype: uint8, granularity: per_token}", "activation.dtype", ["per_token", "int8"]),
+    ("weight: {granularity: per_group, group_size: 1}\nactivation: null", "weight.group_size", ["at least 2"]),
+    ("weight: {dtype: int4}\nactivation: {granularity: per_token}", "weight", ["int8"]),
+    ("weight: {dtype: float8e4m3fn}", "activation.dtype", ["FP8"]),
+    ('mix: {"*attn*": w9a9}', "mix.*attn*", ["w9a9", "w4a16", "float"]),
+])
+def test_impossible_schemes_are_recipe_errors(tmp_path, run_cli, tiny, quantize, key, words):
+    path, npz = TinyModels.save(tiny.mlp(), tmp_path, "m", TinyModels.data((16,), 4))
+    out = tmp_path / "out"
+    res = run_cli([path, "--target", CPU, "--recipe", recipe_file(tmp_path, quantize), "--calib", npz, "-o", out])
+    assert res.code == EXIT_RECIPE, res.err
+    assert f"key '{key}'" in res.err, res.err
+    for word in words:
+        assert word in " ".join(res.err.split()), res.err
+    assert not out.exists()
+
+
+def test_fp8_is_refused_where_the_opset_lacks_it(tmp_path):
+    recipe = load_recipe("fp8")
+    step = next(s for s in recipe.steps if s.spec.name == "quantize")
+    old = dataclasses.replace(load_target(CPU), opset_convert_to=17)
+    problem = Quantize.check_target(step.config, old)
+    assert "opset 19" in problem and "17" in problem
+    assert Quantize.check_target(step.config, load_target(CPU)) is None
+
+
+@pytest.mark.parametrize("recipe", ["fp8", "w4a16", "w8a8-dynamic", "w4a4"])
+def test_ascend310b_refuses_schemes_it_cannot_run(tmp_path, run_cli, tiny, recipe):
+    path, npz = TinyModels.save(tiny.mlp(), tmp_path, "m", TinyModels.data((16,), 4))
+    out = tmp_path / "out"
+    res = run_cli([path, "--target", "ascend310b", "--recipe", recipe, "--calib", npz, "-o", out])
+    assert res.code == EXIT_TARGET, res.err
+    assert "Traceback" not in res.err and not out.exists()
+
+
+def test_ascend_checks_the_schemes_a_mix_names(tmp_path):
+    path = recipe_file(tmp_path, 'weight: {dtype: int8}\nactivation: {dtype: int8, symmetric: true}\n'
+                                 'mix: {"*fc2*": fp8}')
+    from qcompile.compile import prepare
+    with pytest.raises(TargetError, match=r"\*fc2\*.*fp8"):
+        prepare("ascend310b", path)
+
+
+# -- every built-in recipe compiles and runs ------------------------------------------------------------
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-dynamic", "w8a16", "w4a16", "w4a8", "w4a4", "fp8", "w8a8-mix"])
+def test_every_builtin_recipe_compiles_and_runs(tmp_path, recipe):
+    model, _ = mlp(d_in=1024, d_hidden=1024)  # fc1 has the 1M MACs cpu's int8 layers need
+    x = TinyModels.data((1024,), 8)
+    final, _, report = compile_tiny(tmp_path, model, recipe, x)
+    (got,) = run(final, {"x": x})
+    (ref,) = run(model, {"x": x})
+    assert np.all(np.isfinite(got)) and got.shape == ref.shape
+    assert report["verification"]["outputs"]["y"]["cosine_mean"] > (0.9 if recipe == "w4a4" else 0.99)
+    quantized = [r for r in report["layers"].values() if r["status"] == "quantized"]
+    assert quantized and all(r["scheme"] and r["weight_bytes"]["quantized"] < r["weight_bytes"]["float"]
+                             for r in quantized)
+    json.dumps(report)
