@@ -49,7 +49,7 @@ class LayerPlan:
     weight_index: int | None     # input index of the constant weight
     axis: int | None             # per-channel axis of that weight
     activations: tuple[ir.Value, ...]
-    output: ir.Value             # tensor whose range quantizes the layer output
+    output: ir.Value | None      # tensor whose range quantizes the layer output (None: left float)
     folded: ir.Node | None       # ReLU/Clip folded into the output quantization
 
     @property
@@ -89,6 +89,10 @@ class Quantize(QPass):
         fold_activations: bool = True
         # a Conv feeding a graph output gets Q/DQ on it too: onnxruntime fuses QLinearConv only then
         quantize_graph_outputs: bool = True
+        # which static layers get Q/DQ on their output: `conv` (onnxruntime's QLinearConv needs it;
+        # MatMul/Gemm fuse to MatMulIntegerToFloat/QGemm with a float output, and an output that
+        # feeds a residual Add or LayerNorm keeps its outlier channels unclipped) or `all`
+        output_quantization: Literal["conv", "all"] = "conv"
         # keep layers float where the target says int8 is slower (its `int8_min_macs`)
         speed_fallback: bool = True
 
@@ -206,9 +210,10 @@ class Quantize(QPass):
                 weight_index, axis = found
             acts = tuple(v for i, v in enumerate(node.inputs[:2]) if v is not None and i != weight_index
                          and v.const_value is None)
-            out = node.outputs[0]
+            out = node.outputs[0] if (static and (node.op_type == "Conv" or config.output_quantization == "all")) \
+                else None
             folded = None
-            if static and config.fold_activations and not activation_symmetric(act, target) \
+            if out is not None and config.fold_activations and not activation_symmetric(act, target) \
                     and act.dtype in ("auto", "uint8", "uint4"):
                 users = out.uses()
                 if len(users) == 1 and out not in outputs:
@@ -244,7 +249,7 @@ class Quantize(QPass):
     @classmethod
     def range_request(cls, model: ir.Model, config, ctx) -> set[str]:
         plans, _ = cls.plan(model, config, ctx.target)
-        return {v.name for p in plans if p.static for v in (*p.activations, p.output)}
+        return {v.name for p in plans if p.static for v in (*p.activations, p.output) if v is not None}
 
     # -- rewriting ----------------------------------------------------------------
     def _activation_dtype(self, act: ActivationScheme) -> str:
@@ -275,7 +280,7 @@ class Quantize(QPass):
                 dtype = self._activation_dtype(p.scheme.activation)
                 problems = []
                 for v in (*p.activations, p.output):
-                    if v.name not in act_params:
+                    if v is not None and v.name not in act_params:
                         params = self._activation_params(v, p.scheme.activation, dtype)
                         if isinstance(params, str):
                             problems.append(params)
@@ -297,9 +302,10 @@ class Quantize(QPass):
                     act_tensors.setdefault(v.name, v)
                     if consumers.get(v.name, set()) is not None:
                         consumers.setdefault(v.name, set()).add(node)
-                out = node.outputs[0] if p.folded is not None else p.output
-                act_tensors.setdefault(p.output.name, out)
-                consumers[p.output.name] = None
+                if p.output is not None:
+                    out = node.outputs[0] if p.folded is not None else p.output
+                    act_tensors.setdefault(p.output.name, out)
+                    consumers[p.output.name] = None
             ctx.layers[node.name] = record
         conv_outputs = {p.node.outputs[0].name for p in usable if p.node.op_type == "Conv" and p.static}
         for name, value in act_tensors.items():

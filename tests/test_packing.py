@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompile.numerics import block_minmax, compute_qparams, dequantize, quantize, to_storage
+from qcompile.numerics import block_minmax, compute_qparams, dequantize, full_range_qparams, quantize, to_storage
 from qcompile.packing import matmulnbits_pack, matmulnbits_unpack, pack_int4, unpack_int4
 
 
@@ -253,6 +253,24 @@ def test_matmulnbits_pack_matches_onnxruntime_packer(bits, symmetric, k):
     assert np.all(np.abs(q - codes) <= 1)
     v = (w / np.repeat(scale, bs, axis=0)[:k]).astype(np.float64)
     assert np.all(np.abs(np.abs(v - np.floor(v)) - 0.5)[diff] < 1e-3)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_full_range_qparams_are_onnxruntimes_symmetric_scales(bits):
+    """numerics.full_range_qparams is the convention of onnxruntime's symmetric blockwise
+    packer: scale = (end of largest magnitude) / qmin, sign included, zero point 0."""
+    fn = _ort_packer(f"quantize_matmul_{bits}bits")
+    k, n, bs = 40, 6, 16
+    nb = -(-k // bs)
+    w = np.random.default_rng(bits).standard_normal((k, n)).astype(np.float32)
+    w[:16, 0] = np.abs(w[:16, 0])  # a block whose extreme is positive: a negative scale
+    ort_scales = np.zeros((n, nb), np.float32)
+    fn(np.zeros((n, nb, bs * bits // 8), np.uint8), np.pad(w, ((0, nb * bs - k), (0, 0))), ort_scales,
+       np.zeros((n, nb), np.uint8), bs, n, k, True)
+    lo, hi = block_minmax(w, 0, bs)
+    scale, zp = full_range_qparams(lo, hi, f"int{bits}")
+    np.testing.assert_array_equal(scale, ort_scales.T)
+    assert scale[0, 0] < 0 and np.all(zp == 0)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

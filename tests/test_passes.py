@@ -173,6 +173,19 @@ def test_one_quantize_linear_per_activation_tensor(tiny, pipeline):
     assert {"x"} <= set(q_inputs)
 
 
+@pytest.mark.parametrize("mode,quantized_outputs", [("conv", set()), ("all", {"h1"})])
+def test_matmul_outputs_quantized_only_when_asked(tiny, pipeline, mode, quantized_outputs):
+    """MatMul/Gemm outputs stay float by default: onnxruntime fuses DQ->MatMul without an
+    output Q (MatMulIntegerToFloat), and an output feeding a residual keeps its outliers."""
+    ir_model, _ = pipeline(tiny.mlp(), quantize_recipe(output_quantization=mode, fold_activations="false"),
+                           tiny.data((16,), n=16))
+    g = Graph(to_proto(ir_model))
+    q_inputs = {n.input[0] for n in g.ops("QuantizeLinear")}
+    # h3 (after ReLU) is fc2's input either way; fc1's output h1 only with `all` (y, a bare graph
+    # output with no consumer, keeps its float value)
+    assert q_inputs & {"h1", "y"} == quantized_outputs and {"x", "h3"} <= q_inputs
+
+
 def test_shared_activation_gets_one_quantize_linear(tiny, pipeline):
     model = tiny.shared_input()
     data = tiny.data((16,), n=16)
