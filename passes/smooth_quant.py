@@ -1,0 +1,340 @@
+"""smooth_quant: migrate activation outliers into the weights (SmoothQuant, Xiao et al. 2023).
+
+For a group of linears (MatMul/Gemm with constant weights) reading one activation X, each
+input channel j gets s_j = max|X_j|^α / max|W_j|^(1−α) (max over the group's weights, so
+Q, K and V — or gate and up — share one s); X is divided by s and each weight's input row
+j multiplied by it, which leaves X·W unchanged in float and flattens X's per-channel range
+for per-tensor quantization.
+
+Where the division goes, by subgraph kind (recipe `kinds`):
+
+* `norm-linear`: X comes from LayerNormalization/RMSNorm with constant γ (and β): γ/s, β/s;
+* `linear-linear`: X comes from a MatMul/Gemm with a constant weight (optionally + a
+  constant bias): that weight's output columns and the bias are divided by s;
+* otherwise, with `explicit_mul: true`, a Mul(X, 1/s) is inserted in front of the group only
+  (the other consumers of X — e.g. a residual Add after a post-LN BERT LayerNorm, whose
+  output also feeds the residual — keep X); without it the group is left alone and the
+  report says why.
+
+The per-channel |X| maxima come from one onnxruntime pass over the calibration data, which
+also keeps a sample of rows; with `alpha_search`, each group takes the α whose simulated
+int8 quantization error of X·W on those rows is lowest (and is left alone when no α beats
+no smoothing). Run it before `calibrate`, so the ranges quantize uses are the smoothed ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.calib_data import model_input_specs, open_dataset
+from qcompile.numerics import compute_qparams, dequantize, quantize, reduce_absmax
+from qcompile.ort_session import session_for
+from qcompile.progress import progress_bar
+from qcompile.qdq import add_initializer
+from qcompile.registry import QPass, register_pass
+
+from .calibrate import _prefetched, fixed_batch_size
+
+_NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
+_EPS = 1e-5
+
+
+@dataclasses.dataclass
+class Linear:
+    node: ir.Node
+    weight: ir.Value
+    k_axis: int           # the weight axis indexed by X's channels
+
+
+@dataclasses.dataclass
+class Group:
+    x: ir.Value
+    linears: list[Linear]
+    kind: str | None = None      # norm-linear | linear-linear | explicit-mul, None: cannot fold
+    reason: str = ""
+    producer: ir.Node | None = None
+    bias_add: ir.Node | None = None
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+@register_pass("smooth_quant")
+class SmoothQuant(QPass):
+    """SmoothQuant: per-channel scales moving activation outliers into the weights, folded into producers."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        alpha: float = 0.5
+        # candidate alphas; each group takes the one with the lowest simulated int8 error
+        alpha_search: tuple[float, ...] = ()
+        kinds: tuple[Literal["norm-linear", "linear-linear"], ...] = ("norm-linear", "linear-linear")
+        explicit_mul: bool = False    # insert Mul(X, 1/s) where no producer can absorb the scale
+        include: tuple[str, ...] = ("*",)
+        exclude: tuple[str, ...] = ()
+        samples: int = 64             # calibration samples for the channel maxima
+        rows: int = 2048              # rows of X kept per group for the alpha search
+
+        def validate(self):
+            for key, values in (("alpha", (self.alpha,)), ("alpha_search", self.alpha_search)):
+                bad = [a for a in values if not 0.0 < a < 1.0]
+                if bad:
+                    return key, f"alpha must be in (0, 1), got {bad[0]}"
+            if self.samples < 1:
+                return "samples", "must be at least 1"
+            if self.rows < 16:
+                return "rows", "must be at least 16"
+            return None
+
+    @classmethod
+    def gives(cls, config) -> set[str]:
+        return {"smoothed"}
+
+    # -- finding groups --------------------------------------------------------------
+    @classmethod
+    def groups(cls, model: ir.Model, config) -> list[Group]:
+        by_x: dict[str, Group] = {}
+        for node in model.graph:
+            lin = _linear(node)
+            if lin is None or not _in_scope(node.name or "", config):
+                continue
+            x = node.inputs[0]
+            if x is None or x.const_value is not None:
+                continue
+            by_x.setdefault(x.name, Group(x, [])).linears.append(lin)
+        outputs = set(model.graph.outputs)
+        for group in by_x.values():
+            _classify(group, config, outputs)
+        return list(by_x.values())
+
+    # -- running -----------------------------------------------------------------------
+    def run(self, model: ir.Model) -> bool:
+        cfg, ctx = self.config, self.ctx
+        groups = self.groups(model, cfg)
+        usable = [g for g in groups if g.kind is not None]
+        records = {g.x.name: {"linears": [lin.node.name for lin in g.linears], "kind": g.kind,
+                              "status": "skipped", "reason": g.reason} for g in groups}
+        if not usable:
+            ctx.report["smooth_quant"] = {"groups": records, "smoothed": 0}
+            return False
+        ranges, rows = self._channel_stats(model, [g.x for g in usable])
+        act_dtype = str(ctx.target.setting("activation_dtype", "int8")) if ctx.target is not None else "int8"
+        act_symmetric = bool(ctx.target.setting("activation_symmetric", True)) if ctx.target is not None else True
+        changed = 0
+        for g in usable:
+            rec = records[g.x.name]
+            xlo, xhi = ranges[g.x.name]
+            amax = np.maximum(-xlo, xhi)
+            weights = [lin.weight.const_value.numpy().astype(np.float32) for lin in g.linears]
+            wmax = np.max([np.abs(np.moveaxis(w, lin.k_axis, 0)).reshape(w.shape[lin.k_axis], -1).max(axis=1)
+                           for w, lin in zip(weights, g.linears)], axis=0)
+            if amax.shape != wmax.shape:
+                rec["reason"] = f"channel count of X ({amax.size}) differs from the weights' ({wmax.size})"
+                continue
+            alphas = cfg.alpha_search or (cfg.alpha,)
+            sample = rows[g.x.name]
+            simulate = lambda scales: _simulated_error(sample, (xlo, xhi), weights, g.linears, scales,  # noqa: E731
+                                                       act_dtype, act_symmetric)
+            errors = {a: simulate(_scales(amax, wmax, a)) for a in alphas}
+            baseline = simulate(np.ones_like(amax))
+            alpha = min(errors, key=errors.get)
+            rec.update({"error_before": round(baseline, 6), "error_after": round(errors[alpha], 6)})
+            if cfg.alpha_search and errors[alpha] >= baseline:
+                rec["reason"] = "no alpha lowers the simulated int8 error"
+                continue
+            s = _scales(amax, wmax, alpha)
+            for w, lin in zip(weights, g.linears):
+                shape = [1] * w.ndim
+                shape[lin.k_axis] = -1
+                _set_const(_private(model.graph, lin.node, 1), (w * s.reshape(shape)).astype(np.float32))
+            _fold_division(model.graph, g, s)
+            rec.update({"status": "smoothed", "alpha": alpha, "reason": "",
+                        "max_channel_ratio": round(float(amax.max() / max(np.median(amax), 1e-12)), 2)})
+            changed += 1
+        ctx.report["smooth_quant"] = {"groups": records, "smoothed": changed,
+                                      "alpha": cfg.alpha if not cfg.alpha_search else list(cfg.alpha_search)}
+        return bool(changed)
+
+    def _channel_stats(self, model: ir.Model, xs: list[ir.Value]):
+        """Per-channel (min, max) of X (last axis) over the calibration data, and a row sample per X."""
+        cfg, ctx = self.config, self.ctx
+        dataset = ctx.calib
+        if dataset is None:
+            dataset = open_dataset(None, model_input_specs(model), synthetic_samples=8)
+            ctx.warn("smooth_quant without calibration data: channel maxima from synthetic inputs")
+        names = [x.name for x in xs]
+        session = session_for(model, extra_outputs=xs, level="basic")
+        lo: dict[str, np.ndarray] = {}
+        hi: dict[str, np.ndarray] = {}
+        rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        kept = dict.fromkeys(names, 0)
+        rng = np.random.default_rng(0)
+        batch, fixed = fixed_batch_size(model)
+        total = min(cfg.samples, dataset.num_samples)
+        per_batch_rows = max(16, cfg.rows // max(total, 1))
+        with progress_bar("smooth_quant", total, enabled=ctx.progress) as advance:
+            for feed, outputs in _prefetched(session, names, dataset.batches(batch or 1, limit=cfg.samples,
+                                                                              exact=fixed)):
+                for name, array in zip(names, outputs):
+                    flat = np.asarray(array, dtype=np.float32).reshape(-1, array.shape[-1])
+                    mn, mx = flat.min(axis=0), flat.max(axis=0)
+                    lo[name] = mn if name not in lo else np.minimum(lo[name], mn)
+                    hi[name] = mx if name not in hi else np.maximum(hi[name], mx)
+                    if kept[name] < cfg.rows:
+                        take = rng.choice(flat.shape[0], min(per_batch_rows, flat.shape[0], cfg.rows - kept[name]),
+                                          replace=False)
+                        rows[name].append(flat[take])
+                        kept[name] += len(take)
+                advance(next(iter(feed.values())).shape[0])
+        return {n: (lo[n], hi[n]) for n in names}, {n: np.concatenate(r) for n, r in rows.items()}
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _in_scope(name: str, config) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in config.include) and \
+        not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)
+
+
+def _linear(node: ir.Node) -> Linear | None:
+    """A MatMul/Gemm whose input 1 is a constant 2-D weight, with the axis X's channels index."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+        return None
+    w = node.inputs[1]
+    if w is None or w.const_value is None or len(w.const_value.shape) != 2:
+        return None
+    if node.op_type == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            return None
+        return Linear(node, w, 1 if node.attributes.get_int("transB", 0) else 0)
+    return Linear(node, w, 0)
+
+
+def _only_group_uses(x: ir.Value, group: Group, outputs: set) -> bool:
+    members = {id(lin.node) for lin in group.linears}
+    return x not in outputs and all(id(u.node) in members and u.idx == 0 for u in x.uses())
+
+
+def _classify(group: Group, config, outputs: set) -> None:
+    x = group.x
+    producer = x.producer()
+    exclusive = _only_group_uses(x, group, outputs)
+    if producer is not None and producer.op_type in _NORMS and "norm-linear" in config.kinds:
+        gamma = producer.inputs[1] if len(producer.inputs) > 1 else None
+        if exclusive and _const(gamma) is not None and producer.attributes.get_int("axis", -1) in (-1, len(x.shape or ()) - 1):
+            group.kind, group.producer = "norm-linear", producer
+            return
+        why = "the norm's output also feeds other nodes" if not exclusive else "the norm's scale is not constant"
+    elif producer is not None and "linear-linear" in config.kinds and _linear_producer(group, producer):
+        if exclusive:
+            group.kind = "linear-linear"
+            return
+        why = "the producing linear's output also feeds other nodes"
+    else:
+        why = f"produced by {producer.op_type if producer is not None else 'a graph input'}, which cannot absorb a scale"
+    if config.explicit_mul:
+        group.kind, group.reason = "explicit-mul", why
+    else:
+        group.reason = why + " (explicit_mul: true would insert a Mul)"
+
+
+def _linear_producer(group: Group, producer: ir.Node) -> bool:
+    """X = MatMul/Gemm(const W) or Add(MatMul(const W), const bias) with a single use."""
+    bias_add = None
+    if producer.op_type == "Add":
+        a, b = producer.inputs
+        inner = a.producer() if a is not None and _const(b) is not None else None
+        if inner is None or len(a.uses()) != 1:
+            return False
+        bias_add, producer = producer, inner
+    lin = _linear(producer)
+    if lin is None:
+        return False
+    group.producer, group.bias_add = producer, bias_add
+    return True
+
+
+def _scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+    s = np.power(np.maximum(amax, _EPS), alpha) / np.power(np.maximum(wmax, _EPS), 1.0 - alpha)
+    s = np.where((amax > 0) & (wmax > 0), s, 1.0)
+    return np.clip(s, 1e-4, 1e4).astype(np.float32)
+
+
+def _simulated_error(x: np.ndarray, x_range, weights, linears, s: np.ndarray, act_dtype: str,
+                     act_symmetric: bool) -> float:
+    """Mean over the group's linears of the relative squared error of X·W with X/s quantized
+    per tensor as the target will (its activation dtype and symmetry: an asymmetric uint8
+    range fits a GELU output's short negative tail, a symmetric one does not) and W·s per
+    output channel in int8. X/s's range comes from the full-data channel extremes, not just
+    the sampled rows: the outlier tokens that set it are rare."""
+    xs = x / s
+    lo, hi = float(np.min(x_range[0] / s)), float(np.max(x_range[1] / s))
+    xscale, xzp = compute_qparams(lo, hi, act_dtype, symmetric=act_symmetric)
+    xq = dequantize(quantize(xs, xscale, xzp, act_dtype), xscale, xzp)
+    errors = []
+    for w, lin in zip(weights, linears):
+        w2 = w if lin.k_axis == 0 else w.T                    # [K, N]
+        ws = w2 * s[:, None]
+        lo_w, hi_w = reduce_absmax(ws, 1)
+        wscale, wzp = compute_qparams(lo_w, hi_w, "int8", symmetric=True, restricted=True)
+        wq = dequantize(quantize(ws, wscale, wzp, "int8", axis=1), wscale, wzp, axis=1)
+        ref = x.astype(np.float64) @ w2
+        err = ref - xq.astype(np.float64) @ wq
+        den = float(np.sum(ref * ref))
+        errors.append(float(np.sum(err * err)) / den if den > 0 else 0.0)
+    return float(np.mean(errors))
+
+
+def _set_const(value: ir.Value, array: np.ndarray) -> None:
+    value.const_value = ir.tensor(array, name=value.name)
+
+
+def _fold_division(graph: ir.Graph, g: Group, s: np.ndarray) -> None:
+    """Divide X by s where the group's kind says: the norm's γ/β, the producer's weight/bias, or a Mul."""
+    if g.kind == "norm-linear":
+        for idx in (1, 2):
+            v = g.producer.inputs[idx] if len(g.producer.inputs) > idx else None
+            arr = _const(v)
+            if arr is not None:
+                _set_const(_private(graph, g.producer, idx), (arr / s).astype(arr.dtype))
+        return
+    if g.kind == "linear-linear":
+        lin = _linear(g.producer)
+        w = lin.weight.const_value.numpy().astype(np.float32)
+        out_axis = 1 - lin.k_axis  # the producer's output channels
+        shape = [1, 1]
+        shape[out_axis] = -1
+        _set_const(_private(graph, g.producer, 1), (w / s.reshape(shape)).astype(np.float32))
+        if g.producer.op_type == "Gemm" and len(g.producer.inputs) > 2 and _const(g.producer.inputs[2]) is not None:
+            b = _const(g.producer.inputs[2])
+            _set_const(_private(graph, g.producer, 2), (b / s).astype(b.dtype))
+        if g.bias_add is not None:
+            idx = 1 if _const(g.bias_add.inputs[1]) is not None else 0
+            b = _const(g.bias_add.inputs[idx])
+            _set_const(_private(graph, g.bias_add, idx), (b / s).astype(b.dtype))
+        return
+    inv = add_initializer(graph, f"{g.x.name}_smooth_inv_scale", (1.0 / s).astype(np.float32))
+    mul = ir.node("Mul", [g.x, inv], name=f"{g.linears[0].node.name}_smooth/Mul")
+    mul.outputs[0].name = f"{g.x.name}_smoothed"
+    mul.outputs[0].dtype, mul.outputs[0].shape = g.x.dtype, g.x.shape
+    graph.insert_after(g.x.producer(), mul) if g.x.producer() is not None else graph.insert_before(
+        g.linears[0].node, mul)
+    for lin in g.linears:
+        lin.node.replace_input_with(0, mul.outputs[0])
+
+
+def _private(graph: ir.Graph, node: ir.Node, idx: int) -> ir.Value:
+    """The node's constant input `idx`, copied first if other nodes share it (we are about to change it)."""
+    v = node.inputs[idx]
+    if len(v.uses()) == 1:
+        return v
+    copy = add_initializer(graph, f"{v.name}_smoothed", v.const_value.numpy().copy())
+    node.replace_input_with(idx, copy)
+    return copy

@@ -1,0 +1,135 @@
+"""smooth_quant: folding keeps float outputs, each subgraph kind puts the division where it
+belongs, alpha is searched, groups that cannot absorb a scale are reported, and smoothing an
+outlier channel lowers the W8A8 error."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import TinyModels, ort_run_batched, to_proto
+
+D, H = 16, 24
+
+
+def smooth_recipe(**options) -> str:
+    opts = "".join(f"\n      {k}: {v}" for k, v in options.items())
+    return f"apiversion: qcompile/v1\nspec:\n  passes:\n    - type: canonicalize\n    - type: smooth_quant{opts}\n"
+
+
+def block_model(seed: int = 0) -> onnx.ModelProto:
+    """x -> LayerNorm -> {q, k, v MatMuls} (norm-linear, one shared group);
+    v -> MatMul+Add (linear-linear into /o); LN -> residual Add with /o's output (post-LN style:
+    that second LN output feeds a linear and the residual: explicit Mul only)."""
+    rng = np.random.default_rng(seed)
+    w = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
+    inits = {"g": rng.uniform(0.5, 1.5, D).astype(np.float32), "b": w(D), "Wq": w(D, D), "Wk": w(D, D),
+             "Wv": w(D, D), "bv": w(D), "Wo": w(D, D), "g2": rng.uniform(0.5, 1.5, D).astype(np.float32),
+             "b2": w(D), "Wf": w(D, H)}
+    n = helper.make_node
+    nodes = [n("LayerNormalization", ["x", "g", "b"], ["ln"], name="/ln/LayerNormalization", axis=-1),
+             n("MatMul", ["ln", "Wq"], ["q"], name="/q/MatMul"),
+             n("MatMul", ["ln", "Wk"], ["k"], name="/k/MatMul"),
+             n("MatMul", ["ln", "Wv"], ["v0"], name="/v/MatMul"),
+             n("Add", ["v0", "bv"], ["v"], name="/v/Add"),
+             n("MatMul", ["v", "Wo"], ["o"], name="/o/MatMul"),
+             n("Add", ["q", "k"], ["qk"], name="/qk/Add"),
+             n("Add", ["qk", "o"], ["r"], name="/res/Add"),
+             n("LayerNormalization", ["r", "g2", "b2"], ["ln2"], name="/ln2/LayerNormalization", axis=-1),
+             n("MatMul", ["ln2", "Wf"], ["f"], name="/f/MatMul"),
+             n("Add", ["ln2", "r"], ["y1"], name="/res2/Add")]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, D])],
+                              [helper.make_tensor_value_info("y1", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("f", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def outlier_data(n: int = 16, seed: int = 1) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, 8, D)).astype(np.float32)
+    x[..., 5] *= 20.0  # one outlier channel
+    return x
+
+
+@pytest.mark.parametrize("options", [{"alpha": 0.5, "explicit_mul": "true"},
+                                     {"alpha_search": "[0.3, 0.5, 0.8]", "explicit_mul": "true"}])
+def test_folding_keeps_float_outputs(pipeline, options):
+    model = block_model()
+    data = outlier_data()
+    ir_model, ctx = pipeline(model, smooth_recipe(**options), data)
+    smoothed = to_proto(ir_model)
+    sess_ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess_got = ort.InferenceSession(smoothed.SerializeToString(), providers=["CPUExecutionProvider"])
+    for i in range(4):
+        ref = sess_ref.run(None, {"x": data[i:i + 1]})
+        got = sess_got.run(None, {"x": data[i:i + 1]})
+        for a, b in zip(ref, got):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+    groups = ctx.report["smooth_quant"]["groups"]
+    assert groups["ln"]["kind"] == "norm-linear" and groups["ln"]["linears"] == ["/q/MatMul", "/k/MatMul", "/v/MatMul"]
+    assert groups["v"]["kind"] == "linear-linear"
+    assert groups["ln2"]["kind"] == "explicit-mul"  # ln2 also feeds the residual Add
+
+
+def test_each_kind_puts_the_division_where_it_belongs(pipeline):
+    model = block_model()
+    w = TinyModels.weights(model)
+    ir_model, ctx = pipeline(model, smooth_recipe(alpha=0.5, explicit_mul="true"), outlier_data())
+    g = {t.name: numpy_helper.to_array(t) for t in to_proto(ir_model).graph.initializer}
+    s = w["g"] / g["g"]                                     # norm-linear: gamma / s
+    np.testing.assert_allclose(w["b"] / s, g["b"], rtol=1e-5)
+    for name in ("Wq", "Wk"):                               # one shared s for q, k, v
+        np.testing.assert_allclose(g[name], w[name] * s[:, None], rtol=1e-5)
+    assert not np.allclose(s, 1.0)
+    s_v = w["bv"] / g["bv"]                                  # linear-linear: v's columns and bias / s_v
+    np.testing.assert_allclose(g["Wv"], w["Wv"] * s[:, None] / s_v[None, :], rtol=1e-5)
+    np.testing.assert_allclose(g["Wo"], w["Wo"] * s_v[:, None], rtol=1e-5)
+    assert not np.allclose(s_v, 1.0)
+    proto = to_proto(ir_model)
+    muls = [n for n in proto.graph.node if n.op_type == "Mul"]
+    assert len(muls) == 1 and muls[0].input[0] == "ln2"
+    f = next(n for n in proto.graph.node if n.name == "/f/MatMul")
+    res = next(n for n in proto.graph.node if n.name == "/res2/Add")
+    assert f.input[0] == muls[0].output[0] and "ln2" in res.input  # only the linear reads the Mul
+
+
+def test_without_explicit_mul_the_group_is_left_alone_with_a_reason(pipeline):
+    ir_model, ctx = pipeline(block_model(), smooth_recipe(alpha=0.5), outlier_data())
+    rec = ctx.report["smooth_quant"]["groups"]["ln2"]
+    assert rec["status"] == "skipped" and "other nodes" in rec["reason"] and "explicit_mul" in rec["reason"]
+    assert not [n for n in to_proto(ir_model).graph.node if n.op_type == "Mul"]
+
+
+def test_smoothing_an_outlier_channel_lowers_w8a8_error(pipeline):
+    """A model whose input has one channel 40x larger: per-tensor int8 of x crushes the other
+    channels; SmoothQuant (norm-linear) moves the outlier into the weights."""
+    rng = np.random.default_rng(3)
+    model = TinyModels(0).mlp(D, H, 8)
+    data = rng.standard_normal((32, D)).astype(np.float32)
+    data[:, 3] *= 40.0
+    base = ("    - type: calibrate\n      method: minmax\n    - type: quantize\n      speed_fallback: false\n"
+            "      activation: {dtype: int8, symmetric: true}\n")
+    plain, _ = pipeline(model, smooth_recipe(alpha=0.5, explicit_mul="true").split("    - type: smooth_quant")[0]
+                        + base, data)
+    smooth, ctx = pipeline(model, smooth_recipe(alpha_search="[0.5, 0.8]", explicit_mul="true") + base, data)
+    ref = ort_run_batched(model, "x", data)
+    err = lambda m: float(np.sum((ort_run_batched(to_proto(m), "x", data) - ref) ** 2))  # noqa: E731
+    assert err(smooth) < 0.5 * err(plain)
+    rec = ctx.report["smooth_quant"]["groups"]["x"]
+    assert rec["status"] == "smoothed" and rec["error_after"] < rec["error_before"]
+
+
+@pytest.mark.parametrize("option,key", [("alpha: 1.5", "alpha"), ("alpha_search: [0.5, 0.0]", "alpha_search"),
+                                        ("rows: 2", "rows")])
+def test_bad_alpha_is_a_recipe_error(tmp_path, run_cli, tiny, option, key):
+    path, npz = TinyModels.save(tiny.mlp(), tmp_path, "m", TinyModels.data((16,), 4))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(smooth_recipe() + f"      {option}\n")
+    out = tmp_path / "out"
+    res = run_cli([path, "--target", "cpu", "--recipe", recipe, "--calib", npz, "-o", out])
+    assert res.code == 4 and f"key '{key}'" in res.err and not out.exists(), res.err
