@@ -17,6 +17,7 @@ ActivationDType = Literal["auto", "int8", "uint8", "int4", "uint4", "float8e4m3f
 Rounding = Literal["half_even", "half_away", "floor", "ceil", "trunc", "stochastic"]
 
 FLOAT8 = ("float8e4m3fn", "float8e5m2")
+_PLAIN_PASSES = {"canonicalize", "calibrate", "quantize"}
 INT4 = ("int4", "uint4")
 
 # Lowest ONNX opset whose QuantizeLinear/DequantizeLinear carry each feature.
@@ -140,7 +141,8 @@ def builtin_scheme(name: str) -> Scheme:
         raise KeyError(name)
     recipe = load_recipe(name)
     step = next((s for s in recipe.steps if s.spec.name == "quantize"), None)
-    if step is None or step.config.mix:
+    # only plain schemes: a recipe that also smooths or mixes is more than its quantize step
+    if step is None or step.config.mix or {s.spec.name for s in recipe.steps} - _PLAIN_PASSES:
         raise KeyError(name)
     return Scheme(name, step.config.weight, step.config.activation)
 

@@ -19,7 +19,8 @@ from conftest import TinyModels, to_proto
 from qcompile.compile import compile_model
 from qcompile.errors import EXIT_RECIPE, EXIT_TARGET, TargetError
 from qcompile.passes.quantize import Quantize
-from qcompile.recipe import load_recipe
+from qcompile.recipe import builtin_recipes, load_recipe
+from qcompile.schemes import mixable_schemes
 from qcompile.targets import load_target
 
 CPU = "cpu:avx512_vnni"
@@ -297,6 +298,10 @@ def test_impossible_schemes_are_recipe_errors(tmp_path, run_cli, tiny, quantize,
     assert not out.exists()
 
 
+def test_mixable_schemes_are_the_plain_recipes():
+    assert set(mixable_schemes()) == set(builtin_recipes()) - {"w8a8-mix", "w8a8-smooth"} | {"float"}
+
+
 def test_fp8_is_refused_where_the_opset_lacks_it(tmp_path):
     recipe = load_recipe("fp8")
     step = next(s for s in recipe.steps if s.spec.name == "quantize")
@@ -324,7 +329,7 @@ def test_ascend_checks_the_schemes_a_mix_names(tmp_path):
 
 
 # -- every built-in recipe compiles and runs ------------------------------------------------------------
-@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-dynamic", "w8a16", "w4a16", "w4a8", "w4a4", "fp8", "w8a8-mix"])
+@pytest.mark.parametrize("recipe", sorted(builtin_recipes()))
 def test_every_builtin_recipe_compiles_and_runs(tmp_path, recipe):
     model, _ = mlp(d_in=1024, d_hidden=1024)  # fc1 has the 1M MACs cpu's int8 layers need
     x = TinyModels.data((1024,), 8)

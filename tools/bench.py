@@ -10,17 +10,31 @@ ratios taken minutes apart on the same box are much less so).
 Methods per model (each compile in a fresh, measured subprocess; see tools/peers.py
 ``run_measured``):
 
-* ``qcompile <recipe>`` for each recipe (``w8a8``, ``w8a16``), target ``cpu``, invoked as a
-  user would: ``python -m qcompile MODEL --target cpu --recipe R --calib CALIB
-  --input-shape NAME:1,... -o OUT --no-verify -q``.  For the batch-16 latency column a
-  second artifact is compiled with the batch dimension pinned to 16 (same calibration
-  data); its compile time and RSS are in the JSON, not in the table.
-* compared with ``qcompile w8a8``: ``quantize_static`` (QDQ, per-channel, U8 activations /
-  S8 weights; MinMax, Percentile, Entropy; on transformers also ``op_types_to_quantize=
-  ["MatMul"]``) and ``quantize_dynamic`` (per-channel S8 weights).
-* compared with ``qcompile w8a16``: ``MatMulNBitsQuantizer`` int4 RTN block 32
-  (``RTNWeightOnlyQuantConfig``) and int8 block 32 (``DefaultWeightOnlyQuantConfig``); on
-  models without a constant-weight MatMul (the CNNs) they do not apply and say so.
+* ``qcompile <recipe>`` for each recipe (any built-in: ``qcompile.recipe.builtin_recipes()``;
+  default ``w8a8``, ``w8a16``), target ``cpu``, invoked as a user would: ``python -m qcompile
+  MODEL --target cpu --recipe R --calib CALIB --input-shape NAME:1,... -o OUT --no-verify -q``.
+  For the batch-16 latency column a second artifact is compiled with the batch dimension
+  pinned to 16 (same calibration data); its compile time and RSS are in the JSON, not in the
+  table.
+* peers, each compared with the recipes in its ``Peer.versus`` that are in the run (the table's
+  ratio columns use the first; the per-recipe table and the JSON have every pair):
+
+  - ``w8a8``: ``quantize_static`` (QDQ, per-channel, U8 activations / S8 weights; MinMax,
+    Percentile, Entropy; on transformers also ``op_types_to_quantize=["MatMul"]``);
+  - ``w8a8-dynamic`` (and ``w8a8``): ``quantize_dynamic`` (per-channel S8 weights);
+  - ``w4a16`` (and ``w8a16``): ``MatMulNBitsQuantizer`` int4 RTN block 32;
+  - ``w8a16``: ``MatMulNBitsQuantizer`` int8 block 32 (``DefaultWeightOnlyQuantConfig``);
+  - ``w4a8``: int4 RTN block 32 with ``accuracy_level=4`` (MatMulNBits computing in int8, what
+    qcompile's w4a8 lowers MatMul to on cpu);
+  - ``fp8``: ``quantize_static`` with E4M3FN weights and activations (per-channel, QDQ;
+    onnxruntime accepts only ``CalibrationMethod.Distribution`` for float8), also ``[MatMul]``
+    on transformers.  onnxruntime CPU cannot load that model at ORT_ENABLE_EXTENDED or above
+    (its QDQ fusion makes QLinearConv/QLinearMatMul with float8 inputs), so such a peer is
+    evaluated and timed at the highest level that loads, and its row says so.
+
+  MatMulNBits covers MatMul only: on the CNNs those peers do not apply and say so.
+  ``w4a4`` and ``w8a8-mix`` have no onnxruntime peer: the per-recipe table compares them (and
+  any recipe whose peers did not run) with qcompile ``w8a8``.
 
 All peers start from the same prepared model (non-batch input dims pinned, batch axis
 left symbolic, opset >= 13), so one peer artifact serves both latency columns.
@@ -32,11 +46,11 @@ run, or 3 if a model could not be set up (fetch/export).  Peers never fail the r
 Usage::
 
     python tools/bench.py [--models ppocr_det,ppocr_cls,minilm,small_cnn,bert_block]
-        [--recipes w8a8,w8a16] [--out DIR] [--quick] [--eval-samples N] [--latency-runs N]
+        [--recipes w8a8,w8a16,...] [--out DIR] [--quick] [--eval-samples N] [--latency-runs N]
 
-``--quick``: small_cnn (built locally: no download, no torch), w8a8 + w8a16, peers
-static MinMax + dynamic, 16 eval samples, 10 latency runs; writes to build/bench-quick
-unless ``--out`` is given.
+``--quick``: small_cnn (built locally: no download, no torch), recipes w8a8, w8a16,
+w8a8-dynamic, w4a16, peers static MinMax + dynamic + MatMulNBits int4 (n/a there), 16 eval
+samples, 2 latency passes of 10 runs; writes to build/bench-quick unless ``--out`` is given.
 """
 from __future__ import annotations
 
@@ -61,6 +75,17 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH_B16 = 16
 DEFAULT_MODELS = ("ppocr_det", "ppocr_cls", "minilm", "small_cnn", "bert_block")
 DEFAULT_RECIPES = ("w8a8", "w8a16")
+QUICK_RECIPES = ("w8a8", "w8a16", "w8a8-dynamic", "w4a16")
+
+
+def known_recipes() -> list[str]:
+    """Every built-in qcompile recipe (``qcompile.recipe.builtin_recipes()``; if qcompile cannot be
+    imported here, ``python -m qcompile recipes`` is not parsed -- the default pair is all we know)."""
+    try:
+        from qcompile.recipe import builtin_recipes
+        return sorted(builtin_recipes())
+    except Exception:
+        return list(DEFAULT_RECIPES)
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,25 +101,33 @@ peers = _load("qc_peers", ROOT / "tools" / "peers.py")
 class Peer:
     key: str
     name: str
-    kind: str                       # static | dynamic | nbits
-    versus: str                     # the qcompile recipe this peer is compared with
+    kind: str                       # static | dynamic | nbits | fp8
+    versus: tuple[str, ...]         # the qcompile recipes this peer is compared with; ratios use the first in the run
     method: str | None = None       # quantize_static CalibrationMethod
     op_types: tuple[str, ...] | None = None
     bits: int = 4
     algo: str = "rtn"               # nbits: rtn (RTNWeightOnlyQuantConfig) | default (DefaultWeightOnlyQuantConfig)
     block: int = 32
+    accuracy_level: int | None = None   # nbits: MatMulNBits accuracy_level (None = the quantizer's default, 0)
     transformers_only: bool = False
 
 
 PEERS: tuple[Peer, ...] = (
-    *(Peer(f"static-{m.lower()}", f"ort static QDQ {m}", "static", "w8a8", method=m)
+    *(Peer(f"static-{m.lower()}", f"ort static QDQ {m}", "static", ("w8a8",), method=m)
       for m in ("MinMax", "Percentile", "Entropy")),
-    *(Peer(f"static-mm-{m.lower()}", f"ort static QDQ {m} [MatMul]", "static", "w8a8", method=m,
+    *(Peer(f"static-mm-{m.lower()}", f"ort static QDQ {m} [MatMul]", "static", ("w8a8",), method=m,
            op_types=("MatMul",), transformers_only=True)
       for m in ("MinMax", "Percentile", "Entropy")),
-    Peer("dynamic", "ort quantize_dynamic", "dynamic", "w8a8"),
-    Peer("nbits4-rtn", "ort MatMulNBits int4 RTN b32", "nbits", "w8a16", bits=4, algo="rtn"),
-    Peer("nbits8", "ort MatMulNBits int8 b32", "nbits", "w8a16", bits=8, algo="default"),
+    Peer("dynamic", "ort quantize_dynamic", "dynamic", ("w8a8-dynamic", "w8a8")),
+    Peer("nbits4-rtn", "ort MatMulNBits int4 RTN b32", "nbits", ("w4a16", "w8a16"), bits=4, algo="rtn"),
+    Peer("nbits4-rtn-acc4", "ort MatMulNBits int4 RTN b32 acc4", "nbits", ("w4a8",), bits=4, algo="rtn",
+         accuracy_level=4),
+    Peer("nbits8", "ort MatMulNBits int8 b32", "nbits", ("w8a16",), bits=8, algo="default"),
+    # FP8: onnxruntime's quantize_static refuses MinMax for float8 ("Only Distribution calibration
+    # method is supported for float quantization"), so Distribution it is.
+    Peer("fp8", "ort static QDQ FP8 E4M3 Distribution", "fp8", ("fp8",), method="Distribution"),
+    Peer("fp8-mm", "ort static QDQ FP8 E4M3 Distribution [MatMul]", "fp8", ("fp8",), method="Distribution",
+         op_types=("MatMul",), transformers_only=True),
 )
 PEER_BY_KEY = {p.key: p for p in PEERS}
 QUICK_PEERS = ("static-minmax", "dynamic", "nbits4-rtn")
@@ -147,8 +180,8 @@ def _peer_child(spec_json: str) -> int:
             # as in tools/peers.py: onnxruntime.tools imports torch merely because it is
             # installed (~1 s, ~250 MB a torch-free install would not pay); never used here.
             sys.modules.setdefault("torch", None)
-        peer = Peer(**{**spec["peer"], "op_types": tuple(spec["peer"]["op_types"])
-                       if spec["peer"].get("op_types") else None})
+        peer = Peer(**{**spec["peer"], "versus": tuple(spec["peer"]["versus"]),
+                       "op_types": tuple(spec["peer"]["op_types"]) if spec["peer"].get("op_types") else None})
         t = time.perf_counter()
         import onnx
         from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
@@ -166,7 +199,7 @@ def _peer_child(spec_json: str) -> int:
             fixed = prepare_batch_free(spec["model"], Path(tmp) / "fixed.onnx", spec["shape"])
             phases["prepare_s"] = time.perf_counter() - t
             src = fixed
-            if peer.kind in ("static", "dynamic"):
+            if peer.kind in ("static", "dynamic", "fp8"):
                 t = time.perf_counter()
                 src = Path(tmp) / "pre.onnx"
                 try:
@@ -188,6 +221,16 @@ def _peer_child(spec_json: str) -> int:
                                     weight_type=QuantType.QInt8,
                                     calibrate_method=CalibrationMethod[peer.method],
                                     extra_options=extra)
+                elif peer.kind == "fp8":
+                    # float8 QDQ: the quantizer itself moves the model to opset 19; per-channel
+                    # weight scales as qcompile's fp8 recipe uses.
+                    reader = peers._NpzReader(spec["calib"], list(spec["shape"]))
+                    extra = {"CalibStridedMinMax": spec["stride"]} if spec.get("stride") else {}
+                    quantize_static(str(src), spec["out"], reader, quant_format=QuantFormat.QDQ,
+                                    op_types_to_quantize=list(peer.op_types) if peer.op_types else None,
+                                    per_channel=True, activation_type=QuantType.QFLOAT8E4M3FN,
+                                    weight_type=QuantType.QFLOAT8E4M3FN,
+                                    calibrate_method=CalibrationMethod[peer.method], extra_options=extra)
                 elif peer.kind == "dynamic":
                     quantize_dynamic(str(src), spec["out"], per_channel=True, weight_type=QuantType.QInt8)
                 elif peer.kind == "nbits":
@@ -195,9 +238,10 @@ def _peer_child(spec_json: str) -> int:
                         cfg = RTNWeightOnlyQuantConfig()
                     else:
                         cfg = DefaultWeightOnlyQuantConfig(block_size=peer.block, is_symmetric=True,
-                                                           bits=peer.bits)
+                                                           bits=peer.bits, accuracy_level=peer.accuracy_level)
                     q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=peer.bits, block_size=peer.block,
-                                             is_symmetric=True, algo_config=cfg)
+                                             is_symmetric=True, accuracy_level=peer.accuracy_level,
+                                             algo_config=cfg)
                     q.process()
                     q.model.save_model_to_file(spec["out"], False)
                 else:
@@ -268,22 +312,55 @@ def run_qcompile(python: str, model, calib, shapes: dict, out_dir, recipe: str, 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     cmd = qcompile_command(python, model, calib, shapes, out_dir, recipe)
     log = out_dir.with_name(out_dir.name + ".log")
-    r = peers.run_measured(cmd, timeout=timeout, cwd=str(ROOT), mem_limit_mb=mem_limit_mb, log_path=log)
+    # cwd = the work folder, not the repository: an internal error writes qcompile-crash.log
+    # into the cwd, and it belongs next to this compile's log (and in the row), not in the checkout.
+    crash = out_dir.parent / "qcompile-crash.log"
+    crash.unlink(missing_ok=True)
+    r = peers.run_measured(cmd, timeout=timeout, cwd=str(out_dir.parent), mem_limit_mb=mem_limit_mb, log_path=log)
     out = out_dir / "model.onnx"
     ok = r["rc"] == 0 and not r["error"] and out.is_file()
     row = dict(status="ok" if ok else "error", rc=r["rc"], wall_s=r["wall_s"], peak_rss_mb=r["peak_rss_mb"],
                size_mb=peers.model_size_mb(out) if ok else None, out=str(out) if ok else None,
                error=r["error"] or (None if ok else f"qcompile exited 0 but {out} is missing"),
                command=shlex.join(map(str, cmd)), log=str(log))
+    if crash.is_file():
+        kept = out_dir.with_name(out_dir.name + ".crash.log")
+        os.replace(crash, kept)
+        row["crash_log"] = str(kept)
+        last = [l for l in kept.read_text(errors="replace").splitlines() if l.strip()][-1:]
+        if last and row["error"]:
+            row["error"] += f" | crash log: {last[0].strip()[:400]}"
     rep = out_dir / "report.json"
     if ok and rep.is_file():
         try:
             rj = json.loads(rep.read_text())
-            row["report"] = {k: rj.get(k) for k in ("target_variant", "quantize", "cpu_kernels",
+            row["report"] = {k: rj.get(k) for k in ("target_variant", "quantize", "cpu_kernels", "cpu_forms",
                                                       "compile_seconds", "warnings")}
+            row["layer_summary"] = layer_summary(rj)
         except (OSError, ValueError):
             pass
     return row
+
+
+def layer_summary(report: dict) -> dict:
+    """report.json ``layers`` condensed: how many layers got each (scheme, kernel), and the
+    distinct speed notes -- what the table's one line per recipe cannot say."""
+    layers = report.get("layers") or {}
+    items = layers.items() if isinstance(layers, dict) else ((l.get("name", "?"), l) for l in layers)
+    counts: dict[str, int] = {}
+    notes: list[str] = []
+    for name, l in items:
+        if not isinstance(l, dict):
+            continue
+        op = l.get("op")
+        if l.get("status") != "quantized" or not l.get("scheme"):
+            k = f"{op + ': ' if op else ''}kept {l.get('status') or 'float'}"
+        else:
+            k = f"{op}: {l['scheme']} -> {l.get('lowered_to') or l.get('kernel') or '?'}"
+        counts[k] = counts.get(k, 0) + 1
+        if l.get("speed_note") and l["speed_note"] not in notes:
+            notes.append(l["speed_note"])
+    return dict(counts=dict(sorted(counts.items(), key=lambda kv: -kv[1])), speed_notes=notes[:6])
 
 
 # ---------------------------------------------------------------------- models
@@ -410,12 +487,27 @@ def _task_metric(setup: ModelSetup, ref0, out0, eval_inputs) -> tuple[float, flo
     return mean, mn
 
 
+def loadable_level(path, threads: int) -> tuple[str | None, list[str]]:
+    """The highest graph optimization level at which onnxruntime CPU loads ``path`` (peers only:
+    a qcompile output that does not load at ORT_ENABLE_ALL is a qcompile failure), and the errors
+    of the levels above it.  onnxruntime's own FP8 QDQ model is the case: at ENABLE_EXTENDED and
+    above the QDQ fusion builds a QLinearMatMul/QLinearConv with float8 inputs, which no kernel takes."""
+    tried = []
+    for level in peers.ORT_LEVELS:
+        try:
+            peers._session(path, threads, level)
+            return level, tried
+        except Exception as exc:
+            tried.append(f"{level}: {type(exc).__name__}: {exc}"[:500])
+    return None, tried
+
+
 def score(row: dict, setup: ModelSetup, path, eval_inputs: dict, ref: dict, threads: int,
-          outs: dict | None = None) -> None:
+          outs: dict | None = None, level: str = "ORT_ENABLE_ALL") -> None:
     """Accuracy columns of a row, in place; failures go to row['eval_error']."""
     try:
         if outs is None:
-            outs = peers.run_model(path, eval_inputs, threads=threads)
+            outs = peers.run_model(path, eval_inputs, threads=threads, level=level)
         per_out = peers.compare(outs, ref)
         first = next(iter(per_out.values()))
         tm, tm_min = _task_metric(setup, next(iter(ref.values())), next(iter(outs.values())), eval_inputs)
@@ -430,7 +522,7 @@ def _latency_child(spec_json: str) -> int:
     """Runs in a fresh process: one model, one batch size, one pass (warm-up, then timed runs)."""
     try:
         spec = json.loads(spec_json)
-        sess = peers._session(spec["path"], spec["threads"])
+        sess = peers._session(spec["path"], spec["threads"], spec.get("level") or "ORT_ENABLE_ALL")
         feeds = peers._random_feeds(sess, spec["shapes"], spec["batch"], spec.get("seed", 0))
         warm = peers._timed_runs(sess, feeds, 2)
         per_run_s = warm[-1] / 1e3
@@ -452,7 +544,7 @@ def _latency_child(spec_json: str) -> int:
 
 def latency_many(models: dict, shapes: dict, batch: int = 1, runs: int = 30, threads: int = 2,
                  warmup: int = 5, passes: int = 3, seed: int = 0, pass_budget_s: float = 150.0,
-                 python: str = sys.executable) -> dict:
+                 python: str = sys.executable, levels: dict | None = None) -> dict:
     """tools/peers.py ``latency_many`` semantics -- ``passes`` sequential passes over all
     models, each ``warmup`` runs then the median of ``runs``, per model the best pass kept --
     but every (model, pass) is measured in a **fresh process** (this file in ``_latency``
@@ -468,6 +560,8 @@ def latency_many(models: dict, shapes: dict, batch: int = 1, runs: int = 30, thr
     ``pass_budget_s``, that model gets fewer runs (>= 10) in a single pass (e.g.
     quantize_dynamic's ConvInteger on PP-OCR det at batch 16).
 
+    ``levels``: {key: graph optimization level} for models that only load below ORT_ENABLE_ALL.
+
     Returns {key: {"ms", "runs", "passes"}} or {key: "error: ..."}.
     """
     import subprocess
@@ -480,7 +574,7 @@ def latency_many(models: dict, shapes: dict, batch: int = 1, runs: int = 30, thr
             if k in res or (k in single and k in best):
                 continue
             spec = dict(path=str(path), shapes=shapes, batch=batch, runs=runs, threads=threads, warmup=warmup,
-                        seed=seed, budget_s=pass_budget_s)
+                        seed=seed, budget_s=pass_budget_s, level=(levels or {}).get(k))
             try:
                 p = subprocess.run([python, str(Path(__file__).resolve()), "_latency", json.dumps(spec)],
                                    capture_output=True, text=True, timeout=max(600.0, 4 * pass_budget_s))
@@ -537,21 +631,22 @@ def bench_model(name: str, args, spine) -> dict:
     rows = [fp32]
 
     recipes = args.recipe_list
-    selected = [p for p in PEERS if p.versus in recipes and (not args.peer_keys or p.key in args.peer_keys)
+    selected = [p for p in PEERS if set(p.versus) & set(recipes) and (not args.peer_keys or p.key in args.peer_keys)
                 and (setup.family == "transformer" or not p.transformers_only)]
     act_mb = peers.activation_mb_per_sample(setup.model, shapes)
     hist_stride = peers.auto_calib_stride(setup.model, shapes, n_calib) if args.calib_stride == "auto" \
         else (int(args.calib_stride) or None)
     has_mm = _has_const_matmul(setup.model)
     for p in selected:
-        base = dict(key=p.key, method=p.name, kind=p.kind, versus=f"qcompile {p.versus}")
+        vs_all = [f"qcompile {v}" for v in p.versus if v in recipes]
+        base = dict(key=p.key, method=p.name, kind=p.kind, versus=vs_all[0], versus_all=vs_all)
         if p.kind == "nbits" and not has_mm:
             rows.append(dict(base, status="n/a", wall_s=None, peak_rss_mb=None, size_mb=None, out=None,
                              error="no MatMul with a constant 2-D weight: MatMulNBits has nothing to quantize "
                                    "(it covers MatMul only, not Conv/Gemm)"))
             _log(f"{name}: peer {p.name}: n/a (no constant-weight MatMul)")
             continue
-        stride = hist_stride if p.kind == "static" and p.method != "MinMax" else None
+        stride = hist_stride if p.kind in ("static", "fp8") and p.method != "MinMax" else None
         _log(f"{name}: peer {p.name}" + (f" (CalibStridedMinMax={stride})" if stride else ""))
         kw = dict(timeout=args.timeout, python=args.python, hide_torch=not args.peers_see_torch)
         out = work / "peers" / f"{p.key}.onnx"
@@ -559,14 +654,23 @@ def bench_model(name: str, args, spine) -> dict:
         row = dict(base, calib_stride=stride, **r)
         if stride:
             row["method"] += f" (stride {stride})"
-        if r["status"] != "ok" and p.kind == "static" and not stride and peers._is_mem_kill(r):
+        if r["status"] != "ok" and p.kind in ("static", "fp8") and not stride and peers._is_mem_kill(r):
             _log(f"  killed for memory; retrying with CalibStridedMinMax={args.oom_retry_stride}")
             r2 = run_peer(p, setup.model, setup.calib, shapes, out, stride=args.oom_retry_stride, **kw)
             first = {k: r[k] for k in ("status", "wall_s", "peak_rss_mb", "error")}
             row = dict(base, calib_stride=args.oom_retry_stride, default_attempt=first, **r2)
             row["method"] += f" (stride {args.oom_retry_stride})"
         if row["status"] == "ok":
-            score(row, setup, row["out"], eval_inputs, ref, args.threads)
+            level, tried = loadable_level(row["out"], args.threads)
+            if level is None:
+                row.update(status="error", error="onnxruntime CPU cannot load the model at any graph optimization "
+                                                 "level: " + " | ".join(tried)[:900])
+            else:
+                if level != peers.ORT_LEVELS[0]:
+                    # The only way to run it: evaluation and latency at a lower level, said in the row.
+                    row.update(ort_level=level, ort_level_errors=tried)
+                    row["method"] += f" (runs at {level})"
+                score(row, setup, row["out"], eval_inputs, ref, args.threads, level=level)
         _log(f"  -> {_short(row)}")
         rows.append(row)
 
@@ -597,7 +701,8 @@ def bench_model(name: str, args, spine) -> dict:
     bg = {}
     if args.latency_runs > 0:
         lat_kw = dict(runs=args.latency_runs, threads=args.threads, passes=args.latency_passes,
-                      pass_budget_s=args.latency_pass_budget, python=args.python)
+                      pass_budget_s=args.latency_pass_budget, python=args.python,
+                      levels={i: r["ort_level"] for i, r in enumerate(rows) if r.get("ort_level")})
         with spine.CpuWatch() as cw1:
             _log(f"{name}: latency b1 (best of {args.latency_passes} passes x median of {args.latency_runs} runs)")
             lat1 = latency_many({i: r["out"] for i, r in enumerate(rows) if r["status"] == "ok"},
@@ -637,9 +742,30 @@ def bench_model(name: str, args, spine) -> dict:
                 qcompile_failures=qc_fail)
 
 
+def _vs(q: dict, r: dict) -> dict:
+    """qcompile row ``q`` against row ``r`` (a peer, or qcompile w8a8): ratios q / r for compile
+    time, RSS, size and latency (< 1: q is faster / smaller), deltas q - r for the accuracy."""
+    fin = lambda d, k: k in d and d[k] is not None and math.isfinite(d[k])  # noqa: E731
+    return dict(
+        compile_time=_ratio(q["wall_s"], r["wall_s"]), peak_rss=_ratio(q["peak_rss_mb"], r["peak_rss_mb"]),
+        size=_ratio(q["size_mb"], r["size_mb"]),
+        latency_b1=_ratio(q.get("latency_b1_ms"), r.get("latency_b1_ms")),
+        latency_b16=_ratio(q.get("latency_b16_ms"), r.get("latency_b16_ms")),
+        sqnr_delta_db=(q["sqnr_db"] - r["sqnr_db"]) if fin(q, "sqnr_db") and fin(r, "sqnr_db") else None,
+        cosine_delta=(q["cosine"] - r["cosine"]) if fin(q, "cosine") and fin(r, "cosine") else None,
+        task_metric_delta=(q["task_metric"] - r["task_metric"]) if "task_metric" in q and "task_metric" in r
+        else None)
+
+
+def _versus_all(r: dict) -> list[str]:
+    return r.get("versus_all") or ([r["versus"]] if r.get("versus") else [])
+
+
 def _ratios(rows: list[dict]) -> None:
     """Speed-ups vs fp32 on every row; on peer rows, qcompile / peer for time, RSS, size and
-    the accuracy deltas (qcompile - peer)."""
+    latency and the accuracy deltas (qcompile - peer): ``vs_qcompile`` against the first
+    recipe it is compared with (the table's ratio columns), ``vs_qcompile_all`` against each.
+    On qcompile rows other than w8a8: ``vs_w8a8``, the same against qcompile w8a8."""
     fp32 = rows[0]
     for r in rows:
         for b in ("b1", "b16"):
@@ -647,23 +773,25 @@ def _ratios(rows: list[dict]) -> None:
             r[f"speedup_{b}"] = f / x if f and x else None
     qc = {r["method"]: r for r in rows if r["kind"] == "qcompile"}
     for r in rows:
-        q = qc.get(r.get("versus") or "")
-        if not q or r["status"] != "ok" or q["status"] != "ok":
+        if r["status"] != "ok":
             continue
-        r["vs_qcompile"] = dict(
-            compile_time=_ratio(q["wall_s"], r["wall_s"]), peak_rss=_ratio(q["peak_rss_mb"], r["peak_rss_mb"]),
-            size=_ratio(q["size_mb"], r["size_mb"]),
-            sqnr_delta_db=(q["sqnr_db"] - r["sqnr_db"]) if "sqnr_db" in q and "sqnr_db" in r
-            and math.isfinite(q["sqnr_db"]) and math.isfinite(r["sqnr_db"]) else None,
-            task_metric_delta=(q["task_metric"] - r["task_metric"]) if "task_metric" in q and "task_metric" in r
-            else None)
+        if r["kind"] == "qcompile":
+            w = qc.get("qcompile w8a8")
+            if w is not None and w is not r and w["status"] == "ok":
+                r["vs_w8a8"] = _vs(r, w)
+            continue
+        all_ = {m: _vs(qc[m], r) for m in _versus_all(r) if m in qc and qc[m]["status"] == "ok"}
+        if all_:
+            r["vs_qcompile_all"] = all_
+            if r.get("versus") in all_:
+                r["vs_qcompile"] = all_[r["versus"]]
 
 
 def _summary(rows: list[dict]) -> dict:
     """Per qcompile recipe: the best peer compared with it (by SQNR; ties < 0.05 dB go to the faster)."""
     out = {}
     for q in (r for r in rows if r["kind"] == "qcompile"):
-        cands = [r for r in rows if r.get("versus") == q["method"] and r["status"] == "ok" and "sqnr_db" in r]
+        cands = [r for r in rows if q["method"] in _versus_all(r) and r["status"] == "ok" and "sqnr_db" in r]
         s = dict(qcompile_status=q["status"])
         if cands:
             top = max(r["sqnr_db"] for r in cands)
@@ -672,10 +800,10 @@ def _summary(rows: list[dict]) -> dict:
             s.update(best_peer=best["method"], best_peer_sqnr_db=best["sqnr_db"],
                      best_peer_task_metric=best.get("task_metric"),
                      best_peer_speedup_b1=best.get("speedup_b1"), best_peer_speedup_b16=best.get("speedup_b16"))
-            if "vs_qcompile" in best:
-                s.update(best["vs_qcompile"])
+            s.update((best.get("vs_qcompile_all") or {}).get(q["method"], {}))
         s.update(qcompile_sqnr_db=q.get("sqnr_db"), qcompile_task_metric=q.get("task_metric"),
-                 qcompile_speedup_b1=q.get("speedup_b1"), qcompile_speedup_b16=q.get("speedup_b16"))
+                 qcompile_speedup_b1=q.get("speedup_b1"), qcompile_speedup_b16=q.get("speedup_b16"),
+                 qcompile_size_mb=q.get("size_mb"))
         out[q["method"]] = s
     return out
 
@@ -699,8 +827,75 @@ def _metric_cell(r: dict, metric: str) -> str:
     return f"{r['task_metric']:.4f}"
 
 
+# One sentence per built-in recipe for the legend of bench.md (an unknown recipe gets the first
+# sentence of its own description).  SIMULATED: no onnxruntime CPU kernel computes in that format,
+# so the artifact runs Q/DQ or casts around float math -- slower than fp32 by design.
+RECIPE_NOTES = {
+    "w8a8": "int8 per-channel weights, int8/uint8 per-tensor activations calibrated ahead of time (static); "
+            "runs on onnxruntime's int8 kernels.",
+    "w8a8-dynamic": "int8 per-channel weights; activations quantized at run time, per token for MatMul/Gemm "
+                    "(MatMulInteger) and per tensor for Conv (DynamicQuantizeLinear + ConvInteger); no calibration.",
+    "w8a16": "weight-only int8 (per-channel, symmetric); activations and math stay float.",
+    "w4a16": "weight-only int4 (symmetric, groups of 32 along the reduction axis); MatMul lowers to com.microsoft "
+             "MatMulNBits, Conv keeps int4 + DequantizeLinear; activations stay float.",
+    "w4a8": "int4 g32 weights with 8-bit activations; MatMul lowers to MatMulNBits with accuracy_level 4 (int8 "
+            "compute), Conv runs int4 DequantizeLinear + float.",
+    "w4a4": "int4 weights (per-channel) and int4 activations (per tensor, calibrated); **simulated on CPU** "
+            "(QuantizeLinear/DequantizeLinear + float): an accuracy study, slower than fp32 by design.",
+    "fp8": "FP8 E4M3FN weights (per-channel scale) and activations (per tensor, calibrated); **simulated on CPU** "
+           "(casts + float, no FP8 CPU kernels): an accuracy study, slower than fp32 by design.",
+    "w8a8-mix": "W8A8 with a per-scope table that keeps the FFN down-projection weight-only int8.",
+}
+SIMULATED = frozenset({"w4a4", "fp8"})
+# Acceptance bars checked per model when both rows ran: recipe -> (peer key, size tolerance).
+# Fidelity holds when the task metric and SQNR are both >= the peer's; size when |qc/peer - 1| <= tol.
+BARS = {"w4a16": ("nbits4-rtn", 0.05)}
+_NO_PEER_NOTE = "no onnxruntime.quantization peer: compared with fp32 and qcompile w8a8"
+
+
+def _recipe_note(recipe: str) -> str:
+    if recipe in RECIPE_NOTES:
+        return RECIPE_NOTES[recipe]
+    try:
+        from qcompile.recipe import builtin_recipes
+        import yaml
+        d = yaml.safe_load(Path(builtin_recipes()[recipe]).read_text()).get("description", "")
+        return d.split(". ")[0].strip().rstrip(".") + "."
+    except Exception:
+        return "–"
+
+
+def _peers_for(recipe: str) -> list[str]:
+    return [p.name for p in PEERS if recipe in p.versus]
+
+
+def _pair(a, b, fmt: str) -> str:
+    return f"{_f(a, fmt)} / {_f(b, fmt)}"
+
+
+def _comparisons(res: dict) -> list[tuple[dict, dict | None, dict | None]]:
+    """(qcompile row, reference row, q-vs-ref dict) per line of the per-recipe table: each
+    peer compared with the recipe; a recipe with no peer that ran (none exists, n/a on this
+    model, or it failed) is compared with qcompile w8a8 instead."""
+    rows = res["rows"]
+    w8a8 = next((r for r in rows if r.get("key") == "qcompile-w8a8"), None)
+    out = []
+    for q in (r for r in rows if r["kind"] == "qcompile"):
+        mine = [r for r in rows if r["kind"] not in ("qcompile", "fp32") and q["method"] in _versus_all(r)
+                and r["status"] != "n/a"]
+        ran = [r for r in mine if r["status"] == "ok"]
+        for r in mine:
+            out.append((q, r, (r.get("vs_qcompile_all") or {}).get(q["method"])))
+        if not ran and q is not w8a8 and w8a8 is not None:
+            out.append((q, w8a8, q.get("vs_w8a8")))
+        if not mine and (q is w8a8 or w8a8 is None):
+            out.append((q, None, None))
+    return out
+
+
 def render_markdown(results: list[dict], meta: dict) -> str:
     bg = meta.get("background_cpu")
+    b16 = not meta.get("no_b16")
     lines = ["# qcompile vs onnxruntime.quantization", "",
              f"* date: {meta['date']}",
              f"* host: {meta['cpu']} · {meta['nproc']} cores · {meta['platform']}",
@@ -708,18 +903,25 @@ def render_markdown(results: list[dict], meta: dict) -> str:
              f"(git {meta['git']}) · Python {meta['python']}",
              f"* command: `{meta['command']}`",
              f"* target `cpu` ({meta.get('cpu_variant') or 'host ISA'}); recipes {', '.join(meta['recipes'])}",
-             f"* latency: onnxruntime CPU EP, ORT_ENABLE_ALL, {meta['threads']} intra-op threads, random inputs; "
-             f"per model the best of {meta['latency_passes']} passes, each the median of {meta['latency_runs']} "
-             f"runs after {meta['latency_warmup']} warm-up runs",
-             "* batch 16: peers and fp32 run their batch-1 artifact (batch axis left dynamic); qcompile runs a "
-             "second artifact compiled with `--input-shape NAME:16,...` (same calibration data)",
+             f"* latency: onnxruntime CPU EP, ORT_ENABLE_ALL (unless a row says otherwise), {meta['threads']} "
+             f"intra-op threads, random inputs; per model the best of {meta['latency_passes']} passes, each the "
+             f"median of {meta['latency_runs']} runs after {meta['latency_warmup']} warm-up runs",
+             *(["* batch 16: peers and fp32 run their batch-1 artifact (batch axis left dynamic); qcompile runs a "
+                "second artifact compiled with `--input-shape NAME:16,...` (same calibration data)"] if b16 else
+               ["* batch 16: not measured (`--no-b16`)"]),
+             f"* eval samples: {meta['eval_samples'] or 'all'}",
              f"* load average at start {meta['loadavg_start'][0]:.2f}; other processes used "
              f"{_f(None if bg is None else 100 * bg, '.0f')}% of the CPU during the whole run"
              + (" — **timings are contended: read the ratios, not the absolute numbers**" if (bg or 0) > 0.1 else ""),
              "",
              "Columns: `qc÷peer` = the qcompile row named in *compared with* divided by this peer (< 1: qcompile "
              "compiles faster / uses less memory / is smaller). `×fp32` = latency speed-up over the fp32 model "
-             "(fp32 ms ÷ row ms; > 1 is faster). See README.md in this folder.", ""]
+             "(fp32 ms ÷ row ms; > 1 is faster). See README.md in this folder.", "",
+             "Recipes:", "",
+             "| recipe | what it is | onnxruntime peer(s) in this bench |", "|---|---|---|"]
+    for rc in meta["recipes"]:
+        lines.append(f"| `{rc}` | {_recipe_note(rc)} | {', '.join(_peers_for(rc)) or _NO_PEER_NOTE} |")
+    lines.append("")
     for res in results:
         if "error" in res:
             lines += [f"## {res['model']}", "", f"**benchmark failed:** {res['error']}", ""]
@@ -728,24 +930,31 @@ def render_markdown(results: list[dict], meta: dict) -> str:
         lines += [f"## {res['model']} (`{res['input_shape']}`, {res['n_eval']} eval / {res['n_calib']} calib samples)",
                   "", *(f"{n}." for n in res.get("notes", [])), "",
                   f"| method | compared with | compile s | qc÷peer | peak RSS MB | qc÷peer | size MB | qc÷peer "
-                  f"| {label} | SQNR dB | b1 ms | b1 ×fp32 | b16 ms | b16 ×fp32 |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"| {label} | SQNR dB | cosine | b1 ms | b1 ×fp32 |" + (" b16 ms | b16 ×fp32 |" if b16 else ""),
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if b16 else "")]
         notes = []
         for r in res["rows"]:
             vs = r.get("vs_qcompile") or {}
             name = f"**{r['method']}**" if r["kind"] == "qcompile" else r["method"]
+            others = [v.replace("qcompile ", "") for v in _versus_all(r)[1:]]
+            versus = (r.get("versus") or "–") + (f" (also {', '.join(others)})" if others else "")
             if r["status"] != "ok":
-                lines.append(f"| {name} | {r.get('versus') or '–'} | {_f(r.get('wall_s'), '.1f')} | | "
-                             f"{_f(r.get('peak_rss_mb'), '.0f')} | | | | {r['status']} | | | | | |")
+                lines.append(f"| {name} | {versus} | {_f(r.get('wall_s'), '.1f')} | | "
+                             f"{_f(r.get('peak_rss_mb'), '.0f')} | | | | {r['status']} | | | | |"
+                             + (" | |" if b16 else ""))
                 notes.append(f"- **{r['method']}** {'failed' if r['status'] == 'error' else 'not applicable'}: "
                              f"{r.get('error')}")
                 continue
             lines.append(
-                f"| {name} | {r.get('versus') or '–'} | {_f(r.get('wall_s'), '.1f')} | {_f(vs.get('compile_time'), '.2f')} "
+                f"| {name} | {versus} | {_f(r.get('wall_s'), '.1f')} | {_f(vs.get('compile_time'), '.2f')} "
                 f"| {_f(r.get('peak_rss_mb'), '.0f')} | {_f(vs.get('peak_rss'), '.2f')} | {_f(r.get('size_mb'), '.2f')} "
                 f"| {_f(vs.get('size'), '.2f')} | {_metric_cell(r, res['metric'])} | {_f(r.get('sqnr_db'), '.1f')} "
-                f"| {_f(r.get('latency_b1_ms'), '.2f')} | {_f(r.get('speedup_b1'), '.2f')} "
-                f"| {_f(r.get('latency_b16_ms'), '.1f')} | {_f(r.get('speedup_b16'), '.2f')} |")
+                f"| {_f(r.get('cosine'), '.4f')} | {_f(r.get('latency_b1_ms'), '.2f')} | {_f(r.get('speedup_b1'), '.2f')} |"
+                + (f" {_f(r.get('latency_b16_ms'), '.1f')} | {_f(r.get('speedup_b16'), '.2f')} |" if b16 else ""))
+            if r.get("ort_level"):
+                notes.append(f"- **{r['method']}**: onnxruntime CPU does not load it at the higher graph optimization "
+                             f"levels, so its accuracy and latency are measured at {r['ort_level']} (the only way to "
+                             f"run it): " + " | ".join(e[:300] for e in r.get("ort_level_errors", [])))
             if r.get("default_attempt"):
                 d = r["default_attempt"]
                 notes.append(f"- **{r['method']}**: with ORT defaults it failed after {d['wall_s']:.0f}s "
@@ -767,6 +976,50 @@ def render_markdown(results: list[dict], meta: dict) -> str:
                 else:
                     notes.append(f"- **{r['method']}** batch-16 artifact failed: {b['error']}")
         lines.append("")
+        comps = _comparisons(res)
+        if any(ref is not None for _, ref, _ in comps):
+            lines += ["Per recipe: each cell is *qcompile / the row it is compared with* (its onnxruntime peer; "
+                      "qcompile w8a8 where no peer applies); `qc÷` = qcompile ÷ that row (< 1: smaller / faster).", "",
+                      f"| recipe | compared with | {label.split(' / ')[0].replace('mean', '(mean)')} | SQNR dB | cosine "
+                      f"| b1 ×fp32 | b1 ms qc÷ | size MB "
+                      f"| size qc÷ | compile s |",
+                      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for q, ref, v in comps:
+                rn = f"**{q['recipe']}**" + (" (sim.)" if q["recipe"] in SIMULATED else "")
+                if q["status"] != "ok":
+                    lines.append(f"| {rn} | {ref['method'] if ref else '–'} | qcompile failed | | | | | | | |")
+                    continue
+                if ref is None:
+                    lines.append(f"| {rn} | – | {_f(q.get('task_metric'), '.4f')} | {_f(q.get('sqnr_db'), '.1f')} "
+                                 f"| {_f(q.get('cosine'), '.4f')} | {_f(q.get('speedup_b1'), '.2f')} | – "
+                                 f"| {_f(q.get('size_mb'), '.2f')} | – | {_f(q.get('wall_s'), '.1f')} |")
+                    continue
+                if ref["status"] != "ok":
+                    lines.append(f"| {rn} | {ref['method']} | {ref['status']}: see below | | | | | | | |")
+                    continue
+                v = v or {}
+                lines.append(
+                    f"| {rn} | {ref['method']} | {_pair(q.get('task_metric'), ref.get('task_metric'), '.4f')} "
+                    f"| {_pair(q.get('sqnr_db'), ref.get('sqnr_db'), '.1f')} "
+                    f"| {_pair(q.get('cosine'), ref.get('cosine'), '.4f')} "
+                    f"| {_pair(q.get('speedup_b1'), ref.get('speedup_b1'), '.2f')} | {_f(v.get('latency_b1'), '.2f')} "
+                    f"| {_pair(q.get('size_mb'), ref.get('size_mb'), '.2f')} | {_f(v.get('size'), '.3f')} "
+                    f"| {_pair(q.get('wall_s'), ref.get('wall_s'), '.1f')} |")
+            lines.append("")
+        for recipe, (pkey, tol) in BARS.items():
+            q = next((r for r in res["rows"] if r.get("key") == f"qcompile-{recipe}" and r["status"] == "ok"), None)
+            pr = next((r for r in res["rows"] if r.get("key") == pkey and r["status"] == "ok"), None)
+            if not q or not pr or "task_metric" not in q or "task_metric" not in pr:
+                continue
+            fid = q["task_metric"] >= pr["task_metric"] and q.get("sqnr_db", -1e9) >= pr.get("sqnr_db", 1e9)
+            size = abs(q["size_mb"] / pr["size_mb"] - 1) <= tol
+            res.setdefault("bars", {})[recipe] = dict(peer=pr["method"], fidelity_holds=fid, size_holds=size,
+                                                      size_ratio=q["size_mb"] / pr["size_mb"])
+            lines += [f"**Bar {recipe} vs {pr['method']}** — fidelity ≥ peer ({label.split(' / ')[0]} "
+                      f"{q['task_metric']:.4f} vs {pr['task_metric']:.4f}, SQNR {q['sqnr_db']:.2f} vs "
+                      f"{pr['sqnr_db']:.2f} dB): **{'holds' if fid else 'FAILS'}**; size within {100 * tol:.0f} % "
+                      f"({q['size_mb']:.2f} vs {pr['size_mb']:.2f} MB, {q['size_mb'] / pr['size_mb']:.3f}×): "
+                      f"**{'holds' if size else 'FAILS'}**.", ""]
         for qname, s in res["summary"].items():
             if s.get("qcompile_status") != "ok":
                 lines += [f"{qname} failed — no ratios.", ""]
@@ -777,8 +1030,20 @@ def render_markdown(results: list[dict], meta: dict) -> str:
                 f"{qname} vs its best peer **{s['best_peer']}** (by SQNR): compile time "
                 f"{_f(s.get('compile_time'), '.2f')}×, peak RSS {_f(s.get('peak_rss'), '.2f')}×, size "
                 f"{_f(s.get('size'), '.2f')}×, SQNR {_f(s.get('sqnr_delta_db'), '+.1f')} dB; speed-up vs fp32 "
-                f"b1 {_f(s.get('qcompile_speedup_b1'), '.2f')}× (peer {_f(s.get('best_peer_speedup_b1'), '.2f')}×), "
-                f"b16 {_f(s.get('qcompile_speedup_b16'), '.2f')}× (peer {_f(s.get('best_peer_speedup_b16'), '.2f')}×).")
+                f"b1 {_f(s.get('qcompile_speedup_b1'), '.2f')}× (peer {_f(s.get('best_peer_speedup_b1'), '.2f')}×)"
+                + (f", b16 {_f(s.get('qcompile_speedup_b16'), '.2f')}× (peer "
+                   f"{_f(s.get('best_peer_speedup_b16'), '.2f')}×)" if b16 else "") + ".")
+            lines.append("")
+        lsum = [(r, r["layer_summary"]) for r in res["rows"] if r["kind"] == "qcompile" and r.get("layer_summary")]
+        if lsum:
+            lines += ["Layers per recipe (from each compile's report.json: op: scheme -> CPU kernel × count; weight "
+                      "bytes float → quantized):", ""]
+            for r, ls in lsum:
+                w = ((r.get("report") or {}).get("quantize") or {}).get("weights") or {}
+                wb = (f" — weights {w['float_bytes'] / 1e6:.3g} → {w['quantized_bytes'] / 1e6:.3g} MB "
+                      f"({w.get('compression')}×)" if w.get("float_bytes") and w.get("quantized_bytes") is not None
+                      else "")
+                lines.append(f"- **{r['recipe']}**: " + "; ".join(f"{k} ×{n}" for k, n in ls["counts"].items()) + wb)
             lines.append("")
         bgm = res.get("background_cpu_during_latency") or {}
         if any((v or 0) > 0.1 for v in bgm.values()):
@@ -787,7 +1052,8 @@ def render_markdown(results: list[dict], meta: dict) -> str:
                 + " of the CPU while latency was measured.")
             lines.append("")
         if res.get("hist_calib_stride"):
-            notes.append(f"- *(stride {res['hist_calib_stride']})*: Percentile/Entropy peers run with ORT "
+            notes.append(f"- *(stride {res['hist_calib_stride']})*: histogram-calibrated peers (Percentile/Entropy, "
+                         f"FP8 Distribution) run with ORT "
                          f"`extra_options={{'CalibStridedMinMax': {res['hist_calib_stride']}}}`: with ORT defaults "
                          f"they hold every activation of all {res['n_calib']} samples "
                          f"(~{res['activation_mb_per_sample'] * res['n_calib'] / 1e3:.1f} GB by shape inference).")
@@ -800,6 +1066,12 @@ def render_markdown(results: list[dict], meta: dict) -> str:
 _STYLE = {
     "qcompile-w8a8": dict(marker="*", color="#d62728", s=220),
     "qcompile-w8a16": dict(marker="D", color="#d62728", s=90),
+    "qcompile-w8a8-dynamic": dict(marker="P", color="#d62728", s=110),
+    "qcompile-w4a16": dict(marker="v", color="#d62728", s=90),
+    "qcompile-w4a8": dict(marker="<", color="#d62728", s=90),
+    "qcompile-w4a4": dict(marker="x", color="#d62728", s=90),
+    "qcompile-fp8": dict(marker="h", color="#d62728", s=100),
+    "qcompile-w8a8-mix": dict(marker="p", color="#d62728", s=100),
     "static-minmax": dict(marker="o", color="#1f77b4", s=70),
     "static-percentile": dict(marker="s", color="#1f77b4", s=70),
     "static-entropy": dict(marker="^", color="#1f77b4", s=80),
@@ -808,7 +1080,10 @@ _STYLE = {
     "static-mm-entropy": dict(marker="^", color="#17becf", s=80),
     "dynamic": dict(marker="P", color="#2ca02c", s=90),
     "nbits4-rtn": dict(marker="v", color="#ff7f0e", s=80),
-    "nbits8": dict(marker="<", color="#ff7f0e", s=80),
+    "nbits4-rtn-acc4": dict(marker="<", color="#ff7f0e", s=80),
+    "nbits8": dict(marker=">", color="#ff7f0e", s=80),
+    "fp8": dict(marker="h", color="#9467bd", s=80),
+    "fp8-mm": dict(marker="H", color="#9467bd", s=80),
 }
 
 
@@ -890,6 +1165,7 @@ def _meta(args, argv: list[str]) -> dict:
                 latency_pass_budget=args.latency_pass_budget,
                 eval_samples=args.eval_samples, peers=args.peer_keys or "all applicable",
                 calib_stride=args.calib_stride, qcompile_python=args.python, peers_see_torch=args.peers_see_torch,
+                no_b16=args.no_b16,
                 loadavg_start=os.getloadavg())
 
 
@@ -917,13 +1193,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  epilog="Results: DIR/bench.md, DIR/bench.json, DIR/bench.png.")
     ap.add_argument("--models", default=None, help=f"comma list (default {','.join(DEFAULT_MODELS)})")
-    ap.add_argument("--recipes", default=None, help=f"comma list (default {','.join(DEFAULT_RECIPES)})")
+    ap.add_argument("--recipes", default=None,
+                    help=f"comma list of built-in recipes ({','.join(known_recipes())}); default "
+                         f"{','.join(DEFAULT_RECIPES)}, --quick: {','.join(QUICK_RECIPES)}")
     ap.add_argument("--out", default=None, help="results folder (default docs/benchmarks; --quick: build/bench-quick)")
     ap.add_argument("--quick", action="store_true",
-                    help="small_cnn only, peers static-minmax + dynamic, 16 eval samples, 10 latency runs")
+                    help=f"small_cnn only, recipes {','.join(QUICK_RECIPES)}, peers {','.join(QUICK_PEERS)}, "
+                         "16 eval samples, 2 latency passes of 10 runs")
     ap.add_argument("--eval-samples", type=int, default=None, help="limit the held-out samples (default: all)")
     ap.add_argument("--latency-runs", type=int, default=None, help="timed runs per pass (default 30; 0 = no latency)")
-    ap.add_argument("--latency-passes", type=int, default=3, help="passes over all models; best pass kept (default 3)")
+    ap.add_argument("--latency-passes", type=int, default=None,
+                    help="passes over all models; best pass kept (default 3; --quick: 2)")
     ap.add_argument("--latency-pass-budget", type=float, default=150.0,
                     help="seconds per model per pass; a slower model gets fewer runs, at least 10, in one pass (default 150)")
     ap.add_argument("--peers", default="", help="subset of peer keys: " + ",".join(PEER_BY_KEY))
@@ -943,16 +1223,19 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quick:
         args.models = args.models or "small_cnn"
+        args.recipes = args.recipes or ",".join(QUICK_RECIPES)
         args.eval_samples = args.eval_samples or 16
         args.latency_runs = 10 if args.latency_runs is None else args.latency_runs
+        args.latency_passes = 2 if args.latency_passes is None else args.latency_passes
         args.peers = args.peers or ",".join(QUICK_PEERS)
     args.model_list = [m.strip() for m in (args.models or ",".join(DEFAULT_MODELS)).split(",") if m.strip()]
     args.recipe_list = [r.strip() for r in (args.recipes or ",".join(DEFAULT_RECIPES)).split(",") if r.strip()]
     args.peer_keys = [k.strip() for k in args.peers.split(",") if k.strip()]
     args.latency_runs = 30 if args.latency_runs is None else args.latency_runs
+    args.latency_passes = 3 if args.latency_passes is None else args.latency_passes
     bad = [k for k in args.peer_keys if k not in PEER_BY_KEY]
     bad_m = [m for m in args.model_list if m not in DEFAULT_MODELS]
-    bad_r = [r for r in args.recipe_list if r not in DEFAULT_RECIPES]
+    bad_r = [r for r in args.recipe_list if r not in known_recipes()]
     if bad or bad_m or bad_r:
         ap.error(f"unknown peers {bad} / models {bad_m} / recipes {bad_r}")
     out_dir = Path(args.out or (ROOT / ("build/bench-quick" if args.quick else "docs/benchmarks")))

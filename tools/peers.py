@@ -477,12 +477,17 @@ def _child_main(spec_json: str) -> int:
 
 
 # --------------------------------------------------------------- evaluation
-def _session(model_path, threads: int = 2):
+ORT_LEVELS = ("ORT_ENABLE_ALL", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_BASIC", "ORT_DISABLE_ALL")
+
+
+def _session(model_path, threads: int = 2, level: str = "ORT_ENABLE_ALL"):
+    """CPU session; ``level`` names a GraphOptimizationLevel member (the benchmark always uses
+    ORT_ENABLE_ALL, except for a peer model that only loads at a lower level -- it says so)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     so.log_severity_level = 3
     return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
 
@@ -499,12 +504,13 @@ def load_inputs(npz, input_names=None, limit: int | None = None) -> dict[str, np
     return dict(zip(input_names, arrays.values()))
 
 
-def run_model(model_path, inputs, *, limit: int | None = None, threads: int = 2) -> dict[str, np.ndarray]:
+def run_model(model_path, inputs, *, limit: int | None = None, threads: int = 2,
+              level: str = "ORT_ENABLE_ALL") -> dict[str, np.ndarray]:
     """Run a model sample by sample (batch 1: quantized models have a fixed batch).
 
     ``inputs``: npz path or {name: array}.  Returns {output_name: stacked array}.
     """
-    sess = _session(model_path, threads)
+    sess = _session(model_path, threads, level)
     names = [i.name for i in sess.get_inputs()]
     if isinstance(inputs, (str, os.PathLike)):
         feeds = load_inputs(inputs, names, limit)
