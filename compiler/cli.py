@@ -46,6 +46,10 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="save the graph after PASS into OUT/dumps/ (repeatable; 'all' for every pass)")
     p.add_argument("--external-data", action="store_true",
                    help="store weights in OUT/model.onnx.data (automatic for models over 2 GB)")
+    p.add_argument("--max-loss", metavar="METRIC>=VALUE",
+                   help="accuracy budget, e.g. cosine>=0.995 or sqnr>=30: fall back the noisiest layers to float "
+                        "(and try other calibration methods) until it holds; the best model found is written")
+    p.add_argument("--max-trials", type=int, default=8, help="compiles the --max-loss search may run (default 8)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or table")
     p.add_argument("-v", "--verbose", action="store_true", help="log each pass")
     return p
@@ -59,11 +63,16 @@ def _cmd_compile(argv: list[str]) -> int:
     from .model_io import parse_input_shapes
     from .report import print_summary
 
-    result = compile_model(args.model, target=args.target, recipe=args.recipe, calib=args.calib,
-                           output_dir=args.output, input_shapes=parse_input_shapes(args.input_shape),
-                           verify=not args.no_verify, verify_data=args.verify_data,
-                           verify_samples=args.verify_samples, dump_after=tuple(args.dump_after),
-                           progress=not args.quiet, external_data=True if args.external_data else None)
+    common = dict(target=args.target, calib=args.calib, input_shapes=parse_input_shapes(args.input_shape),
+                  verify=not args.no_verify, verify_data=args.verify_data, verify_samples=args.verify_samples,
+                  dump_after=tuple(args.dump_after), progress=not args.quiet,
+                  external_data=True if args.external_data else None)
+    if args.max_loss is not None:
+        from .budget import compile_with_budget, parse_budget
+        result = compile_with_budget(args.model, budget=parse_budget(args.max_loss), max_trials=args.max_trials,
+                                     output_dir=args.output, recipe=args.recipe, **common)
+    else:
+        result = compile_model(args.model, recipe=args.recipe, output_dir=args.output, **common)
     if not args.quiet:
         print_summary(result.report)
         Console().print(f"wrote {', '.join(str(f) for f in result.files)}")

@@ -4,6 +4,7 @@ every output staged and committed only on success."""
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.metadata
 import shutil
 import time
@@ -21,6 +22,7 @@ from .pipeline import run_pipeline
 from .recipe import Recipe, load_recipe, parse_steps
 from .report import write_report
 from .targets import Target, check_capabilities, load_target
+from .budget import compile_with_fallback, error_fallback_count
 from .verify import verify_models
 
 MODEL_FILE = "model.onnx"
@@ -34,15 +36,36 @@ class CompileResult:
     output_dir: Path
     files: list[Path]
     report: dict
+    stats: dict = dataclasses.field(default_factory=dict, repr=False)  # activation observers
 
 
-def prepare(target_spec: str, recipe_name: str) -> tuple[Target, Recipe]:
-    """Target and recipe, fully validated (recipe keys, order, target capabilities)."""
+def prepare(target_spec: str, recipe_name: str, exclude_layers: tuple[str, ...] = (),
+            overrides: dict[str, dict] | None = None) -> tuple[Target, Recipe]:
+    """Target and recipe, fully validated (recipe keys, order, target capabilities).
+
+    `exclude_layers`: node names every quantize step keeps float (the accuracy budget's
+    fallback); `overrides`: {pass name: {key: value}} replacing top-level config keys.
+    """
     target = load_target(target_spec)
     lowering = parse_steps(list(target.lowering), f"target {target.name}", "target") if target.lowering else []
     recipe = load_recipe(recipe_name, extra_steps=lowering)
+    if exclude_layers or overrides:
+        recipe = _adjusted(recipe, exclude_layers, overrides or {})
     check_capabilities(target, recipe)
     return target, recipe
+
+
+def _adjusted(recipe: Recipe, exclude_layers: tuple[str, ...], overrides: dict[str, dict]) -> Recipe:
+    steps = []
+    for step in recipe.steps:
+        config = step.config
+        changes = dict(overrides.get(step.spec.name, {}))
+        if step.spec.name == "quantize" and exclude_layers:
+            changes["exclude"] = tuple(config.exclude) + tuple(glob.escape(n) for n in exclude_layers)
+        if changes:
+            config = dataclasses.replace(config, **changes)
+        steps.append(dataclasses.replace(step, config=config))
+    return dataclasses.replace(recipe, steps=tuple(steps))
 
 
 def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str = "w8a8",
@@ -50,14 +73,24 @@ def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str = 
                   input_shapes: dict[str, list[int]] | None = None, verify: bool = True,
                   verify_data: str | Path | None = None, verify_samples: int = 64,
                   dump_after: tuple[str, ...] = (), progress: bool = True,
-                  external_data: bool | None = None) -> CompileResult:
+                  external_data: bool | None = None, exclude_layers: tuple[str, ...] = (),
+                  overrides: dict[str, dict] | None = None, stats: dict | None = None) -> CompileResult:
     """Compile `model_path` for `target` with `recipe`; outputs land in `output_dir` only on success.
 
     `external_data`: store weights in `model.onnx.data` (None: only when over 2 GB).
+    `exclude_layers` / `overrides`: see `prepare`. `stats`: activation observers from an
+    earlier compile of the same model and data (tensor name -> observer); calibration
+    then only observes tensors missing from it. The result's `stats` are this compile's.
     """
     started = time.perf_counter()
     model_path = Path(model_path)
-    tgt, rec = prepare(target, recipe)
+    tgt, rec = prepare(target, recipe, exclude_layers, overrides)
+    fallback = error_fallback_count(rec)
+    if fallback:
+        return compile_with_fallback(model_path, count=fallback, output_dir=output_dir, recipe=recipe, target=target,
+                                     calib=calib, input_shapes=input_shapes, verify=verify, verify_data=verify_data,
+                                     verify_samples=verify_samples, dump_after=dump_after, progress=progress,
+                                     external_data=external_data)
     known = {s.spec.name for s in rec.steps}
     unknown = sorted(set(dump_after) - known - {"all"})
     if unknown:
@@ -66,7 +99,7 @@ def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str = 
     staged = StagedOutput(output_dir)
     try:
         result = _compile(model_path, tgt, rec, calib, staged, input_shapes or {}, verify, verify_data,
-                          verify_samples, set(dump_after), progress, started, external_data)
+                          verify_samples, set(dump_after), progress, started, external_data, stats)
         files = staged.commit()
         result.files = files
         return result
@@ -76,7 +109,7 @@ def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str = 
 
 
 def _compile(model_path, tgt, rec, calib, staged, input_shapes, verify, verify_data, verify_samples,
-             dump_after, progress, started, external_data) -> CompileResult:
+             dump_after, progress, started, external_data, stats=None) -> CompileResult:
     model = load_model(model_path)
     original_opset = opset_of(model)
     needed = required_opset(tgt, rec)
@@ -92,6 +125,8 @@ def _compile(model_path, tgt, rec, calib, staged, input_shapes, verify, verify_d
     else:
         infer_shapes(model)
     ctx = CompileContext(target=tgt, calib=dataset, progress=progress)
+    if stats:
+        ctx.stats.update(stats)
     still_dynamic = dynamic_inputs(model)
     needs_ranges = any(s.spec.cls.gives(s.config) & {"ranges"} for s in rec.steps)
     if still_dynamic and needs_ranges and dataset is None:
@@ -147,7 +182,7 @@ def _compile(model_path, tgt, rec, calib, staged, input_shapes, verify, verify_d
     report.update({k: v for k, v in ctx.report.items()})
     report["compile_seconds"] = round(time.perf_counter() - started, 3)
     write_report(staged.path(REPORT_FILE), report)
-    return CompileResult(staged.destination, [], report)
+    return CompileResult(staged.destination, [], report, ctx.stats)
 
 
 def required_opset(tgt: Target, rec: Recipe) -> int:

@@ -91,6 +91,18 @@ class HistogramObserver:
     def centres(self) -> np.ndarray:
         return self.lo + (np.arange(self.bins) + 0.5) * self.width
 
+    def range_measure(self) -> float:
+        """max|x| / std(x) from the histogram: how far the extreme values sit from the bulk
+        (the seeds' fallback statistic: a tensor with a high one loses most to a per-tensor
+        int8 range)."""
+        if self.count == 0:
+            return 0.0
+        c, n = self.centres, self.counts.astype(np.float64)
+        mean = float(np.dot(c, n) / n.sum())
+        std = float(np.sqrt(max(np.dot((c - mean) ** 2, n) / n.sum(), 0.0)))
+        absmax = max(abs(self.min), abs(self.max))
+        return absmax / std if std > 0 else float("inf") if absmax > 0 else 0.0
+
     def range(self, method: str = "minmax", *, percentile: float = 99.999, dtype: str = "uint8",
               symmetric: bool = False) -> tuple[float, float]:
         if self.count == 0:

@@ -49,5 +49,16 @@ def print_summary(report: dict, console: Console | None = None, *, header: bool 
         if worst:
             console.print("layers adding the most error: " +
                           ", ".join(f"{k} ({v} dB)" for v, k in worst))
+    budget = report.get("budget")
+    if budget:
+        table = Table(title=f"accuracy budget {budget['metric']} >= {budget['threshold']}: "
+                            f"{'met' if budget['met'] else 'NOT met'}, kept trial {budget['best_trial']}")
+        for col in ("trial", "change", budget["metric"], "quantized", "seconds"):
+            table.add_column(col, justify="left" if col == "change" else "right")
+        for t in budget["trials"]:
+            table.add_row(str(t["trial"]), t["change"] + (f" (failed: {t['error']})" if t.get("error") else ""),
+                          "-" if t["metric"] is None else f"{t['metric']:.4f}", str(t["quantized_layers"]),
+                          str(t["seconds"]))
+        console.print(table)
     for w in report.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {w}")

@@ -52,9 +52,11 @@ class Calibrate(QPass):
         cfg, ctx = self.config, self.ctx
         ctx.calibration = cfg
         values = _values_by_name(model)
-        wanted = [values[n] for n in sorted(ctx.range_requests) if n in values]
+        wanted = [values[n] for n in sorted(ctx.range_requests) if n in values and n not in ctx.stats]
         if not wanted:
-            ctx.report["calibrate"] = {"tensors": 0, "samples": 0, "note": "no pass asked for ranges"}
+            note = "no pass asked for ranges" if not ctx.range_requests else \
+                "every requested range came from an earlier compile of the same model and data"
+            ctx.report["calibrate"] = {"tensors": 0, "samples": 0, "reused": len(ctx.range_requests), "note": note}
             return False
         dataset = ctx.calib
         if dataset is None:

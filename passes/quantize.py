@@ -32,6 +32,7 @@ import onnx_ir.passes.common as common_passes
 from qcompile import dynamic_qdq
 from qcompile.numerics import (INT_TYPES, bits, block_minmax, compute_qparams, full_range_qparams, is_float8,
                                qrange, quantize, reduce_absmax, to_storage)
+from qcompile.errors import RecipeError
 from qcompile.qdq import insert_qdq, store_weight_quantized
 from qcompile.registry import QPass, register_pass
 from qcompile.schemes import ActivationScheme, Scheme, WeightScheme, builtin_scheme, mixable_schemes, \
@@ -73,6 +74,21 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
+@dataclasses.dataclass(frozen=True)
+class Fallback:
+    """Automatic fallback: the `max_layers` layers ranked worst stay float. `range`: by the
+    range measure max|x|/std of the layer's input (calibration histograms, in this pass);
+    `error`: by the noise each layer adds when quantized (a first compile is verified, then
+    the model is compiled again without them: compiler/budget.py)."""
+    max_layers: int = 0
+    rank_by: Literal["error", "range"] = "error"
+
+    def validate(self):
+        if self.max_layers < 0:
+            return "max_layers", f"must be at least 0, got {self.max_layers}"
+        return None
+
+
 @register_pass("quantize")
 class Quantize(QPass):
     """Quantize Conv/MatMul/Gemm: weights, static or dynamic activations, int32 bias, per-scope schemes."""
@@ -95,6 +111,7 @@ class Quantize(QPass):
         output_quantization: Literal["conv", "all"] = "conv"
         # keep layers float where the target says int8 is slower (its `int8_min_macs`)
         speed_fallback: bool = True
+        fallback: Fallback = Fallback()
 
         def validate(self) -> tuple[str, str] | None:
             problem = scheme_compatibility(self.weight, self.activation)
@@ -223,6 +240,9 @@ class Quantize(QPass):
                         folded = user
             plans.append(LayerPlan(node, scheme, weight_index, axis, acts,
                                    folded.outputs[0] if folded else out, folded))
+        if config.fallback.max_layers > len(plans):
+            raise RecipeError(f"fallback.max_layers is {config.fallback.max_layers}, but this model has only "
+                              f"{len(plans)} layers to quantize", pass_name="quantize", key="fallback.max_layers")
         return plans, skipped
 
     @staticmethod
@@ -272,6 +292,8 @@ class Quantize(QPass):
         graph = model.graph
         before_bytes = _initializer_bytes(graph)
         plans, skipped = self.plan(model, cfg, ctx.target)
+        if cfg.fallback.max_layers and cfg.fallback.rank_by == "range":
+            plans = self._fall_back_by_range(plans, skipped, cfg.fallback.max_layers)
         # Static activation params for every tensor first: one Q/DQ pair per tensor.
         act_params: dict[str, tuple] = {}       # tensor -> (scale, zero point, dtype)
         usable = []
@@ -328,6 +350,19 @@ class Quantize(QPass):
                                         "compression": round(before_bytes / after_bytes, 3) if after_bytes else None},
         }
         return bool(usable)
+
+    def _fall_back_by_range(self, plans: list[LayerPlan], skipped: dict, count: int) -> list[LayerPlan]:
+        """Keep the `count` layers whose inputs have the highest max|x|/std in float."""
+        def measure(p: LayerPlan) -> float:
+            stats = [self.ctx.stats.get(v.name) for v in p.activations]
+            return max((s.range_measure() for s in stats if s is not None), default=0.0)
+
+        ranked = sorted(plans, key=measure, reverse=True)
+        dropped = {id(p) for p in ranked[:count]}
+        for p in ranked[:count]:
+            skipped[p.node.name] = (f"fallback: input range measure max|x|/std = {measure(p):.1f}, "
+                                    f"among the {count} highest")
+        return [p for p in plans if id(p) not in dropped]
 
     def _quantize_layer(self, graph, p: LayerPlan, act_params, quantized_weights, sizes) -> dict:
         node, scheme = p.node, p.scheme

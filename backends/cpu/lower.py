@@ -55,6 +55,8 @@ class CpuLower(QPass):
         # 4 = int8 (faster, quantizes activations per block at run time). Layers whose input
         # is already int8-quantized (W4A8) always use 4.
         weight_only_accuracy_level: Literal[0, 1, 2, 3, 4] = 0
+        # static int8 MatMuls without output Q/DQ as MatMulInteger -> Cast -> Mul (forms.py says why)
+        integer_matmul: bool = True
 
     @classmethod
     def gives(cls, config) -> set[str]:
@@ -91,19 +93,26 @@ class CpuLower(QPass):
                 quantized[node.name]["lowered_to"] = f"MatMulNBits (accuracy_level {level})"
                 quantized[node.name]["speed_note"] = slow.get("matmulnbits_prefill")
                 nbits += 1
+        integer = 0
+        if self.config.integer_matmul:
+            for node in list(graph):
+                if node.name in quantized and forms.integer_matmul_candidate(node):
+                    forms.to_integer_matmul(graph, node)
+                    quantized[node.name]["lowered_to"] = "MatMulInteger -> Cast -> Mul"
+                    integer += 1
         for name, record in quantized.items():
             if "float8" in record.get("scheme", ""):
                 record["speed_note"] = slow.get("float8")
             elif "A[int4" in record.get("scheme", "") or "A[uint4" in record.get("scheme", ""):
                 record["speed_note"] = slow.get("int4_activations")
-        if nbits or simulated:
+        if nbits or simulated or integer:
             graph.sort()
             common_passes.RemoveUnusedNodesPass()(model)  # the replaced weights' initializers
             if "com.microsoft" not in model.opset_imports and nbits:
                 model.opset_imports["com.microsoft"] = 1
-        self.ctx.report["cpu_forms"] = {"matmulnbits": nbits,
+        self.ctx.report["cpu_forms"] = {"matmulnbits": nbits, "integer_matmul": integer,
                                         "simulated_activation_qdq": dict(simulated)}
-        return bool(nbits or simulated)
+        return bool(nbits or simulated or integer)
 
     def _check_kernels(self, model: ir.Model) -> None:
         slow = self.ctx.target.setting("slow_forms") or {}
