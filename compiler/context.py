@@ -30,6 +30,8 @@ class CompileContext:
     # report sections, one per pass, plus warnings
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # weight name -> integers and scales chosen by a weight algorithm (gptq), used by quantize
+    precomputed_weights: dict[str, Any] = dataclasses.field(default_factory=dict)
     # per-layer decisions: node name -> record (op, status, scheme, reason)
     layers: dict[str, dict] = dataclasses.field(default_factory=dict)
     # extra files a target emits beside model.onnx (name -> writer(path)), e.g. atc.sh

@@ -442,20 +442,11 @@ class Quantize(QPass):
         block = None
         if granularity == "per_group":
             axis, block = block_axis, scheme.group_size
-            lo, hi = block_minmax(w, axis, block)
+        chosen = self._precomputed(w_val, p, scheme, granularity, axis, block)
+        if chosen is not None:
+            q, scale, zp = chosen
         else:
-            lo, hi = reduce_absmax(w, axis)
-        if scheme.full_range:
-            scale, zp = full_range_qparams(lo, hi, scheme.dtype)
-        else:
-            scale, zp = compute_qparams(lo, hi, scheme.dtype, symmetric=scheme.symmetric, restricted=True,
-                                        reduce_range=scheme.reduce_range)
-        rng = np.random.default_rng([scheme.seed, zlib.crc32(w_val.name.encode())]) \
-            if scheme.rounding == "stochastic" else None
-        q = quantize(w, scale, zp, scheme.dtype, axis=axis, block_size=block, rounding=scheme.rounding, rng=rng)
-        if scheme.symmetric and not scheme.full_range and not is_float8(scheme.dtype):
-            qmin, qmax = qrange(scheme.dtype, restricted=True, reduce_range=scheme.reduce_range)
-            q = np.clip(q, qmin, qmax).astype(q.dtype)  # floor/ceil/stochastic can step past -qmax
+            q, scale, zp = self._round_weight(w, w_val.name, scheme, axis, block)
         nbytes = (q.size * bits(scheme.dtype) + 7) // 8 + scale.size * 4 + \
             (0 if scheme.symmetric else (zp.size * bits(scheme.dtype) + 7) // 8)
         sizes["float"] += w.size * 4
@@ -467,6 +458,45 @@ class Quantize(QPass):
         out = store_weight_quantized(graph, w_val, to_storage(q, scheme.dtype), scale,
                                      to_storage(np.asarray(zp), scheme.dtype), axis, block)
         return out, scale, q, nbytes
+
+    def _precomputed(self, w_val, p: LayerPlan, scheme, granularity, axis, block):
+        """Integers and scales a weight algorithm (gptq) chose for this weight, in this pass's layout,
+        when they were made for the same scheme; None otherwise (with a warning if they differ)."""
+        pre = self.ctx.precomputed_weights.get(w_val.name)
+        if pre is None:
+            return None
+        if pre.scheme != scheme or pre.granularity != granularity or p.dynamic:
+            self.ctx.warn(f"{p.node.name}: the weight algorithm quantized {w_val.name} as {pre.scheme.label()}, "
+                          f"but quantize asks for {scheme.label()}; rounding it again")
+            return None
+        transposed = p.node.op_type == "Gemm" and p.node.attributes.get_int("transB", 0)
+        q, scale = pre.q, pre.scale
+        if transposed:  # gptq works on [K, N]; this weight is [N, K]
+            q = np.ascontiguousarray(q.T)
+            scale = np.ascontiguousarray(scale.T) if block else scale
+        if (axis is None) != (pre.axis is None) or q.shape != tuple(w_val.const_value.shape):
+            return None
+        zp = np.zeros(scale.shape, dtype=q.dtype)
+        return q, scale, zp
+
+    def _round_weight(self, w: np.ndarray, name: str, scheme: WeightScheme, axis, block):
+        """Round-to-nearest (or the scheme's rounding mode) with min/max scales."""
+        if block:
+            lo, hi = block_minmax(w, axis, block)
+        else:
+            lo, hi = reduce_absmax(w, axis)
+        if scheme.full_range:
+            scale, zp = full_range_qparams(lo, hi, scheme.dtype)
+        else:
+            scale, zp = compute_qparams(lo, hi, scheme.dtype, symmetric=scheme.symmetric, restricted=True,
+                                        reduce_range=scheme.reduce_range)
+        rng = np.random.default_rng([scheme.seed, zlib.crc32(name.encode())]) \
+            if scheme.rounding == "stochastic" else None
+        q = quantize(w, scale, zp, scheme.dtype, axis=axis, block_size=block, rounding=scheme.rounding, rng=rng)
+        if scheme.symmetric and not scheme.full_range and not is_float8(scheme.dtype):
+            qmin, qmax = qrange(scheme.dtype, restricted=True, reduce_range=scheme.reduce_range)
+            q = np.clip(q, qmin, qmax).astype(q.dtype)  # floor/ceil/stochastic can step past -qmax
+        return q, scale, zp
 
     def _quantize_bias(self, graph, node, bias: ir.Value, x_scale: np.ndarray, w_scale: np.ndarray) -> str | None:
         b = _const(bias)
