@@ -338,7 +338,9 @@ def test_every_builtin_recipe_compiles_and_runs(tmp_path, recipe):
     (got,) = run(final, {"x": x})
     (ref,) = run(model, {"x": x})
     assert np.all(np.isfinite(got)) and got.shape == ref.shape
-    assert report["verification"]["outputs"]["y"]["cosine_mean"] > (0.9 if recipe == "w4a4" else 0.99)
+    # 4-bit weights on a random MLP: about 20 dB per layer, so a lower floor than for 8 bits
+    floor = 0.9 if recipe == "w4a4" else 0.98 if recipe.startswith("w4") else 0.99
+    assert report["verification"]["outputs"]["y"]["cosine_mean"] > floor
     quantized = [r for r in report["layers"].values() if r["status"] == "quantized"]
     assert quantized and all(r["scheme"] and r["weight_bytes"]["quantized"] < r["weight_bytes"]["float"]
                              for r in quantized)
