@@ -89,6 +89,22 @@ class Fallback:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class RangeGuard:
+    """Range-aware placement: a static activation that joins quantities of very different
+    scales cannot share one per-tensor scale. The layer reading it stays float when the
+    tensor is a Concat whose inputs' ranges differ more than `concat_ratio` times (a detector
+    head joining pixel boxes with [0, 1] scores), or when it holds values beyond `max_abs` or
+    Inf/NaN (an attention mask of -3.4e38). 0 turns a check off."""
+    concat_ratio: float = 64.0
+    max_abs: float = 1e6
+
+    def validate(self):
+        if self.concat_ratio < 0 or self.max_abs < 0:
+            return "concat_ratio", "must be >= 0 (0 turns the check off)"
+        return None
+
+
 @register_pass("quantize")
 class Quantize(QPass):
     """Quantize Conv/MatMul/Gemm: weights, static or dynamic activations, int32 bias, per-scope schemes."""
@@ -112,6 +128,7 @@ class Quantize(QPass):
         # keep layers float where the target says int8 is slower (its `int8_min_macs`)
         speed_fallback: bool = True
         fallback: Fallback = Fallback()
+        range_guard: RangeGuard = RangeGuard()
 
         def validate(self) -> tuple[str, str] | None:
             problem = scheme_compatibility(self.weight, self.activation)
@@ -269,7 +286,11 @@ class Quantize(QPass):
     @classmethod
     def range_request(cls, model: ir.Model, config, ctx) -> set[str]:
         plans, _ = cls.plan(model, config, ctx.target)
-        return {v.name for p in plans if p.static for v in (*p.activations, p.output) if v is not None}
+        wanted = {v.name for p in plans if p.static for v in (*p.activations, p.output) if v is not None}
+        if config.range_guard.concat_ratio:  # the parts of a concatenated input, for range_guard
+            wanted |= {part.name for p in plans if p.static for v in p.activations
+                       for part in _concat_parts(v)}
+        return wanted
 
     # -- rewriting ----------------------------------------------------------------
     def _activation_dtype(self, act: ActivationScheme) -> str:
@@ -299,6 +320,10 @@ class Quantize(QPass):
         usable = []
         for p in plans:
             if p.static:
+                guarded = self._range_guard(p)
+                if guarded:
+                    skipped[p.node.name] = guarded
+                    continue
                 dtype = self._activation_dtype(p.scheme.activation)
                 problems = []
                 for v in (*p.activations, p.output):
@@ -350,6 +375,28 @@ class Quantize(QPass):
                                         "compression": round(before_bytes / after_bytes, 3) if after_bytes else None},
         }
         return bool(usable)
+
+    def _range_guard(self, p: LayerPlan) -> str | None:
+        """Why one per-tensor scale cannot serve this layer's input (None: it can)."""
+        guard = self.config.range_guard
+        for v in p.activations:
+            stats = self.ctx.stats.get(v.name)
+            if stats is None:
+                continue
+            if guard.max_abs and (stats.nonfinite or max(abs(stats.min), abs(stats.max)) > guard.max_abs):
+                what = f"{stats.nonfinite} Inf/NaN values" if stats.nonfinite else \
+                    f"values up to {max(abs(stats.min), abs(stats.max)):.3g}"
+                return (f"range_guard: input {v.name!r} holds {what} (beyond max_abs {guard.max_abs:g}); "
+                        "one int8 scale would flatten everything else")
+            parts = [(part.name, self.ctx.stats.get(part.name)) for part in _concat_parts(v)]
+            spans = {n: max(abs(s.min), abs(s.max)) for n, s in parts if s is not None and s.count}
+            if guard.concat_ratio and len(spans) > 1 and min(spans.values()) > 0:
+                ratio = max(spans.values()) / min(spans.values())
+                if ratio > guard.concat_ratio:
+                    lo, hi = min(spans, key=spans.get), max(spans, key=spans.get)
+                    return (f"range_guard: input {v.name!r} concatenates {hi!r} (|x| up to {spans[hi]:.3g}) with "
+                            f"{lo!r} (up to {spans[lo]:.3g}), {ratio:.0f}x apart; one scale would erase the smaller")
+        return None
 
     def _fall_back_by_range(self, plans: list[LayerPlan], skipped: dict, count: int) -> list[LayerPlan]:
         """Keep the `count` layers whose inputs have the highest max|x|/std in float."""
@@ -542,6 +589,16 @@ def activation_symmetric(act: ActivationScheme | None, target) -> bool:
     if act.symmetric == "auto":
         return bool(target.setting("activation_symmetric", False)) if target is not None else False
     return bool(act.symmetric)
+
+
+def _concat_parts(value: ir.Value) -> list[ir.Value]:
+    """The inputs of the Concat producing `value` (through shape-only ops), else []."""
+    node = value.producer()
+    while node is not None and node.op_type in ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"):
+        node = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+    if node is None or node.op_type != "Concat":
+        return []
+    return [v for v in node.inputs if v is not None and v.const_value is None]
 
 
 def layer_macs(node: ir.Node) -> int | None:
