@@ -429,6 +429,8 @@ class Quantize(QPass):
             if granularity != scheme.weight.granularity:
                 notes.append(f"{scheme.weight.granularity} weights apply to MatMul/Gemm; {node.op_type} "
                              f"uses {granularity}")
+                actual = dataclasses.replace(scheme, weight=dataclasses.replace(scheme.weight, granularity=granularity))
+                record["scheme"] = _scheme_label(actual, act_dtype)
             key = (w_val.name, scheme.weight, granularity, p.dynamic)
             if key not in quantized_weights:
                 quantized_weights[key] = self._quantize_weight(graph, w_val, p, scheme.weight, granularity,
@@ -439,7 +441,7 @@ class Quantize(QPass):
             record["weight_bytes"] = {"float": int(_const(w_val).size * 4), "quantized": nbytes}
             bias = node.inputs[2] if len(node.inputs) > 2 and node.op_type in ("Conv", "Gemm") else None
             if p.dynamic:
-                x = p.activations[0]
+                x = node.inputs[0]  # now: an upstream dynamic layer may have replaced the value planned
                 b = _const(bias) if bias is not None else None
                 if bias is not None and b is None:
                     notes.append("bias is not constant; kept float")

@@ -345,3 +345,22 @@ def test_every_builtin_recipe_compiles_and_runs(tmp_path, recipe):
     assert quantized and all(r["scheme"] and r["weight_bytes"]["quantized"] < r["weight_bytes"]["float"]
                              for r in quantized)
     json.dumps(report)
+
+
+def test_dynamic_layers_in_a_chain(tmp_path, tiny):
+    """Conv -> Conv, both dynamic: the second reads the first's replacement output."""
+    rng = np.random.default_rng(0)
+    inits = {"W1": rng.standard_normal((4, 3, 3, 3)) * 0.3, "W2": rng.standard_normal((5, 4, 3, 3)) * 0.3}
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], name="/c1/Conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c1", "W2"], ["y"], name="/c2/Conv", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = TinyModels.data((3, 8, 8), 4)
+    final, _, report = compile_tiny(tmp_path, model, "w8a8-dynamic", x)
+    assert ops(final).count("ConvInteger") == 2
+    (got,) = run(final, {"x": x})
+    (ref,) = run(model, {"x": x})
+    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)) > 25
