@@ -427,8 +427,10 @@ class Quantize(QPass):
             w_val = node.inputs[p.weight_index]
             granularity, block_axis = self._granularity(node, p, scheme.weight)
             if granularity != scheme.weight.granularity:
-                notes.append(f"{scheme.weight.granularity} weights apply to MatMul/Gemm; {node.op_type} "
-                             f"uses {granularity}")
+                why = "the target takes this op's weights per tensor" if granularity == "per_tensor" \
+                    else "per_group applies to MatMul/Gemm" if node.op_type == "Conv" \
+                    else "dynamic activations need per-channel weights"
+                notes.append(f"{node.op_type} weights are {granularity}, not {scheme.weight.granularity}: {why}")
                 actual = dataclasses.replace(scheme, weight=dataclasses.replace(scheme.weight, granularity=granularity))
                 record["scheme"] = _scheme_label(actual, act_dtype)
             key = (w_val.name, scheme.weight, granularity, p.dynamic)
