@@ -299,7 +299,7 @@ def test_impossible_schemes_are_recipe_errors(tmp_path, run_cli, tiny, quantize,
 
 
 def test_mixable_schemes_are_the_plain_recipes():
-    assert set(mixable_schemes()) == set(builtin_recipes()) - {"w8a8-mix", "w8a8-smooth", "w4a16-gptq"} | {"float"}
+    assert set(mixable_schemes()) == set(builtin_recipes()) - {"w8a8-mix", "w8a8-smooth", "w4a16-gptq", "w4a16-awq"} | {"float"}
 
 
 def test_fp8_is_refused_where_the_opset_lacks_it(tmp_path):
@@ -331,9 +331,9 @@ def test_ascend_checks_the_schemes_a_mix_names(tmp_path):
 # -- every built-in recipe compiles and runs ------------------------------------------------------------
 @pytest.mark.parametrize("recipe", sorted(builtin_recipes()))
 def test_every_builtin_recipe_compiles_and_runs(tmp_path, recipe):
-    d = 64 if recipe == "w4a16-gptq" else 1024  # 1024: fc1 has the 1M MACs cpu's int8 layers need
+    d = 64 if recipe in ("w4a16-gptq", "w4a16-awq") else 1024  # 1024: fc1 has the 1M MACs cpu's int8 layers need
     model, _ = mlp(d_in=d, d_hidden=d)
-    x = TinyModels.data((d,), 128 if recipe == "w4a16-gptq" else 8)  # GPTQ: at least a row per channel
+    x = TinyModels.data((d,), 128 if d == 64 else 8)  # GPTQ: at least a row per channel
     final, _, report = compile_tiny(tmp_path, model, recipe, x)
     (got,) = run(final, {"x": x})
     (ref,) = run(model, {"x": x})
