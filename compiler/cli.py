@@ -50,6 +50,11 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="accuracy budget, e.g. cosine>=0.995 or sqnr>=30: fall back the noisiest layers to float "
                         "(and try other calibration methods) until it holds; the best model found is written")
     p.add_argument("--max-trials", type=int, default=8, help="compiles the --max-loss search may run (default 8)")
+    p.add_argument("--max-size", type=float, metavar="MB",
+                   help="mixed precision: choose per layer between the two --mix-schemes (or float) to keep the "
+                        "measured error lowest with the quantized weights within MB megabytes")
+    p.add_argument("--mix-schemes", default="w4a16,w8a16", metavar="LOW,HIGH",
+                   help="the two schemes --max-size chooses between (default w4a16,w8a16)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or table")
     p.add_argument("-v", "--verbose", action="store_true", help="log each pass")
     return p
@@ -67,7 +72,16 @@ def _cmd_compile(argv: list[str]) -> int:
                   verify=not args.no_verify, verify_data=args.verify_data, verify_samples=args.verify_samples,
                   dump_after=tuple(args.dump_after), progress=not args.quiet,
                   external_data=True if args.external_data else None)
-    if args.max_loss is not None:
+    if args.max_size is not None:
+        from .mixed_precision import compile_with_size_budget
+        if args.max_loss is not None:
+            raise UsageError("--max-size and --max-loss are separate searches; use one")
+        low, _, high = args.mix_schemes.partition(",")
+        if not low or not high:
+            raise UsageError(f"--mix-schemes {args.mix_schemes!r} is not LOW,HIGH", hint="e.g. w4a16,w8a16")
+        result = compile_with_size_budget(args.model, max_size_mb=args.max_size, low=low.strip(), high=high.strip(),
+                                          output_dir=args.output, **common)
+    elif args.max_loss is not None:
         from .budget import compile_with_budget, parse_budget
         result = compile_with_budget(args.model, budget=parse_budget(args.max_loss), max_trials=args.max_trials,
                                      output_dir=args.output, recipe=args.recipe, **common)
