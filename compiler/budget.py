@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -167,9 +166,7 @@ def compile_with_budget(model_path, *, budget: Budget, max_trials: int = 8, outp
                 failing = mid
         winner, result = best
         final = Path(output_dir)
-        for item in winner.folder.iterdir():
-            shutil.move(str(item), out.path(item.name))
-        shutil.rmtree(scratch, ignore_errors=True)
+        out.keep_only(winner.folder)
         report = result.report
         report["budget"] = {"metric": budget.metric, "threshold": budget.threshold, "met": budget.met(winner.value),
                             "best_trial": winner.index, "value": winner.value,
@@ -240,10 +237,7 @@ def compile_with_fallback(model_path, *, count: int, output_dir="out", recipe: s
         worst = _ranked_layers(first.report)[:count]
         result = compile_model(model_path, recipe=recipe, output_dir=out.path("final"), overrides=off,
                                exclude_layers=tuple(worst), stats=first.stats, **compile_args)
-        for item in out.path("final").iterdir():
-            shutil.move(str(item), out.path(item.name))
-        shutil.rmtree(out.path("final"), ignore_errors=True)
-        shutil.rmtree(out.path("first"), ignore_errors=True)
+        out.keep_only(out.path("final"))
         report = result.report
         first_budget = Budget("sqnr", float("inf"))
         report["fallback"] = {"rank_by": "error", "max_layers": count, "layers": worst,

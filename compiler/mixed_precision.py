@@ -14,7 +14,6 @@ figures are built that way).
 from __future__ import annotations
 
 import glob
-import shutil
 from pathlib import Path
 
 from .errors import UsageError
@@ -88,10 +87,7 @@ def compile_with_size_budget(model_path, *, max_size_mb: float, low: str = "w4a1
         mix = {glob.escape(name): (high if c == "high" else "float") for name, c in choice.items() if c != "low"}
         result = compile_model(model_path, recipe=low, output_dir=out.path("final"), overrides={"quantize": {"mix": mix}},
                                **compile_args)
-        for item in out.path("final").iterdir():
-            shutil.move(str(item), out.path(item.name))
-        for folder in ("final", "low", "high"):
-            shutil.rmtree(out.path(folder), ignore_errors=True)
+        out.keep_only(out.path("final"))
         report = result.report
         counts = {c: sum(1 for v in choice.values() if v == c) for c in ("low", "high", "float")}
         report["mixed_precision"] = {"max_size_mb": max_size_mb, "low": low, "high": high, "counts": counts,

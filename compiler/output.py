@@ -27,6 +27,18 @@ class StagedOutput:
     def path(self, name: str) -> Path:
         return self.staging / name
 
+    def keep_only(self, folder: Path) -> None:
+        """Make the staged output the contents of `folder` (one trial compile staged inside
+        this one, e.g. by the accuracy budget); everything else staged is dropped."""
+        keep = self.staging / ".keep"
+        folder.rename(keep)
+        for item in list(self.staging.iterdir()):
+            if item != keep:
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+        for item in list(keep.iterdir()):
+            item.rename(self.staging / item.name)
+        keep.rmdir()
+
     def commit(self) -> list[Path]:
         """Move the staged files into the destination (replacing same-named files)."""
         try:
