@@ -113,13 +113,14 @@ class Peer:
 
 
 PEERS: tuple[Peer, ...] = (
-    *(Peer(f"static-{m.lower()}", f"ort static QDQ {m}", "static", ("w8a8",), method=m)
+    *(Peer(f"static-{m.lower()}", f"ort static QDQ {m}", "static", ("w8a8", "w8a8-smooth"), method=m)
       for m in ("MinMax", "Percentile", "Entropy")),
-    *(Peer(f"static-mm-{m.lower()}", f"ort static QDQ {m} [MatMul]", "static", ("w8a8",), method=m,
+    *(Peer(f"static-mm-{m.lower()}", f"ort static QDQ {m} [MatMul]", "static", ("w8a8", "w8a8-smooth"), method=m,
            op_types=("MatMul",), transformers_only=True)
       for m in ("MinMax", "Percentile", "Entropy")),
     Peer("dynamic", "ort quantize_dynamic", "dynamic", ("w8a8-dynamic", "w8a8")),
-    Peer("nbits4-rtn", "ort MatMulNBits int4 RTN b32", "nbits", ("w4a16", "w8a16"), bits=4, algo="rtn"),
+    Peer("nbits4-rtn", "ort MatMulNBits int4 RTN b32", "nbits", ("w4a16", "w4a16-awq", "w4a16-gptq", "w8a16"),
+         bits=4, algo="rtn"),
     Peer("nbits4-rtn-acc4", "ort MatMulNBits int4 RTN b32 acc4", "nbits", ("w4a8",), bits=4, algo="rtn",
          accuracy_level=4),
     Peer("nbits8", "ort MatMulNBits int8 b32", "nbits", ("w8a16",), bits=8, algo="default"),
@@ -880,11 +881,17 @@ RECIPE_NOTES = {
     "fp8": "FP8 E4M3FN weights (per-channel scale) and activations (per tensor, calibrated); **simulated on CPU** "
            "(casts + float, no FP8 CPU kernels): an accuracy study, slower than fp32 by design.",
     "w8a8-mix": "W8A8 with a per-scope table that keeps the FFN down-projection weight-only int8.",
+    "w8a8-smooth": "W8A8 with SmoothQuant first: per-channel scales move activation outliers into the weights "
+                   "(folded into the producer); the FFN down-projection is not smoothed.",
+    "w4a16-awq": "w4a16 with AWQ: activation-aware per-input-channel scales and a per-group clipping search; "
+                 "same kernels as w4a16.",
+    "w4a16-gptq": "w4a16 with GPTQ rounding (Hessian of the calibration inputs compensates each layer's rounding "
+                  "error); same size and kernels as w4a16.",
 }
 SIMULATED = frozenset({"w4a4", "fp8"})
 # Acceptance bars checked per model when both rows ran: recipe -> (peer key, size tolerance).
 # Fidelity holds when the task metric and SQNR are both >= the peer's; size when |qc/peer - 1| <= tol.
-BARS = {"w4a16": ("nbits4-rtn", 0.05)}
+BARS = {"w4a16": ("nbits4-rtn", 0.05), "w4a16-awq": ("nbits4-rtn", 0.05), "w4a16-gptq": ("nbits4-rtn", 0.05)}
 _NO_PEER_NOTE = "no onnxruntime.quantization peer: compared with fp32 and qcompile w8a8"
 
 
@@ -894,8 +901,9 @@ def _recipe_note(recipe: str) -> str:
     try:
         from qcompile.recipe import builtin_recipes
         import yaml
-        d = yaml.safe_load(Path(builtin_recipes()[recipe]).read_text()).get("description", "")
-        return d.split(". ")[0].strip().rstrip(".") + "."
+        y = yaml.safe_load(Path(builtin_recipes()[recipe]).read_text()) or {}
+        d = (y.get("metadata") or {}).get("description") or y.get("description") or ""
+        return (d.split(". ")[0].strip().rstrip(".") + ".") if d else "–"
     except Exception:
         return "–"
 
@@ -1112,7 +1120,7 @@ _STYLE = {
     "qcompile-w8a8-dynamic": dict(marker="P", color="#d62728", s=110),
     "qcompile-w4a16": dict(marker="v", color="#d62728", s=90),
     "qcompile-w4a8": dict(marker="<", color="#d62728", s=90),
-    "qcompile-w4a4": dict(marker="x", color="#d62728", s=90),
+    "qcompile-w4a4": dict(marker="X", color="#d62728", s=90),
     "qcompile-fp8": dict(marker="h", color="#d62728", s=100),
     "qcompile-w8a8-mix": dict(marker="p", color="#d62728", s=100),
     "static-minmax": dict(marker="o", color="#1f77b4", s=70),
