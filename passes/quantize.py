@@ -454,6 +454,8 @@ class Quantize(QPass):
                 if act.granularity == "per_token" and node.op_type == "Conv":
                     notes.append("per_token applies to MatMul/Gemm rows; Conv uses dynamic per_tensor")
                     record["activation"] = "uint8 dynamic per_tensor"
+                    record["scheme"] = record["scheme"].replace("A[int8 dynamic per_token]",
+                                                                "A[uint8 dynamic per_tensor]")
                 record["output_tensor"] = new_out.name
                 if bias is not None and bias.const_value is None:
                     notes.append("non-constant Gemm bias is not supported with dynamic activations")

@@ -193,6 +193,7 @@ def test_dynamic_conv_uses_per_tensor_convinteger(tmp_path, tiny):
     (ref,) = run(model, {"x": x})
     assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)) > 30
     assert "per_tensor" in report["layers"]["/conv/Conv"]["note"]
+    assert report["layers"]["/conv/Conv"]["scheme"].endswith("A[uint8 dynamic per_tensor]")
 
 
 # -- FP8 and int4 activations: QDQ graph and its cpu simulation --------------------------------------
