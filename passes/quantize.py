@@ -428,7 +428,8 @@ class Quantize(QPass):
             granularity, block_axis = self._granularity(node, p, scheme.weight)
             if granularity != scheme.weight.granularity:
                 why = "the target takes this op's weights per tensor" if granularity == "per_tensor" \
-                    else "per_group applies to MatMul/Gemm" if node.op_type == "Conv" \
+                    else "the Conv has fewer input channels per group than group_size (depthwise: 1)" \
+                    if node.op_type == "Conv" \
                     else "dynamic activations need per-channel weights"
                 notes.append(f"{node.op_type} weights are {granularity}, not {scheme.weight.granularity}: {why}")
                 actual = dataclasses.replace(scheme, weight=dataclasses.replace(scheme.weight, granularity=granularity))
@@ -482,8 +483,9 @@ class Quantize(QPass):
             granularity = "per_channel"
         if granularity != "per_group":
             return granularity, None
-        if node.op_type == "Conv":
-            return "per_channel", None
+        if node.op_type == "Conv":  # groups along the input channels, per output channel and tap
+            w = node.inputs[p.weight_index].const_value
+            return ("per_group", 1) if w.shape[1] >= weight.group_size else ("per_channel", None)
         if node.op_type == "Gemm":
             return "per_group", (1 if node.attributes.get_int("transB", 0) else 0)
         return "per_group", _const(node.inputs[p.weight_index]).ndim - 2  # MatMul: the K axis

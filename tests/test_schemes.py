@@ -365,3 +365,38 @@ def test_dynamic_layers_in_a_chain(tmp_path, tiny):
     (got,) = run(final, {"x": x})
     (ref,) = run(model, {"x": x})
     assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)) > 25
+
+
+def test_conv_weights_in_groups_along_input_channels(tmp_path):
+    """W4A16 on a Conv with 64 input channels: blocks of 32 input channels per output channel and
+    kernel tap (ONNX blocked DequantizeLinear on axis 1); a 3-channel Conv stays per channel."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, 64, 3, 3)) * 0.2).astype(np.float32)
+    w0 = (rng.standard_normal((64, 3, 3, 3)) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W0"], ["h"], name="/c0/Conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["h", "W"], ["y"], name="/c1/Conv", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(w0, "W0")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = TinyModels.data((3, 8, 8), 4)
+    final, qdq, report = compile_tiny(tmp_path, model, "w4a16", x)
+    dq = next(n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "W_quantized")
+    assert {a.name: helper.get_attribute_value(a) for a in dq.attribute} == {"axis": 1, "block_size": 32}
+    inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    q = inits["W_quantized"].astype(np.int64)
+    for o in range(8):
+        for b in range(2):
+            for i in range(3):
+                for j in range(3):
+                    seg = w[o, 32 * b:32 * b + 32, i, j].astype(np.float64)
+                    s = np.float32(seg[np.argmax(np.abs(seg))] / -8.0)
+                    np.testing.assert_array_equal(q[o, 32 * b:32 * b + 32, i, j],
+                                                  np.clip(np.rint(seg.astype(np.float32) / s), -8, 7))
+    assert report["layers"]["/c1/Conv"]["weight"] == "int4 g32"
+    assert report["layers"]["/c0/Conv"]["weight"] == "int4 per_channel"
+    assert "fewer input channels" in report["layers"]["/c0/Conv"]["note"]
+    (got,) = run(final, {"x": x})
+    (ref,) = run(model, {"x": x})
+    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)) > 15

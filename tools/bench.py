@@ -107,9 +107,11 @@ class Peer:
     op_types: tuple[str, ...] | None = None
     bits: int = 4
     algo: str = "rtn"               # nbits: rtn (RTNWeightOnlyQuantConfig) | default (DefaultWeightOnlyQuantConfig)
+                                    #        | gptq (GPTQWeightOnlyQuantConfig on the calibration data)
     block: int = 32
     accuracy_level: int | None = None   # nbits: MatMulNBits accuracy_level (None = the quantizer's default, 0)
     transformers_only: bool = False
+    smooth_alpha: float | None = None   # static: extra_options SmoothQuant=True, SmoothQuantAlpha=this
 
 
 PEERS: tuple[Peer, ...] = (
@@ -118,9 +120,17 @@ PEERS: tuple[Peer, ...] = (
     *(Peer(f"static-mm-{m.lower()}", f"ort static QDQ {m} [MatMul]", "static", ("w8a8", "w8a8-smooth"), method=m,
            op_types=("MatMul",), transformers_only=True)
       for m in ("MinMax", "Percentile", "Entropy")),
+    # onnxruntime's own SmoothQuant (quantize_static extra option; it imports Intel neural-compressor's
+    # ORTSmoothQuant, which onnxruntime does not ship): compared with qcompile w8a8-smooth.
+    Peer("static-minmax-sq", "ort static QDQ MinMax SmoothQuant alpha 0.5", "static", ("w8a8-smooth", "w8a8"),
+         method="MinMax", smooth_alpha=0.5, transformers_only=True),
     Peer("dynamic", "ort quantize_dynamic", "dynamic", ("w8a8-dynamic", "w8a8")),
     Peer("nbits4-rtn", "ort MatMulNBits int4 RTN b32", "nbits", ("w4a16", "w4a16-awq", "w4a16-gptq", "w8a16"),
          bits=4, algo="rtn"),
+    # GPTQ as onnxruntime ships it (its vendored copy of neural-compressor's weight_only.gptq), on
+    # the same calibration samples; group (MatMulNBits block) 32, symmetric, as w4a16.
+    Peer("nbits4-gptq", "ort MatMulNBits int4 GPTQ b32", "nbits", ("w4a16-gptq", "w4a16-awq", "w4a16"),
+         bits=4, algo="gptq"),
     Peer("nbits4-rtn-acc4", "ort MatMulNBits int4 RTN b32 acc4", "nbits", ("w4a8",), bits=4, algo="rtn",
          accuracy_level=4),
     Peer("nbits8", "ort MatMulNBits int8 b32", "nbits", ("w8a16",), bits=8, algo="default"),
@@ -170,6 +180,16 @@ _QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Ma
               "ConvInteger", "MatMulNBits", "QLinearMatMul", "QLinearConv", "GatherBlockQuantized")
 
 
+def _exc_text(exc: BaseException) -> str:
+    """``Type: message``, plus the exception it was raised from (onnxruntime re-raises import
+    failures as a bare RuntimeError, the cause says which module)."""
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and cause is not exc:
+        text += f" (from {type(cause).__name__}: {cause})"
+    return text
+
+
 def _peer_child(spec_json: str) -> int:
     """Runs inside the fresh, measured subprocess: prepare -> [pre_process] -> quantize."""
     import logging
@@ -190,7 +210,8 @@ def _peer_child(spec_json: str) -> int:
         from onnxruntime.quantization.shape_inference import quant_pre_process
         if peer.kind == "nbits":
             from onnxruntime.quantization.matmul_nbits_quantizer import (
-                DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer, RTNWeightOnlyQuantConfig)
+                DefaultWeightOnlyQuantConfig, GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer,
+                RTNWeightOnlyQuantConfig)
         logging.getLogger("onnxruntime").setLevel(logging.WARNING)
         logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
         logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
@@ -216,6 +237,8 @@ def _peer_child(spec_json: str) -> int:
                 if peer.kind == "static":
                     reader = peers._NpzReader(spec["calib"], list(spec["shape"]))
                     extra = {"CalibStridedMinMax": spec["stride"]} if spec.get("stride") else {}
+                    if peer.smooth_alpha is not None:
+                        extra.update(SmoothQuant=True, SmoothQuantAlpha=peer.smooth_alpha)
                     quantize_static(str(src), spec["out"], reader, quant_format=QuantFormat.QDQ,
                                     op_types_to_quantize=list(peer.op_types) if peer.op_types else None,
                                     per_channel=True, activation_type=QuantType.QUInt8,
@@ -237,6 +260,13 @@ def _peer_child(spec_json: str) -> int:
                 elif peer.kind == "nbits":
                     if peer.algo == "rtn":
                         cfg = RTNWeightOnlyQuantConfig()
+                    elif peer.algo == "gptq":
+                        # block_size here is GPTQ's lazy-update block; the quantization group is the
+                        # quantizer's block_size below (both 32). Defaults otherwise (percdamp 0.01,
+                        # no act-order, no MSE scale search); every calibration sample is used.
+                        cfg = GPTQWeightOnlyQuantConfig(
+                            calibration_data_reader=peers._NpzReader(spec["calib"], list(spec["shape"])),
+                            block_size=peer.block)
                     else:
                         cfg = DefaultWeightOnlyQuantConfig(block_size=peer.block, is_symmetric=True,
                                                            bits=peer.bits, accuracy_level=peer.accuracy_level)
@@ -260,7 +290,7 @@ def _peer_child(spec_json: str) -> int:
     except BaseException as exc:  # report, do not hide
         traceback.print_exc()
         print("@@PEER " + json.dumps(dict(phases=phases, maxrss_mb=peers._vm_hwm_mb(), warnings=warns,
-                                          error=f"{type(exc).__name__}: {exc}"[:800])), flush=True)
+                                          error=_exc_text(exc)[:800])), flush=True)
         return 1
 
 

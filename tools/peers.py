@@ -414,6 +414,11 @@ class _NpzReader:
     def rewind(self):
         self.set_range(0, self.n)
 
+    def __iter__(self):
+        # iteration (as onnxruntime's CalibrationDataReader): what its GPTQ / SmoothQuant data loaders use
+        while (d := self.get_next()) is not None:
+            yield d
+
 
 def _vm_hwm_mb() -> float | None:
     """Peak RSS of this process image (VmHWM; unlike ru_maxrss not inherited at fork)."""
