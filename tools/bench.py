@@ -22,7 +22,13 @@ Methods per model (each compile in a fresh, measured subprocess; see tools/peers
   - ``w8a8``: ``quantize_static`` (QDQ, per-channel, U8 activations / S8 weights; MinMax,
     Percentile, Entropy; on transformers also ``op_types_to_quantize=["MatMul"]``);
   - ``w8a8-dynamic`` (and ``w8a8``): ``quantize_dynamic`` (per-channel S8 weights);
-  - ``w4a16`` (and ``w8a16``): ``MatMulNBitsQuantizer`` int4 RTN block 32;
+  - ``w8a8-smooth`` (and ``w8a8``; transformers): ``quantize_static`` MinMax with
+    ``extra_options={"SmoothQuant": True, "SmoothQuantAlpha": 0.5}`` -- onnxruntime's SmoothQuant,
+    which needs Intel neural-compressor (an error row where it is not installed);
+  - ``w4a16`` (and ``w8a16``, ``w4a16-awq``, ``w4a16-gptq``): ``MatMulNBitsQuantizer`` int4 RTN block 32;
+  - ``w4a16-gptq`` (and ``w4a16-awq``, ``w4a16``): ``MatMulNBitsQuantizer`` int4 block 32 with
+    ``GPTQWeightOnlyQuantConfig`` on the same calibration data (its child may import torch:
+    onnxruntime's GPTQ code needs it);
   - ``w8a16``: ``MatMulNBitsQuantizer`` int8 block 32 (``DefaultWeightOnlyQuantConfig``);
   - ``w4a8``: int4 RTN block 32 with ``accuracy_level=4`` (MatMulNBits computing in int8, what
     qcompile's w4a8 lowers MatMul to on cpu);
@@ -112,6 +118,7 @@ class Peer:
     accuracy_level: int | None = None   # nbits: MatMulNBits accuracy_level (None = the quantizer's default, 0)
     transformers_only: bool = False
     smooth_alpha: float | None = None   # static: extra_options SmoothQuant=True, SmoothQuantAlpha=this
+    needs_torch: bool = False       # the child must be able to import torch (not hidden even by default)
 
 
 PEERS: tuple[Peer, ...] = (
@@ -130,7 +137,7 @@ PEERS: tuple[Peer, ...] = (
     # GPTQ as onnxruntime ships it (its vendored copy of neural-compressor's weight_only.gptq), on
     # the same calibration samples; group (MatMulNBits block) 32, symmetric, as w4a16.
     Peer("nbits4-gptq", "ort MatMulNBits int4 GPTQ b32", "nbits", ("w4a16-gptq", "w4a16-awq", "w4a16"),
-         bits=4, algo="gptq"),
+         bits=4, algo="gptq", needs_torch=True),   # its util.to_numpy imports torch unconditionally
     Peer("nbits4-rtn-acc4", "ort MatMulNBits int4 RTN b32 acc4", "nbits", ("w4a8",), bits=4, algo="rtn",
          accuracy_level=4),
     Peer("nbits8", "ort MatMulNBits int8 b32", "nbits", ("w8a16",), bits=8, algo="default"),
@@ -304,7 +311,7 @@ def run_peer(peer: Peer, model, calib, shapes: dict, out_path: Path, *, stride: 
         out_path.unlink()
     log = out_path.with_suffix(f".stride{stride}.log" if stride else ".log")
     spec = dict(peer=asdict(peer), model=str(model), calib=str(calib), shape=shapes, out=str(out_path),
-                stride=stride, hide_torch=hide_torch)
+                stride=stride, hide_torch=hide_torch and not peer.needs_torch)
     with tempfile.TemporaryDirectory(prefix="qc-peer-") as scratch:
         spec["scratch"] = scratch
         env = dict(os.environ, TMPDIR=scratch)
@@ -1153,6 +1160,9 @@ _STYLE = {
     "qcompile-w4a4": dict(marker="X", color="#d62728", s=90),
     "qcompile-fp8": dict(marker="h", color="#d62728", s=100),
     "qcompile-w8a8-mix": dict(marker="p", color="#d62728", s=100),
+    "qcompile-w8a8-smooth": dict(marker="8", color="#d62728", s=110),
+    "qcompile-w4a16-gptq": dict(marker="d", color="#d62728", s=100),
+    "qcompile-w4a16-awq": dict(marker="^", color="#d62728", s=100),
     "static-minmax": dict(marker="o", color="#1f77b4", s=70),
     "static-percentile": dict(marker="s", color="#1f77b4", s=70),
     "static-entropy": dict(marker="^", color="#1f77b4", s=80),
@@ -1162,6 +1172,8 @@ _STYLE = {
     "dynamic": dict(marker="P", color="#2ca02c", s=90),
     "nbits4-rtn": dict(marker="v", color="#ff7f0e", s=80),
     "nbits4-rtn-acc4": dict(marker="<", color="#ff7f0e", s=80),
+    "nbits4-gptq": dict(marker="d", color="#ff7f0e", s=80),
+    "static-minmax-sq": dict(marker="8", color="#1f77b4", s=70),
     "nbits8": dict(marker=">", color="#ff7f0e", s=80),
     "fp8": dict(marker="h", color="#9467bd", s=80),
     "fp8-mm": dict(marker="H", color="#9467bd", s=80),
