@@ -24,7 +24,6 @@ import fnmatch
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.calib_data import model_input_specs, open_dataset
 from qcompile.errors import DataError, RecipeError
 from qcompile.numerics import compute_qparams, full_range_qparams, qrange
 from qcompile.ort_session import session_for

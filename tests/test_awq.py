@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import TinyModels, ort_run_batched, to_proto
+from conftest import TinyModels, to_proto
 from test_smooth_quant import block_model, outlier_data, smooth_recipe
 
 

@@ -5,8 +5,6 @@ behind its MatMul+Add -> Gemm rewrite)."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
-import pytest
 
 from conftest import TinyModels
 from test_schemes import compile_tiny, ops, run

@@ -5,7 +5,6 @@ integers as they are, and the calibration-size check."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import numpy_helper
 
