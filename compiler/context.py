@@ -27,6 +27,8 @@ class CompileContext:
     calibration: Any = None
     # tensors later passes want ranges for (asked before `calibrate` runs)
     range_requests: set[str] = dataclasses.field(default_factory=set)
+    # tensor -> channel axis whose per-channel mean a later pass wants (bias correction)
+    channel_axes: dict[str, int] = dataclasses.field(default_factory=dict)
     # report sections, one per pass, plus warnings
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)

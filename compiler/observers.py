@@ -28,6 +28,8 @@ class HistogramObserver:
         self.max = -math.inf
         self.count = 0
         self.nonfinite = 0  # inf/-inf/NaN values seen (kept out of the histogram)
+        self.channel_sum: np.ndarray | None = None  # per-channel sums, when asked (update_channels)
+        self.channel_count = 0
 
     # -- accumulation -------------------------------------------------------------
     def update(self, x: np.ndarray) -> None:
@@ -73,6 +75,9 @@ class HistogramObserver:
 
     def merge(self, other: "HistogramObserver") -> None:
         """Fold `other` in (bin centres of `other` land in this grid's bins)."""
+        if other.channel_sum is not None:
+            self.channel_sum = other.channel_sum.copy() if self.channel_sum is None else self.channel_sum + other.channel_sum
+            self.channel_count += other.channel_count
         if other.count == 0:
             self.nonfinite += other.nonfinite
             return
@@ -90,6 +95,20 @@ class HistogramObserver:
     @property
     def centres(self) -> np.ndarray:
         return self.lo + (np.arange(self.bins) + 0.5) * self.width
+
+    def update_channels(self, x: np.ndarray, axis: int) -> None:
+        """Also accumulate the per-channel sum along `axis` (for bias correction's E[x_c])."""
+        x = np.asarray(x, dtype=np.float64)
+        axis = axis % x.ndim
+        other = tuple(i for i in range(x.ndim) if i != axis)
+        sums = np.where(np.isfinite(x), x, 0.0).sum(axis=other)
+        self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
+        self.channel_count += x.size // x.shape[axis]
+
+    def channel_mean(self) -> np.ndarray | None:
+        if self.channel_sum is None or not self.channel_count:
+            return None
+        return self.channel_sum / self.channel_count
 
     def range_measure(self) -> float:
         """max|x| / std(x) from the histogram: how far the extreme values sit from the bulk

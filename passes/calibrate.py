@@ -76,6 +76,8 @@ class Calibrate(QPass):
             for feed, outputs in _prefetched(session, names, dataset.batches(batch, limit=cfg.samples, exact=fixed)):
                 for name, array in zip(names, outputs):
                     observers[name].update(array)
+                    if name in ctx.channel_axes:
+                        observers[name].update_channels(array, ctx.channel_axes[name])
                 n = next(iter(feed.values())).shape[0]
                 seen += n
                 advance(n)

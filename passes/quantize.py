@@ -30,9 +30,10 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from qcompile import dynamic_qdq
-from qcompile.numerics import (INT_TYPES, bits, block_minmax, compute_qparams, full_range_qparams, is_float8,
-                               qrange, quantize, reduce_absmax, to_storage)
+from qcompile.numerics import (INT_TYPES, bits, block_minmax, compute_qparams, dequantize, full_range_qparams,
+                               is_float8, qrange, quantize, reduce_absmax, to_storage)
 from qcompile.errors import RecipeError
+from qcompile.qdq import add_initializer as qdq_add_initializer
 from qcompile.qdq import insert_qdq, store_weight_quantized
 from qcompile.registry import QPass, register_pass
 from qcompile.schemes import ActivationScheme, Scheme, WeightScheme, builtin_scheme, mixable_schemes, \
@@ -129,6 +130,9 @@ class Quantize(QPass):
         speed_fallback: bool = True
         fallback: Fallback = Fallback()
         range_guard: RangeGuard = RangeGuard()
+        # subtract each layer's weight-quantization mean shift ΔW·E[x] from its bias (DFQ's bias
+        # correction; E[x] per input channel from calibration)
+        bias_correction: bool = False
 
         def validate(self) -> tuple[str, str] | None:
             problem = scheme_compatibility(self.weight, self.activation)
@@ -287,6 +291,10 @@ class Quantize(QPass):
     def range_request(cls, model: ir.Model, config, ctx) -> set[str]:
         plans, _ = cls.plan(model, config, ctx.target)
         wanted = {v.name for p in plans if p.static for v in (*p.activations, p.output) if v is not None}
+        if config.bias_correction:  # per-channel input means for bias correction
+            for p in plans:
+                if p.static and p.weight_index is not None and p.activations:
+                    ctx.channel_axes[p.activations[0].name] = 1 if p.node.op_type == "Conv" else -1
         if config.range_guard.concat_ratio:  # the parts of a concatenated input, for range_guard
             wanted |= {part.name for p in plans if p.static for v in p.activations
                        for part in _concat_parts(v)}
@@ -461,6 +469,8 @@ class Quantize(QPass):
                 if bias is not None and bias.const_value is None:
                     notes.append("non-constant Gemm bias is not supported with dynamic activations")
             else:
+                if self.config.bias_correction and p.static:
+                    bias = self._correct_bias(graph, node, p, w_val, q_array, w_scale, granularity, bias, notes)
                 node.replace_input_with(p.weight_index, q_out)
                 if bias is not None and p.static and p.activations and act_dtype in ("int8", "uint8") \
                         and granularity != "per_group" and not is_float8(scheme.weight.dtype):
@@ -513,6 +523,42 @@ class Quantize(QPass):
         out = store_weight_quantized(graph, w_val, to_storage(q, scheme.dtype), scale,
                                      to_storage(np.asarray(zp), scheme.dtype), axis, block)
         return out, scale, q, nbytes
+
+    def _correct_bias(self, graph, node, p: LayerPlan, w_val, q, w_scale, granularity, bias, notes):
+        """Bias correction: b -= (W_q - W)·E[x], the output mean shift weight rounding causes.
+        Conv and Gemm biases (added when the Conv has none); MatMul keeps its mean shift."""
+        stats = self.ctx.stats.get(p.activations[0].name)
+        mean = stats.channel_mean() if stats is not None else None
+        if mean is None or node.op_type == "MatMul":
+            if node.op_type == "MatMul":
+                notes.append("bias correction: MatMul has no bias input here; not corrected")
+            return bias
+        if granularity == "per_group" or not p.scheme.weight.symmetric:
+            return bias  # grouped or offset weights: not handled
+        w = w_val.const_value.numpy().astype(np.float64)
+        axis = p.axis if granularity == "per_channel" else None
+        deq = dequantize(q, w_scale, np.zeros_like(w_scale, dtype=np.int64), axis=axis).astype(np.float64)
+        dw = deq - w
+        if node.op_type == "Conv":
+            groups = node.attributes.get_int("group", 1)
+            cout, cin_g = dw.shape[:2]
+            if mean.size != cin_g * groups:
+                return bias
+            per_o = mean.reshape(groups, cin_g)[np.arange(cout) // (cout // groups)]      # [Cout, Cin/g]
+            shift = np.sum(dw.reshape(cout, cin_g, -1).sum(axis=2) * per_o, axis=1)
+        else:  # Gemm: B [K, N], or [N, K] with transB
+            transposed = node.attributes.get_int("transB", 0)
+            shift = dw @ mean if transposed else mean @ dw
+        old = _const(bias) if bias is not None else np.zeros(shift.shape, dtype=np.float32)
+        if old is None or old.size != shift.size:
+            return bias
+        corrected = (old.reshape(-1) - shift).astype(np.float32).reshape(old.shape)
+        value = qdq_add_initializer(graph, f"{node.name}_bias_corrected", corrected)
+        if bias is None:  # a Conv/Gemm without a bias gets one
+            node.resize_inputs(3)
+        node.replace_input_with(2, value)
+        notes.append(f"bias corrected (max |shift| {float(np.abs(shift).max()):.3g})")
+        return value
 
     def _precomputed(self, w_val, p: LayerPlan, scheme, granularity, axis, block):
         """Integers and scales a weight algorithm (gptq) chose for this weight, in this pass's layout,
