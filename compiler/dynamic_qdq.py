@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .qdq import add_initializer
+from .qdq import add_initializer, take_over
 
 _EPS = np.float32(1e-12)
 
@@ -106,18 +106,5 @@ def integer_layer(graph: ir.Graph, node: ir.Node, x: ir.Value, w_q: np.ndarray, 
     if bias is not None:
         b = np.asarray(bias, dtype=np.float32).reshape(channel_shape)
         y = _node(graph, "Add", [y, _const(graph, f"{base}_bias", b)], f"{base}_bias_add", f, old_out.shape)
-    _take_over(graph, node, y)
+    take_over(graph, old_out, y, [node])
     return y
-
-
-def _take_over(graph: ir.Graph, node: ir.Node, new_out: ir.Value) -> None:
-    """`new_out` replaces `node`'s output (name, uses, graph-output slot); `node` goes."""
-    old_out = node.outputs[0]
-    name = old_out.name
-    for i, out in enumerate(graph.outputs):
-        if out is old_out:
-            graph.outputs[i] = new_out
-    old_out.replace_all_uses_with(new_out)
-    graph.remove(node, safe=True)
-    old_out.name = f"{name}_replaced"
-    new_out.name = name

@@ -97,3 +97,25 @@ def insert_qdq(graph: ir.Graph, value: ir.Value, scale: float, zero_point: np.nd
         dq_out.name = base
         graph.outputs[output_index] = dq_out
     return dq_out
+
+
+def take_over(graph: ir.Graph, old: ir.Value, new: ir.Value, remove: list[ir.Node]) -> None:
+    """`new` replaces `old` everywhere — its uses, its graph-output slot (onnx_ir's
+    replace_all_uses_with) and its name — and the `remove` nodes leave the graph."""
+    name = old.name
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    graph.remove(remove, safe=True)
+    old.name = f"{name}_replaced"
+    new.name = name
+
+
+def set_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> ir.Value:
+    """Give `node`'s constant input `index` the value `array`, copying the initializer first
+    when other nodes share it (they keep the old value)."""
+    value = node.inputs[index]
+    if len(value.uses()) > 1:
+        value = add_initializer(graph, f"{value.name}_rescaled", array)
+        node.replace_input_with(index, value)
+    else:
+        value.const_value = ir.tensor(array, name=value.name)
+    return value

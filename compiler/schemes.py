@@ -10,6 +10,7 @@ per-scope `mix` table in a recipe refers to them by name (`w4a16`, `fp8`, ...) o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 WeightDType = Literal["int8", "uint8", "int4", "uint4", "float8e4m3fn", "float8e5m2"]
@@ -131,6 +132,7 @@ def scheme_compatibility(weight: WeightScheme, activation: ActivationScheme | No
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def builtin_scheme(name: str) -> Scheme:
     """The quantize scheme of the built-in recipe `name` (`float`: none), for `mix` tables."""
     if name == "float":

@@ -24,7 +24,9 @@ from qcompile.numerics import compute_qparams, full_range_qparams, qrange
 from qcompile.registry import QPass, register_pass
 from qcompile.schemes import WeightScheme
 
-from .smooth_quant import SmoothQuant, _fold_division, _private, _set_const
+from qcompile.qdq import set_constant_input
+
+from .smooth_quant import SmoothQuant, _fold_division, channel_stats
 
 
 @register_pass("awq")
@@ -68,7 +70,7 @@ class AWQ(QPass):
         if not usable:
             ctx.report["awq"] = {"groups": records, "scaled": 0}
             return False
-        _, rows = SmoothQuant._channel_stats(self, model, [g.x for g in usable])
+        _, rows = channel_stats(model, [g.x for g in usable], ctx, samples=cfg.samples, rows=cfg.rows, label="awq")
         scaled = 0
         for g in usable:
             rec = records[g.x.name]
@@ -118,7 +120,7 @@ def _as_kn(lin) -> np.ndarray:
 
 def _store_kn(graph: ir.Graph, lin, w_kn: np.ndarray) -> None:
     w = w_kn if lin.k_axis == 0 else w_kn.T
-    _set_const(_private(graph, lin.node, 1), np.ascontiguousarray(w).astype(np.float32))
+    set_constant_input(graph, lin.node, 1, np.ascontiguousarray(w).astype(np.float32))
 
 
 def _awq_scales(xmean: np.ndarray, alpha: float) -> np.ndarray:

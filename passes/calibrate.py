@@ -64,23 +64,16 @@ class Calibrate(QPass):
             ctx.warn(f"no calibration data: calibrating on {cfg.synthetic_samples} synthetic samples. "
                      "Activation ranges from random inputs rarely match real data; expect a large "
                      "accuracy loss. Pass --calib data.npz for a real compile.")
-        session = session_for(model, extra_outputs=wanted, level="basic")
         names = [v.name for v in wanted]
         observers = {n: HistogramObserver(cfg.bins) for n in names}
-        batch, fixed = fixed_batch_size(model)
-        batch = batch or cfg.batch_size
-        total = min(cfg.samples, dataset.num_samples)
         seen = 0
-        with progress_bar("calibrate", total, enabled=ctx.progress) as advance:
-            # onnxruntime runs batch i+1 (it releases the GIL) while numpy bins batch i.
-            for feed, outputs in _prefetched(session, names, dataset.batches(batch, limit=cfg.samples, exact=fixed)):
-                for name, array in zip(names, outputs):
-                    observers[name].update(array)
-                    if name in ctx.channel_axes:
-                        observers[name].update_channels(array, ctx.channel_axes[name])
-                n = next(iter(feed.values())).shape[0]
-                seen += n
-                advance(n)
+        for arrays, n in stream_tensors(model, wanted, dataset, samples=cfg.samples, label="calibrate",
+                                        progress=ctx.progress, batch_size=cfg.batch_size):
+            for name, array in arrays.items():
+                observers[name].update(array)
+                if name in ctx.channel_axes:
+                    observers[name].update_channels(array, ctx.channel_axes[name])
+            seen += n
         ctx.stats.update(observers)
         nonfinite = sorted(n for n, o in observers.items() if o.nonfinite)
         if nonfinite:
@@ -89,6 +82,25 @@ class Calibrate(QPass):
         ctx.report["calibrate"] = {"tensors": len(names), "samples": seen, "method": cfg.method,
                                    "data": dataset.description}
         return False
+
+
+def stream_tensors(model: ir.Model, values: list[ir.Value], dataset, *, samples: int, label: str,
+                   progress: bool, batch_size: int = 1):
+    """Yield ({tensor name: array}, batch samples) for `values` over up to `samples` samples of
+    `dataset`: one onnxruntime session exposing them, the model's fixed batch size if it has one,
+    a progress bar, and onnxruntime running batch i+1 (it releases the GIL) while the caller
+    works on batch i. Every pass that reads activations (calibrate, smooth_quant, gptq, awq)
+    streams them through here."""
+    session = session_for(model, extra_outputs=values, level="basic")
+    names = [v.name for v in values]
+    batch, fixed = fixed_batch_size(model)
+    total = min(samples, dataset.num_samples)
+    with progress_bar(label, total, enabled=progress) as advance:
+        for feed, outputs in _prefetched(session, names, dataset.batches(batch or batch_size, limit=samples,
+                                                                          exact=fixed)):
+            n = next(iter(feed.values())).shape[0]
+            yield dict(zip(names, outputs)), n
+            advance(n)
 
 
 def _prefetched(session, names, feeds):

@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.qdq import set_constant_input
 from qcompile.registry import QPass, register_pass
 
 
@@ -103,21 +104,10 @@ class CrossLayerEqualization(QPass):
         shape1 = (c,) + (1,) * (w1.ndim - 1)
         shape2 = [1] * w2.ndim
         shape2[axis2] = c
-        _set(graph, pair.first, 1, (w1 / s.reshape(shape1)).astype(np.float32))
+        set_constant_input(graph, pair.first, 1, (w1 / s.reshape(shape1)).astype(np.float32))
         b1 = _const(pair.first.inputs[2]) if len(pair.first.inputs) > 2 else None
         if b1 is not None:
-            _set(graph, pair.first, 2, (b1 / s).astype(np.float32))
-        _set(graph, pair.second, 1, (w2 * s.reshape(shape2)).astype(np.float32))
+            set_constant_input(graph, pair.first, 2, (b1 / s).astype(np.float32))
+        set_constant_input(graph, pair.second, 1, (w2 * s.reshape(shape2)).astype(np.float32))
         after = r1[ok] / s[ok]
         return float(after.max() / after.min()) if after.size else float("nan")
-
-
-def _set(graph: ir.Graph, node: ir.Node, idx: int, array: np.ndarray) -> None:
-    """Replace a constant input, copying it first if another node shares it."""
-    v = node.inputs[idx]
-    if len(v.uses()) > 1:
-        from qcompile.qdq import add_initializer
-        v = add_initializer(graph, f"{v.name}_equalized", array)
-        node.replace_input_with(idx, v)
-    else:
-        v.const_value = ir.tensor(array, name=v.name)

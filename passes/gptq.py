@@ -26,12 +26,10 @@ import onnx_ir as ir
 
 from qcompile.errors import DataError, RecipeError
 from qcompile.numerics import compute_qparams, full_range_qparams, qrange
-from qcompile.ort_session import session_for
-from qcompile.progress import progress_bar
 from qcompile.registry import QPass, register_pass
 from qcompile.schemes import WeightScheme
 
-from .calibrate import _prefetched, fixed_batch_size
+from .calibrate import stream_tensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,19 +120,14 @@ class GPTQ(QPass):
                     pass_name="gptq", key="samples",
                     hint=f"GPTQ needs at least {-(-width // per_sample)} samples here (one row per input channel; "
                          f"several times more is better): pass more --calib data or raise gptq.samples")
-        session = session_for(model, extra_outputs=xs, level="basic")
         acc = {n: None for n in names}
         count = dict.fromkeys(names, 0)
-        batch, fixed = fixed_batch_size(model)
-        with progress_bar("gptq", samples, enabled=ctx.progress) as advance:
-            for feed, outputs in _prefetched(session, names, dataset.batches(batch or 1, limit=cfg.samples,
-                                                                              exact=fixed)):
-                for name, array in zip(names, outputs):
-                    x = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
-                    xtx = x.T @ x
-                    acc[name] = xtx if acc[name] is None else acc[name] + xtx
-                    count[name] += x.shape[0]
-                advance(next(iter(feed.values())).shape[0])
+        for arrays, _ in stream_tensors(model, xs, dataset, samples=cfg.samples, label="gptq", progress=ctx.progress):
+            for name, array in arrays.items():
+                x = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
+                xtx = x.T @ x
+                acc[name] = xtx if acc[name] is None else acc[name] + xtx
+                count[name] += x.shape[0]
         return {n: 2.0 * acc[n] / max(count[n], 1) for n in names}, count
 
 

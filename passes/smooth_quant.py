@@ -33,12 +33,10 @@ import onnx_ir as ir
 
 from qcompile.calib_data import model_input_specs, open_dataset
 from qcompile.numerics import compute_qparams, dequantize, quantize, reduce_absmax
-from qcompile.ort_session import session_for
-from qcompile.progress import progress_bar
-from qcompile.qdq import add_initializer
+from qcompile.qdq import add_initializer, set_constant_input
 from qcompile.registry import QPass, register_pass
 
-from .calibrate import _prefetched, fixed_batch_size
+from .calibrate import stream_tensors
 
 _NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
 _EPS = 1e-5
@@ -125,7 +123,8 @@ class SmoothQuant(QPass):
         if not usable:
             ctx.report["smooth_quant"] = {"groups": records, "smoothed": 0}
             return False
-        ranges, rows = self._channel_stats(model, [g.x for g in usable])
+        ranges, rows = channel_stats(model, [g.x for g in usable], ctx, samples=cfg.samples, rows=cfg.rows,
+                                     label="smooth_quant")
         act_dtype = str(ctx.target.setting("activation_dtype", "int8")) if ctx.target is not None else "int8"
         act_symmetric = bool(ctx.target.setting("activation_symmetric", True)) if ctx.target is not None else True
         changed = 0
@@ -154,7 +153,7 @@ class SmoothQuant(QPass):
             for w, lin in zip(weights, g.linears):
                 shape = [1] * w.ndim
                 shape[lin.k_axis] = -1
-                _set_const(_private(model.graph, lin.node, 1), (w * s.reshape(shape)).astype(np.float32))
+                set_constant_input(model.graph, lin.node, 1, (w * s.reshape(shape)).astype(np.float32))
             _fold_division(model.graph, g, s)
             rec.update({"status": "smoothed", "alpha": alpha, "reason": "",
                         "max_channel_ratio": round(float(amax.max() / max(np.median(amax), 1e-12)), 2)})
@@ -163,38 +162,31 @@ class SmoothQuant(QPass):
                                       "alpha": cfg.alpha if not cfg.alpha_search else list(cfg.alpha_search)}
         return bool(changed)
 
-    def _channel_stats(self, model: ir.Model, xs: list[ir.Value]):
-        """Per-channel (min, max) of X (last axis) over the calibration data, and a row sample per X."""
-        cfg, ctx = self.config, self.ctx
-        dataset = ctx.calib
-        if dataset is None:
-            dataset = open_dataset(None, model_input_specs(model), synthetic_samples=8)
-            ctx.warn("smooth_quant without calibration data: channel maxima from synthetic inputs")
-        names = [x.name for x in xs]
-        session = session_for(model, extra_outputs=xs, level="basic")
-        lo: dict[str, np.ndarray] = {}
-        hi: dict[str, np.ndarray] = {}
-        rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        kept = dict.fromkeys(names, 0)
-        rng = np.random.default_rng(0)
-        batch, fixed = fixed_batch_size(model)
-        total = min(cfg.samples, dataset.num_samples)
-        per_batch_rows = max(16, cfg.rows // max(total, 1))
-        with progress_bar("smooth_quant", total, enabled=ctx.progress) as advance:
-            for feed, outputs in _prefetched(session, names, dataset.batches(batch or 1, limit=cfg.samples,
-                                                                              exact=fixed)):
-                for name, array in zip(names, outputs):
-                    flat = np.asarray(array, dtype=np.float32).reshape(-1, array.shape[-1])
-                    mn, mx = flat.min(axis=0), flat.max(axis=0)
-                    lo[name] = mn if name not in lo else np.minimum(lo[name], mn)
-                    hi[name] = mx if name not in hi else np.maximum(hi[name], mx)
-                    if kept[name] < cfg.rows:
-                        take = rng.choice(flat.shape[0], min(per_batch_rows, flat.shape[0], cfg.rows - kept[name]),
-                                          replace=False)
-                        rows[name].append(flat[take])
-                        kept[name] += len(take)
-                advance(next(iter(feed.values())).shape[0])
-        return {n: (lo[n], hi[n]) for n in names}, {n: np.concatenate(r) for n, r in rows.items()}
+
+def channel_stats(model: ir.Model, xs: list[ir.Value], ctx, *, samples: int, rows: int, label: str):
+    """Per-channel (min, max) of each X (last axis) over the calibration data, and a random
+    sample of up to `rows` of its rows (for searches that simulate X·W)."""
+    dataset = ctx.calib
+    if dataset is None:
+        dataset = open_dataset(None, model_input_specs(model), synthetic_samples=8)
+        ctx.warn(f"{label} without calibration data: channel statistics from synthetic inputs")
+    lo: dict[str, np.ndarray] = {}
+    hi: dict[str, np.ndarray] = {}
+    kept: dict[str, list[np.ndarray]] = {x.name: [] for x in xs}
+    count = dict.fromkeys(kept, 0)
+    rng = np.random.default_rng(0)
+    per_batch_rows = max(16, rows // max(min(samples, dataset.num_samples), 1))
+    for arrays, _ in stream_tensors(model, xs, dataset, samples=samples, label=label, progress=ctx.progress):
+        for name, array in arrays.items():
+            flat = np.asarray(array, dtype=np.float32).reshape(-1, array.shape[-1])
+            mn, mx = flat.min(axis=0), flat.max(axis=0)
+            lo[name] = mn if name not in lo else np.minimum(lo[name], mn)
+            hi[name] = mx if name not in hi else np.maximum(hi[name], mx)
+            if count[name] < rows:
+                take = rng.choice(flat.shape[0], min(per_batch_rows, flat.shape[0], rows - count[name]), replace=False)
+                kept[name].append(flat[take])
+                count[name] += len(take)
+    return {n: (lo[n], hi[n]) for n in kept}, {n: np.concatenate(r) for n, r in kept.items()}
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -292,10 +284,6 @@ def _simulated_error(x: np.ndarray, x_range, weights, linears, s: np.ndarray, ac
     return float(np.mean(errors))
 
 
-def _set_const(value: ir.Value, array: np.ndarray) -> None:
-    value.const_value = ir.tensor(array, name=value.name)
-
-
 def _fold_division(graph: ir.Graph, g: Group, s: np.ndarray) -> None:
     """Divide X by s where the group's kind says: the norm's γ/β, the producer's weight/bias, or a Mul."""
     if g.kind == "norm-linear":
@@ -303,7 +291,7 @@ def _fold_division(graph: ir.Graph, g: Group, s: np.ndarray) -> None:
             v = g.producer.inputs[idx] if len(g.producer.inputs) > idx else None
             arr = _const(v)
             if arr is not None:
-                _set_const(_private(graph, g.producer, idx), (arr / s).astype(arr.dtype))
+                set_constant_input(graph, g.producer, idx, (arr / s).astype(arr.dtype))
         return
     if g.kind == "linear-linear":
         lin = _linear(g.producer)
@@ -311,14 +299,14 @@ def _fold_division(graph: ir.Graph, g: Group, s: np.ndarray) -> None:
         out_axis = 1 - lin.k_axis  # the producer's output channels
         shape = [1, 1]
         shape[out_axis] = -1
-        _set_const(_private(graph, g.producer, 1), (w / s.reshape(shape)).astype(np.float32))
+        set_constant_input(graph, g.producer, 1, (w / s.reshape(shape)).astype(np.float32))
         if g.producer.op_type == "Gemm" and len(g.producer.inputs) > 2 and _const(g.producer.inputs[2]) is not None:
             b = _const(g.producer.inputs[2])
-            _set_const(_private(graph, g.producer, 2), (b / s).astype(b.dtype))
+            set_constant_input(graph, g.producer, 2, (b / s).astype(b.dtype))
         if g.bias_add is not None:
             idx = 1 if _const(g.bias_add.inputs[1]) is not None else 0
             b = _const(g.bias_add.inputs[idx])
-            _set_const(_private(graph, g.bias_add, idx), (b / s).astype(b.dtype))
+            set_constant_input(graph, g.bias_add, idx, (b / s).astype(b.dtype))
         return
     inv = add_initializer(graph, f"{g.x.name}_smooth_inv_scale", (1.0 / s).astype(np.float32))
     mul = ir.node("Mul", [g.x, inv], name=f"{g.linears[0].node.name}_smooth/Mul")
@@ -328,13 +316,3 @@ def _fold_division(graph: ir.Graph, g: Group, s: np.ndarray) -> None:
         g.linears[0].node, mul)
     for lin in g.linears:
         lin.node.replace_input_with(0, mul.outputs[0])
-
-
-def _private(graph: ir.Graph, node: ir.Node, idx: int) -> ir.Value:
-    """The node's constant input `idx`, copied first if other nodes share it (we are about to change it)."""
-    v = node.inputs[idx]
-    if len(v.uses()) == 1:
-        return v
-    copy = add_initializer(graph, f"{v.name}_smoothed", v.const_value.numpy().copy())
-    node.replace_input_with(idx, copy)
-    return copy

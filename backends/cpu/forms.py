@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from qcompile.numerics import FLOAT8_TYPES
 from qcompile.packing import matmulnbits_pack
-from qcompile.qdq import add_initializer
+from qcompile.qdq import add_initializer, take_over
 
 _NBITS = {ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False),
           ir.DataType.INT8: (8, True), ir.DataType.UINT8: (8, False)}
@@ -80,14 +80,7 @@ def to_matmulnbits(graph: ir.Graph, matmul: ir.Node, dq: ir.Node, accuracy_level
     new = node.outputs[0]
     new.dtype, new.shape = old.dtype, old.shape
     graph.insert_before(matmul, node)
-    for i, out in enumerate(graph.outputs):
-        if out is old:
-            graph.outputs[i] = new
-    old.replace_all_uses_with(new)
-    name = old.name
-    graph.remove(matmul, safe=True)
-    graph.remove(dq, safe=True)
-    new.name = name
+    take_over(graph, old, new, [matmul, dq])
     return node
 
 
@@ -197,11 +190,5 @@ def to_integer_matmul(graph: ir.Graph, matmul: ir.Node) -> ir.Node:
     mul = ir.node("Mul", [cast.outputs[0], add_initializer(graph, f"{base}_rescale", scale)], name=f"{base}_rescale")
     mul.outputs[0].dtype, mul.outputs[0].shape = f, old.shape
     graph.insert_before(matmul, [mmi, cast, mul])
-    for i, out in enumerate(graph.outputs):
-        if out is old:
-            graph.outputs[i] = mul.outputs[0]
-    old.replace_all_uses_with(mul.outputs[0])
-    name = old.name
-    graph.remove(matmul, safe=True)
-    mul.outputs[0].name = name
+    take_over(graph, old, mul.outputs[0], [matmul])
     return mmi
