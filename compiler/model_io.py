@@ -167,3 +167,25 @@ def infer_shapes(model: ir.Model) -> None:
         common_passes.ShapeInferencePass(strict_mode=False)(model)
     except Exception as err:
         raise ModelError(f"shape inference failed: {err}") from None
+
+
+def infer_symbolic_shapes(model: ir.Model) -> bool:
+    """onnxruntime's symbolic shape inference over the IR (weights stay out of the proto).
+
+    Unlike onnx's, it follows Shape→Gather→Concat arithmetic and merges equal symbolic
+    dimensions, which the attention fusion rules check (mask dims, head dims). Returns False,
+    leaving the model's shapes as they were, where it cannot handle the graph."""
+    from onnx_ir.passes.common import _c_api_utils, shape_inference  # the weight-free proto round trip
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    def run(proto):
+        return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+
+    try:
+        inferred = _c_api_utils.call_onnx_api(run, model)
+    except Exception:  # noqa: BLE001 - its failures are asserts and KeyErrors on unknown ops
+        return False
+    if inferred is None:
+        return False
+    shape_inference._merge_func(model, inferred)
+    return True

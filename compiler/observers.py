@@ -30,6 +30,7 @@ class HistogramObserver:
         self.nonfinite = 0  # inf/-inf/NaN values seen (kept out of the histogram)
         self.channel_sum: np.ndarray | None = None  # per-channel sums, when asked (update_channels)
         self.channel_count = 0
+        self.channel_absmax: np.ndarray | None = None  # per-channel max|x| (same request)
 
     # -- accumulation -------------------------------------------------------------
     def update(self, x: np.ndarray) -> None:
@@ -78,6 +79,9 @@ class HistogramObserver:
         if other.channel_sum is not None:
             self.channel_sum = other.channel_sum.copy() if self.channel_sum is None else self.channel_sum + other.channel_sum
             self.channel_count += other.channel_count
+        if other.channel_absmax is not None:
+            self.channel_absmax = other.channel_absmax.copy() if self.channel_absmax is None else \
+                np.maximum(self.channel_absmax, other.channel_absmax)
         if other.count == 0:
             self.nonfinite += other.nonfinite
             return
@@ -97,11 +101,15 @@ class HistogramObserver:
         return self.lo + (np.arange(self.bins) + 0.5) * self.width
 
     def update_channels(self, x: np.ndarray, axis: int) -> None:
-        """Also accumulate the per-channel sum along `axis` (for bias correction's E[x_c])."""
+        """Also accumulate the per-channel sum and max|x| along `axis` (bias correction's E[x_c],
+        attention's per-head scales)."""
         x = np.asarray(x, dtype=np.float64)
         axis = axis % x.ndim
         other = tuple(i for i in range(x.ndim) if i != axis)
-        sums = np.where(np.isfinite(x), x, 0.0).sum(axis=other)
+        finite = np.where(np.isfinite(x), x, 0.0)
+        sums = finite.sum(axis=other)
+        absmax = np.abs(finite).max(axis=other) if finite.size else np.zeros(x.shape[axis])
+        self.channel_absmax = absmax if self.channel_absmax is None else np.maximum(self.channel_absmax, absmax)
         self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
         self.channel_count += x.size // x.shape[axis]
 

@@ -62,11 +62,12 @@ def store_weight_quantized(graph: ir.Graph, weight: ir.Value, q: np.ndarray, sca
     return node.outputs[0]
 
 
-def insert_qdq(graph: ir.Graph, value: ir.Value, scale: float, zero_point: np.ndarray, *,
-               through_graph_output: bool = False, consumers: set[ir.Node] | None = None) -> ir.Value | None:
+def insert_qdq(graph: ir.Graph, value: ir.Value, scale: float | np.ndarray, zero_point: np.ndarray, *,
+               through_graph_output: bool = False, consumers: set[ir.Node] | None = None,
+               axis: int | None = None) -> ir.Value | None:
     """Route the consumers of `value` (all, or only `consumers`) through QuantizeLinear→DequantizeLinear.
 
-    One Q/DQ pair serves them all. A graph output keeps its float value unless
+    One Q/DQ pair serves them all; `axis` with 1-D scale/zero point for per-axis parameters. A graph output keeps its float value unless
     `through_graph_output`: then the output itself becomes the DequantizeLinear's
     (same name), which onnxruntime needs to fuse a Conv into QLinearConv.
     """
@@ -76,15 +77,16 @@ def insert_qdq(graph: ir.Graph, value: ir.Value, scale: float, zero_point: np.nd
     route_output = through_graph_output and output_index is not None
     if not uses and not route_output:
         return None  # only a graph output: nothing downstream to feed with int8
-    zp = np.asarray(zero_point).reshape(())
-    s = add_initializer(graph, f"{base}_scale", np.asarray(scale, dtype=np.float32).reshape(()))
+    zp = _param_shape(np.asarray(zero_point), axis, None)
+    s = add_initializer(graph, f"{base}_scale", _param_shape(np.asarray(scale, dtype=np.float32), axis, None))
     z = add_initializer(graph, f"{base}_zero_point", zp)
-    qnode = ir.node("QuantizeLinear", [value, s, z], name=f"{base}_QuantizeLinear")
+    attrs = {"axis": int(axis)} if axis is not None else {}
+    qnode = ir.node("QuantizeLinear", [value, s, z], attrs, name=f"{base}_QuantizeLinear")
     qnode.outputs[0].name = f"{base}_quantized"
     qnode.outputs[0].dtype = ir.DataType.from_numpy(zp.dtype)
     qnode.outputs[0].shape = value.shape
     graph.append(qnode)
-    dq = ir.node("DequantizeLinear", [qnode.outputs[0], s, z], name=f"{base}_DequantizeLinear")
+    dq = ir.node("DequantizeLinear", [qnode.outputs[0], s, z], attrs, name=f"{base}_DequantizeLinear")
     dq_out = dq.outputs[0]
     dq_out.name = f"{base}_dequantized"
     dq_out.dtype = value.dtype

@@ -1,0 +1,164 @@
+"""fuse: LayerNorm/RMSNorm/GELU/rotary/attention fusion with onnxscript's rewrite rules.
+
+The rules are onnxscript's (passes/rules/fusions.py lists them in order). What this pass
+adds is what makes them fire on real exports and stay honest:
+
+* spelling first: onnxruntime's symbolic shape inference, then `reshape_copy_dims`,
+  `bias_last`, `positive_slice_axes` and `explicit_defaults` (passes/rules/spelling.py):
+  TorchScript exports hide head shapes behind Shape arithmetic and write biases first, and
+  onnxscript's patterns match dims, axes and default attributes literally;
+* activation Q/DQ pairs are lifted out while the rules run and put back afterwards
+  (passes/rules/qdq_see_through.py), so fusing after `quantize` fuses the same subgraphs;
+* the report counts every step's rewrites, and for each Softmax left outside a fused
+  attention it records why onnxscript's SDPA rule did not take it (its matching tracer);
+* only the groups the target runs (`fusions` in its descriptor) are applied: Ascend's ATC
+  takes no com.microsoft operators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import onnxscript.optimizer
+from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
+
+from qcompile.errors import RecipeError
+from qcompile.model_io import infer_shapes, infer_symbolic_shapes
+from qcompile.passes.rules import fusions, qdq_see_through, spelling
+from qcompile.registry import QPass, register_pass
+
+_ATTENTION_TRACED = ("sdpa",)  # the step whose tracer explains an unfused attention
+
+
+@register_pass("fuse")
+class Fuse(QPass):
+    """Transformer fusions (onnxscript rules), seeing through Q/DQ, with a per-rule report."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        # groups of passes/rules/fusions.py, applied in that file's order; `attention_packed`
+        # (one com.microsoft Attention with packed QKV weights) is opt-in: it turns the Q/K/V
+        # projections into a weight input a later `quantize` cannot see as MatMuls
+        rules: tuple[str, ...] = fusions.DEFAULT_GROUPS
+        # explain attention-shaped subgraphs (Softmax) that did not fuse, with the rule's reason
+        explain: bool = True
+
+        def validate(self):
+            unknown = [g for g in self.rules if g not in fusions.GROUPS]
+            if unknown:
+                return "rules", f"unknown fusion group(s) {unknown}; known: {', '.join(fusions.GROUPS)}"
+            return None
+
+    @classmethod
+    def gives(cls, config) -> set[str]:
+        return {"fused"}
+
+    @classmethod
+    def min_opset(cls, config) -> int:
+        """onnxscript's patterns spell ReduceMean/Slice as opset 18 does (axes as inputs)."""
+        return 18 if config.rules else 0
+
+    def run(self, model: ir.Model) -> bool:
+        allowed = self._allowed_groups()
+        groups = [g for g in self.config.rules if g in allowed]
+        report = {"rules": {}, "groups": groups,
+                  "not_run": {g: f"target {self.ctx.target.name} does not run "
+                                 f"{', '.join(fusions.PRODUCES[g])} (its descriptor's `fusions`)"
+                              for g in self.config.rules if g not in allowed}}
+        self.ctx.report["fuse"] = report
+        if not groups:
+            return False
+        graph = model.graph
+        nodes_before = {id(n) for n in graph}
+        lifted = qdq_see_through.lift(graph)
+        report["symbolic_shapes"] = infer_symbolic_shapes(model)
+        if not report["symbolic_shapes"]:
+            self.ctx.warn("fuse: onnxruntime's symbolic shape inference failed on this graph; "
+                          "attention rules that check dimensions may not fire")
+        report["rules"]["reshape_copy_dims"] = spelling.reshape_copy_dims(graph)
+        report["rules"]["bias_last"] = spelling.bias_last(graph)
+        report["rules"]["positive_slice_axes"] = spelling.positive_slice_axes(graph)
+        report["rules"]["explicit_defaults"] = spelling.explicit_defaults(graph)
+        if report["rules"]["reshape_copy_dims"]:
+            infer_symbolic_shapes(model)
+        for step in fusions.STEPS:
+            if step.group not in groups:
+                continue
+            count = step.rules.apply_to_model(model)
+            report["rules"][step.name] = int(count)
+            if count and step.infer_shapes_after:
+                common_passes.ShapeInferencePass(strict_mode=False)(model)
+        dropped = qdq_see_through.restore(graph, lifted, nodes_before)
+        self._mark_fused_layers(graph)
+        if lifted:
+            report["qdq"] = {"lifted": len(lifted), "dropped_inside_fused_ops": dropped}
+            if dropped:
+                self.ctx.warn(f"fuse: {len(dropped)} activation Q/DQ pair(s) ended up inside fused operators "
+                              f"(computed in float there): {', '.join(dropped[:4])}"
+                              f"{' ...' if len(dropped) > 4 else ''}")
+        # inline the intermediate fusion functions no later rule consumed; drop dead nodes
+        onnxscript.optimizer.optimize(model, num_iterations=1, onnx_shape_inference=False)
+        common_passes.RemoveUnusedNodesPass()(model)
+        common_passes.RemoveUnusedFunctionsPass()(model)
+        infer_shapes(model)
+        infer_symbolic_shapes(model)  # onnx's inference stops at com.microsoft ops; onnxruntime's knows them
+        if "attention" in groups:
+            report["unfused_attention"] = self._explain(model) if self.config.explain else \
+                [n.name for n in model.graph if n.op_type == "Softmax"]
+            if report["unfused_attention"]:
+                self.ctx.warn(f"fuse: {len(report['unfused_attention'])} attention-shaped subgraph(s) (Softmax) "
+                              "left unfused; report.json fuse.unfused_attention says why")
+        report["fused_ops"] = _fused_op_counts(model)
+        return any(report["rules"].values())
+
+    def _mark_fused_layers(self, graph: ir.Graph) -> None:
+        """A quantized layer that a rule swallowed (the attention MatMuls) is float now."""
+        names = {n.name for n in graph}
+        for name, record in self.ctx.layers.items():
+            if record.get("status") == "quantized" and name not in names:
+                record.update(status="float", reason="fused into a float operator by `fuse` (its Q/DQ was "
+                                                     "inside the fused subgraph)")
+
+    def _allowed_groups(self) -> set[str]:
+        allowed = self.ctx.target.setting("fusions")
+        if allowed is None:
+            raise RecipeError(f"target {self.ctx.target.name} does not say which fusions it runs "
+                              "(`fusions` in its descriptor)", pass_name="fuse", key="rules")
+        return set(allowed)
+
+    def _explain(self, model: ir.Model) -> list[dict]:
+        """For each remaining Softmax: the SDPA rule's best partial match around it, and why it failed."""
+        softmaxes = [n for n in model.graph if n.op_type == "Softmax"]
+        if not softmaxes:
+            return []
+        tracer = MatchingTracer()
+        for step in fusions.STEPS:
+            if step.name in _ATTENTION_TRACED:
+                step.rules.apply_to_model(model, tracer=tracer)
+        infos = [info for per_rule in tracer.best_matches_map.values() for info in per_rule]
+        out = []
+        for sm in softmaxes:
+            near = [i for i in infos if sm in i.match_result.nodes]
+            best = max(near or infos, key=lambda i: i.score(), default=None)
+            entry = {"softmax": sm.name}
+            if best is None or (not near and best.status == MatchStatus.NO_MATCH):
+                entry["why"] = "no attention rule matched any node around this Softmax"
+            else:
+                entry["why"] = best.match_result.reason or best.status.name.lower()
+                entry["status"] = best.status.name
+                entry["matched"] = [n.name for n in best.match_result.nodes][:12]
+                entry["at"] = [getattr(x, "name", str(x)) for x in best.match_result.failure_nodes_and_values][:4]
+            out.append(entry)
+        return out
+
+
+def _fused_op_counts(model: ir.Model) -> dict[str, int]:
+    produced = {op.split("::")[-1] for ops in fusions.PRODUCES.values() for op in ops}
+    counts: dict[str, int] = {}
+    for node in model.graph:
+        if node.op_type in produced:
+            key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+            counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -1,0 +1,141 @@
+"""quantize_attention: int8 Q, K and V on fused attention (FlashAttention-3 style), per head.
+
+FA3 runs attention's two matrix products in int8 with one symmetric scale per head for Q,
+K and V. Here that is QDQ on the fused operator's query/key/value inputs (after `fuse`):
+symmetric int8, zero point 0, scale = max|x| of the head over the calibration data / 127.
+A 3-D input [batch, seq, heads*head_dim] gets a per-axis scale on its last axis with each
+head's scale repeated over its head_dim channels; a 4-D [batch, heads, seq, head_dim] one a
+per-axis scale on axis 1.
+
+On `cpu` onnxruntime's MultiHeadAttention/GroupQueryAttention kernels take float inputs,
+so the graph runs DequantizeLinear in front of them: the numerics are FA3's (verification
+measures them), the speed is not; a kernel-generating backend consumes the scales. The
+softmax output, FA3's optional third quantized tensor, is inside the fused operator and
+is not quantized here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.passes.rules.fusions import ATTENTION_OPS
+from qcompile.qdq import insert_qdq
+from qcompile.registry import QPass, register_pass
+
+_INPUTS = ("query", "key", "value")
+_QMAX = 127.0
+
+
+def attention_nodes(model: ir.Model) -> list[ir.Node]:
+    return [n for n in model.graph if n.op_type in ATTENTION_OPS and n.domain == "com.microsoft"]
+
+
+def _heads(node: ir.Node, which: str) -> int:
+    if node.op_type == "GroupQueryAttention" and which != "query":
+        return node.attributes.get_int("kv_num_heads", 0)
+    return node.attributes.get_int("num_heads", 0)
+
+
+def _channel_axis(value: ir.Value) -> int | None:
+    """The axis whose per-channel max|x| gives per-head scales: 1 for BNSH, last for BSD."""
+    rank = value.shape.rank() if value.shape is not None else None
+    return {3: 2, 4: 1}.get(rank)
+
+
+@register_pass("quantize_attention")
+class QuantizeAttention(QPass):
+    """Symmetric int8 Q/K/V (per head or per tensor) on the inputs of fused attention operators."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        dtype: Literal["int8"] = "int8"
+        granularity: Literal["per_head", "per_tensor"] = "per_head"
+        inputs: tuple[Literal["query", "key", "value"], ...] = _INPUTS
+
+        def validate(self):
+            if not self.inputs:
+                return "inputs", "name at least one of query, key, value"
+            return None
+
+    @classmethod
+    def needs(cls, config) -> set[str]:
+        return {"fused", "ranges"}
+
+    @classmethod
+    def gives(cls, config) -> set[str]:
+        return {"qdq"}
+
+    @classmethod
+    def range_request(cls, model: ir.Model, config, ctx) -> set[str]:
+        wanted = set()
+        for node in attention_nodes(model):
+            for which in config.inputs:
+                value = node.inputs[ATTENTION_OPS[node.op_type][_INPUTS.index(which)]]
+                if value is not None and _channel_axis(value) is not None:
+                    wanted.add(value.name)
+                    ctx.channel_axes[value.name] = _channel_axis(value)
+        return wanted
+
+    def run(self, model: ir.Model) -> bool:
+        graph = model.graph
+        nodes = attention_nodes(model)
+        report = {"nodes": {}, "skipped": {}}
+        self.ctx.report["quantize_attention"] = report
+        if not nodes:
+            self.ctx.warn("quantize_attention: the graph has no fused attention operator (did `fuse` leave "
+                          "attention unfused? see report.json fuse.unfused_attention)")
+            return False
+        done: dict[str, ir.Value] = {}
+        for node in nodes:
+            entry = {}
+            for which in self.config.inputs:
+                index = ATTENTION_OPS[node.op_type][_INPUTS.index(which)]
+                value = node.inputs[index] if index < len(node.inputs) else None
+                if value is None:
+                    continue
+                scale, why = self._scale(node, which, value)
+                if scale is None:
+                    report["skipped"][f"{node.name}.{which}"] = why
+                    continue
+                axis = None if scale.size == 1 else _channel_axis(value)
+                dq = insert_qdq(graph, value, scale if axis is not None else float(scale.reshape(-1)[0]),
+                                np.zeros(scale.size if axis is not None else (), np.int8),
+                                consumers={node}, axis=axis)
+                done[f"{node.name}.{which}"] = dq
+                heads = _heads(node, which)
+                per_head = scale.reshape(heads, -1)[:, 0] if axis == value.shape.rank() - 1 and heads else scale
+                entry[which] = [float(s) for s in np.atleast_1d(per_head)]
+            if entry:
+                report["nodes"][node.name] = entry
+                self.ctx.layers[node.name] = {
+                    "op": node.op_type, "status": "quantized",
+                    "scheme": f"FA3 int8 {self.config.granularity} {'/'.join(entry)}",
+                    "weight": None, "activation": f"int8 symmetric {self.config.granularity}",
+                    "notes": ["the attention kernel on cpu takes float inputs: DequantizeLinear runs in front "
+                              "of it (FA3 numerics, not FA3 speed)"]}
+        graph.sort()
+        return bool(done)
+
+    def _scale(self, node: ir.Node, which: str, value: ir.Value) -> tuple[np.ndarray | None, str]:
+        stats = self.ctx.stats.get(value.name)
+        if stats is None or stats.channel_absmax is None:
+            return None, "no calibration statistics for this input"
+        absmax = stats.channel_absmax
+        if self.config.granularity == "per_tensor":
+            return np.asarray([max(float(absmax.max()), 1e-12) / _QMAX], np.float32), ""
+        heads = _heads(node, which)
+        rank = value.shape.rank()
+        if rank == 4:  # BNSH: channels are heads already
+            per_head = absmax
+            repeat = 1
+        else:
+            if not heads or absmax.size % heads:
+                return None, f"{absmax.size} channels do not split into {heads} heads"
+            per_head = absmax.reshape(heads, -1).max(axis=1)
+            repeat = absmax.size // heads
+        scale = np.maximum(per_head, 1e-12) / _QMAX
+        return np.repeat(scale, repeat).astype(np.float32), ""
