@@ -118,7 +118,8 @@ def _compile(model_path, tgt, rec, calib, staged, input_shapes, verify, verify_d
         model = convert_opset(model, tgt.opset_convert_to)
     specs = model_input_specs(model)
     dataset = open_dataset(calib, specs) if calib is not None else None
-    if not input_shapes and dataset is not None and dynamic_inputs(model):
+    keep_dynamic = any(step.spec.cls.keeps_dynamic_shapes(step.config) for step in rec.steps)
+    if not input_shapes and dataset is not None and dynamic_inputs(model) and not keep_dynamic:
         input_shapes = shapes_from_data(dataset)
     if input_shapes:
         fix_input_shapes(model, input_shapes)
@@ -154,7 +155,8 @@ def _compile(model_path, tgt, rec, calib, staged, input_shapes, verify, verify_d
     staged.path(RECIPE_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     if verify:
-        vdata = _verification_data(verify_data, dataset, model_input_specs(model), ctx)
+        # the original inputs: a pass may have made some integer (kv_cache); verify encodes them
+        vdata = _verification_data(verify_data, dataset, specs, ctx)
         layers = {name: rec_ for name, rec_ in ctx.layers.items() if rec_.get("status") == "quantized"}
         layer_tensors = {n: {"input": r.get("input_tensor"), "output": r["output_tensor"]}
                          for n, r in layers.items() if r.get("output_tensor")}

@@ -44,6 +44,12 @@ class QPass(onnx_ir.passes.InPlacePass):
     def gives(cls, config: Any) -> set[str]:
         return set()
 
+    @classmethod
+    def keeps_dynamic_shapes(cls, config: Any) -> bool:
+        """True when the compiled model must keep its dynamic input dimensions (a decoder's
+        growing past length): the compile then does not pin them from the first calibration sample."""
+        return False
+
     def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
         modified = self.run(model)
         return onnx_ir.passes.PassResult(model, bool(modified))

@@ -101,6 +101,7 @@ def verify_models(original: Path, compiled: Path, dataset: Dataset, *, samples: 
     (names present in both graphs) for the per-layer table.
     """
     ref_sess, got_sess = _session(original), _session(compiled)
+    codecs = io_quantization(compiled)
     out_names = [o.name for o in ref_sess.get_outputs()]
     got_names = {o.name for o in got_sess.get_outputs()}
     missing = [n for n in out_names if n not in got_names]
@@ -114,7 +115,8 @@ def verify_models(original: Path, compiled: Path, dataset: Dataset, *, samples: 
     with progress_bar("verify", total, enabled=progress) as advance:
         for feed in dataset.batches(batch, limit=samples, exact=batch > 1):
             ref = ref_sess.run(out_names, feed)
-            got = got_sess.run(out_names, feed)
+            got = got_sess.run(out_names, _encode(feed, codecs))
+            got = [_decode(name, g, codecs) for name, g in zip(out_names, got)]
             for name, r, g in zip(out_names, ref, got):
                 accs[name].update(r, g)
             advance(batch)
@@ -125,6 +127,39 @@ def verify_models(original: Path, compiled: Path, dataset: Dataset, *, samples: 
     return result
 
 
+def io_quantization(model_path: Path) -> dict:
+    """Graph inputs/outputs a pass made integer (an int8 KV cache), from the model's metadata:
+    name -> {"dtype", "scale", "shape"} (passes/kv_cache.py)."""
+    import json
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    for prop in proto.metadata_props:
+        if prop.key == "qcompile.io_quantization":
+            return json.loads(prop.value)
+    return {}
+
+
+def _scale(codec: dict) -> np.ndarray:
+    return np.asarray(codec["scale"], np.float32).reshape(codec["shape"])
+
+
+def _encode(feed: dict, codecs: dict) -> dict:
+    """Float data for an integer input -> its integers (round half to even, saturated)."""
+    if not codecs:
+        return feed
+    out = {}
+    for name, x in feed.items():
+        codec = codecs.get(name)
+        out[name] = x if codec is None else \
+            np.clip(np.rint(x / _scale(codec)), -128, 127).astype(np.int8)
+    return out
+
+
+def _decode(name: str, x: np.ndarray, codecs: dict) -> np.ndarray:
+    codec = codecs.get(name)
+    return x if codec is None else x.astype(np.float32) * _scale(codec)
+
+
 def _per_layer(original: Path, compiled: Path, dataset: Dataset, layers: dict[str, dict], samples: int) -> dict:
     both = _tensor_names(original) & _tensor_names(compiled)
     tensors = sorted({t for spec in layers.values() for t in (spec.get("input"), spec["output"]) if t in both})
@@ -133,8 +168,9 @@ def _per_layer(original: Path, compiled: Path, dataset: Dataset, layers: dict[st
     ref_sess, got_sess = _session(original, tensors), _session(compiled, tensors)
     accs = {t: _Accumulator() for t in tensors}
     batch = _fixed_batch(got_sess)
+    codecs = io_quantization(compiled)
     for feed in dataset.batches(batch, limit=max(samples, batch), exact=batch > 1):
-        for t, r, g in zip(tensors, ref_sess.run(tensors, feed), got_sess.run(tensors, feed)):
+        for t, r, g in zip(tensors, ref_sess.run(tensors, feed), got_sess.run(tensors, _encode(feed, codecs))):
             accs[t].update(r, g)
     table = {}
     for node, spec in layers.items():

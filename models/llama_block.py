@@ -269,7 +269,8 @@ def decode(session_or_model_path, prompt_ids, steps: int, *, forced_ids=None) ->
             kv_heads, head_dim = inp.shape[1], inp.shape[3]
             if not (isinstance(kv_heads, int) and isinstance(head_dim, int)):
                 raise ValueError(f"{inp.name} has shape {inp.shape}: kv_heads and head_dim must be fixed")
-            past[inp.name] = np.zeros((batch, kv_heads, 0, head_dim), dtype=np.float32)
+            dtype = np.int8 if inp.type == "tensor(int8)" else np.float32  # an int8 KV cache (kv_cache pass)
+            past[inp.name] = np.zeros((batch, kv_heads, 0, head_dim), dtype=dtype)
     out_names = [o.name for o in sess.get_outputs()]
     feeds = {"input_ids": ids, "attention_mask": np.ones((batch, length), dtype=np.int64),
              "position_ids": np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy(), **past}
