@@ -140,7 +140,9 @@ class Fuse(QPass):
         infos = [info for per_rule in tracer.best_matches_map.values() for info in per_rule]
         out = []
         for sm in softmaxes:
-            near = [i for i in infos if sm in i.match_result.nodes]
+            readers = {id(u.node) for u in sm.outputs[0].uses()}
+            near = [i for i in infos if sm in i.match_result.nodes or id(i.root_node) in readers
+                    or sm in i.match_result.failure_nodes_and_values]
             best = max(near or infos, key=lambda i: i.score(), default=None)
             entry = {"softmax": sm.name}
             if best is None or (not near and best.status == MatchStatus.NO_MATCH):

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import TinyModels, to_proto
 from qcompile.compile import compile_model
-from qcompile.errors import EXIT_RECIPE, EXIT_TARGET, TargetError
+from qcompile.errors import EXIT_RECIPE, EXIT_TARGET, RecipeError, TargetError
 from qcompile.passes.quantize import Quantize
 from qcompile.recipe import builtin_recipes, load_recipe
 from qcompile.schemes import mixable_schemes
@@ -300,7 +300,7 @@ def test_impossible_schemes_are_recipe_errors(tmp_path, run_cli, tiny, quantize,
 
 
 def test_mixable_schemes_are_the_plain_recipes():
-    assert set(mixable_schemes()) == set(builtin_recipes()) - {"w8a8-mix", "w8a8-smooth", "w4a16-gptq", "w4a16-awq", "w8a8-fa3"} | {"float"}
+    assert set(mixable_schemes()) == set(builtin_recipes()) - {"w8a8-mix", "w8a8-smooth", "w4a16-gptq", "w4a16-awq", "w8a8-fa3", "w8a8-kv8"} | {"float"}
 
 
 def test_fp8_is_refused_where_the_opset_lacks_it(tmp_path):
@@ -335,6 +335,10 @@ def test_every_builtin_recipe_compiles_and_runs(tmp_path, recipe):
     d = 64 if recipe in ("w4a16-gptq", "w4a16-awq") else 1024  # 1024: fc1 has the 1M MACs cpu's int8 layers need
     model, _ = mlp(d_in=d, d_hidden=d)
     x = TinyModels.data((d,), 128 if d == 64 else 8)  # GPTQ: at least a row per channel
+    if recipe == "w8a8-kv8":  # decoders only (tests/test_kv_cache.py): the MLP has no KV cache
+        with pytest.raises(RecipeError, match="no past/present"):
+            compile_tiny(tmp_path, model, recipe, x)
+        return
     final, _, report = compile_tiny(tmp_path, model, recipe, x)
     (got,) = run(final, {"x": x})
     (ref,) = run(model, {"x": x})

@@ -1,0 +1,228 @@
+"""The `fuse` pass: onnxscript's fusion rules on BERT- and Llama-style builder graphs, in the
+TorchScript spelling, before and after quantization, with its report and explanations."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models import bert_block, llama_block  # noqa: E402
+from qcompile.passes.rules import qdq_see_through, spelling  # noqa: E402
+
+FUSE = """apiversion: qcompile/v1
+metadata: {name: fuse-only}
+spec:
+  passes:
+    - type: canonicalize
+    - type: fuse
+"""
+QUANT_THEN_FUSE = """apiversion: qcompile/v1
+metadata: {name: w8a8-then-fuse}
+spec:
+  passes:
+    - type: canonicalize
+    - type: calibrate
+    - type: quantize
+      speed_fallback: false
+    - type: fuse
+"""
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return bert_block.write(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return llama_block.write(tmp_path_factory.mktemp("llama"))
+
+
+def _compile(run_cli, tmp_path, files, recipe_text, name, target="cpu", model=None):
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(recipe_text)
+    out = tmp_path / name
+    res = run_cli([model or files["model"], "--target", target, "--recipe", recipe, "--calib", files["calib"],
+                   "--verify-data", files["eval"], "-o", out, "-q"])
+    assert res.code == 0, res.err
+    return json.loads((out / "report.json").read_text()), out / "model.onnx"
+
+
+def _ops(path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in onnx.load(str(path)).graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def _relative_error(files, compiled) -> float:
+    data = dict(np.load(files["eval"]))
+    ref_sess = ort.InferenceSession(str(files["model"]), providers=["CPUExecutionProvider"])
+    got_sess = ort.InferenceSession(str(compiled), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for i in range(4):  # the compiled model's batch is pinned to 1
+        feed = {k: v[i:i + 1] for k, v in data.items()}
+        ref, got = ref_sess.run(None, feed)[0], got_sess.run(None, feed)[0]
+        worst = max(worst, float(np.abs(got - ref).max() / np.abs(ref).max()))
+    return worst
+
+
+def test_bert_block_fuses_attention_norm_and_gelu_and_keeps_outputs(run_cli, tmp_path, bert):
+    report, model = _compile(run_cli, tmp_path, bert, FUSE, "bert")
+    ops = _ops(model)
+    assert ops.get("MultiHeadAttention") == 2          # both layers' attention
+    # embeddings sum + LayerNorm, and two residual Add + LayerNorm per layer
+    assert ops.get("SkipLayerNormalization") == 5 and ops.get("BiasGelu") == 2
+    assert "Softmax" not in ops and "Erf" not in ops
+    assert report["fuse"]["rules"]["bias_last"] > 0    # the TorchScript bias-first spelling was rewritten
+    assert report["fuse"]["unfused_attention"] == []
+    assert _relative_error(bert, model) <= 1e-5
+
+
+def test_llama_block_fuses_rmsnorm_and_attention_with_past(run_cli, tmp_path, llama):
+    report, model = _compile(run_cli, tmp_path, llama, FUSE, "llama")
+    ops = _ops(model)
+    assert ops.get("MultiHeadAttention") == 2
+    assert ops.get("SimplifiedLayerNormalization", 0) + ops.get("SkipSimplifiedLayerNormalization", 0) == 5
+    assert report["fuse"]["rules"]["explicit_defaults"] > 0 and report["fuse"]["rules"]["positive_slice_axes"] > 0
+    for out, stats in report["verification"]["outputs"].items():
+        assert stats["sqnr_db"] > 100, out
+
+
+def test_fusion_after_quantization_fuses_the_same_subgraphs(run_cli, tmp_path, bert):
+    plain, _ = _compile(run_cli, tmp_path, bert, FUSE, "plain")
+    report, model = _compile(run_cli, tmp_path, bert, QUANT_THEN_FUSE, "qfuse")
+    assert report["fuse"]["fused_ops"] == plain["fuse"]["fused_ops"]
+    qdq = report["fuse"]["qdq"]
+    assert qdq["lifted"] > 0
+    # the Q/DQ inside attention (on Q, K^T, V and the softmax) is gone; the projections' stay
+    assert qdq["dropped_inside_fused_ops"] and all("attention/self" in t for t in qdq["dropped_inside_fused_ops"])
+    # the query/key/value projections kept their Q/DQ (restored) and reached an int8 kernel
+    qkv = [name for name in report["layers"] if name.endswith(("query/MatMul", "key/MatMul", "value/MatMul"))]
+    assert len(qkv) == 6 and all(report["layers"][n]["status"] == "quantized" for n in qkv)
+    assert all(report["layers"][n].get("kernel") == "MatMulInteger" for n in qkv)
+    swallowed = [name for name, rec in report["layers"].items() if "attention/self/MatMul" in name]
+    assert swallowed and all(report["layers"][n]["status"] == "float" for n in swallowed)
+
+
+def test_broken_attention_is_left_unfused_and_explained(run_cli, tmp_path, bert):
+    m = onnx.load(str(bert["model"]))
+    softmax = next(n for n in m.graph.node if n.op_type == "Softmax")
+    next(a for a in softmax.attribute if a.name == "axis").i = 1
+    broken = tmp_path / "broken.onnx"
+    onnx.save(m, str(broken))
+    report, model = _compile(run_cli, tmp_path, bert, FUSE, "broken", model=broken)
+    assert _ops(model).get("MultiHeadAttention") == 1   # the intact layer still fuses
+    (entry,) = report["fuse"]["unfused_attention"]
+    assert entry["softmax"] == softmax.name
+    assert "axis" in entry["why"] and softmax.name in entry["at"]
+    assert any("left unfused" in w for w in report["warnings"])
+
+
+def test_ascend_runs_no_contrib_fusions(run_cli, tmp_path, small_cnn_files):
+    report, model = _compile(run_cli, tmp_path, small_cnn_files, FUSE, "ascend", target="ascend310b")
+    assert report["fuse"]["groups"] == []
+    assert "attention" in report["fuse"]["not_run"] and "does not run" in report["fuse"]["not_run"]["attention"]
+
+
+def test_unknown_fusion_group_is_a_recipe_error(run_cli, tmp_path, bert):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(FUSE.replace("- type: fuse", "- type: fuse\n      rules: [attention, flash]"))
+    res = run_cli([bert["model"], "--recipe", recipe, "--calib", bert["calib"], "-o", tmp_path / "o"])
+    assert res.code != 0 and "flash" in res.err and "Traceback" not in res.err
+    assert not (tmp_path / "o").exists()
+
+
+# -- the spelling rules and the Q/DQ lift on hand-made graphs -----------------------------------
+def _graph(nodes, inputs, outputs, inits=()):
+    g = onnx.helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=8)
+    return ir.from_proto(onnx.shape_inference.infer_shapes(model))
+
+
+def _vi(name, shape, dtype=onnx.TensorProto.FLOAT):
+    return onnx.helper.make_tensor_value_info(name, dtype, shape)
+
+
+def _c(name, array):
+    return onnx.numpy_helper.from_array(np.asarray(array), name)
+
+
+def test_reshape_copy_dims_replaces_shape_arithmetic_with_zeros():
+    h = onnx.helper
+    nodes = [h.make_node("Shape", ["x"], ["s"]), h.make_node("Gather", ["s", "i0"], ["d0"], axis=0),
+             h.make_node("Gather", ["s", "i1"], ["d1"], axis=0),
+             h.make_node("Unsqueeze", ["d0", "ax"], ["u0"]), h.make_node("Unsqueeze", ["d1", "ax"], ["u1"]),
+             h.make_node("Concat", ["u0", "u1", "m1", "hd"], ["shape"], axis=0),
+             h.make_node("Reshape", ["x", "shape"], ["y"])]
+    inits = [_c("i0", np.int64(0)), _c("i1", np.int64(1)), _c("ax", [0]), _c("m1", [-1]), _c("hd", [8])]
+    model = _graph(nodes, [_vi("x", ["b", "s", 32])], [_vi("y", None)], inits)
+    assert spelling.reshape_copy_dims(model.graph) == 1
+    reshape = next(n for n in model.graph if n.op_type == "Reshape")
+    assert reshape.inputs[1].const_value.numpy().tolist() == [0, 0, -1, 8]
+    x = np.random.default_rng(0).standard_normal((2, 3, 32)).astype(np.float32)
+    got = ort.InferenceSession(_bytes(model)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, x.reshape(2, 3, 4, 8))
+
+
+def test_reshape_copy_dims_leaves_a_different_dimension_alone():
+    h = onnx.helper
+    nodes = [h.make_node("Shape", ["z"], ["s"]), h.make_node("Gather", ["s", "i0"], ["d0"], axis=0),
+             h.make_node("Unsqueeze", ["d0", "ax"], ["u0"]),
+             h.make_node("Concat", ["u0", "m1"], ["shape"], axis=0), h.make_node("Reshape", ["x", "shape"], ["y"])]
+    inits = [_c("i0", np.int64(0)), _c("ax", [0]), _c("m1", [-1])]
+    model = _graph(nodes, [_vi("x", ["b", 32]), _vi("z", ["other", 4])], [_vi("y", None)], inits)
+    assert spelling.reshape_copy_dims(model.graph) == 0
+
+
+def test_bias_last_positive_axes_and_explicit_defaults_keep_results():
+    h = onnx.helper
+    nodes = [h.make_node("Add", ["bias", "x"], ["a"]),
+             h.make_node("Slice", ["a", "st", "en", "axes"], ["sl"]),
+             h.make_node("ReduceMean", ["sl", "axes"], ["y"], keepdims=1)]
+    inits = [_c("bias", np.arange(8, dtype=np.float32)), _c("st", [1]), _c("en", [5]), _c("axes", [-1])]
+    model = _graph(nodes, [_vi("x", [2, 8])], [_vi("y", [2, 1])], inits)
+    x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
+    before = ort.InferenceSession(_bytes(model)).run(None, {"x": x})[0]
+    assert spelling.bias_last(model.graph) == 1
+    assert spelling.positive_slice_axes(model.graph) == 1
+    assert spelling.explicit_defaults(model.graph) == 2   # ReduceMean attribute, Slice steps
+    add = next(n for n in model.graph if n.op_type == "Add")
+    assert add.inputs[1].const_value is not None
+    sl = next(n for n in model.graph if n.op_type == "Slice")
+    assert sl.inputs[3].const_value.numpy().tolist() == [1] and sl.inputs[4].const_value.numpy().tolist() == [1]
+    after = ort.InferenceSession(_bytes(model)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(before, after)
+    np.testing.assert_allclose(after, (x + np.arange(8))[:, 1:5].mean(-1, keepdims=True), rtol=1e-6)
+
+
+def test_lift_and_restore_round_trip_unchanged_graph():
+    h = onnx.helper
+    nodes = [h.make_node("Relu", ["x"], ["r"]), h.make_node("QuantizeLinear", ["r", "s", "z"], ["q"]),
+             h.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]), h.make_node("Neg", ["dq"], ["y"])]
+    inits = [_c("s", np.float32(0.1)), _c("z", np.uint8(128))]
+    model = _graph(nodes, [_vi("x", [4])], [_vi("y", [4])], inits)
+    before = {id(n) for n in model.graph}
+    lifted = qdq_see_through.lift(model.graph)
+    assert len(lifted) == 1 and [n.op_type for n in model.graph] == ["Relu", "Neg"]
+    neg = next(n for n in model.graph if n.op_type == "Neg")
+    assert neg.inputs[0].name == "r"
+    assert qdq_see_through.restore(model.graph, lifted, before) == []
+    assert [n.op_type for n in model.graph] == ["Relu", "QuantizeLinear", "DequantizeLinear", "Neg"]
+    x = np.array([-1.0, 0.04, 0.26, 3.0], np.float32)
+    got = ort.InferenceSession(_bytes(model)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, -np.round(np.maximum(x, 0) / 0.1) * 0.1, atol=1e-7)
+
+
+def _bytes(model) -> bytes:
+    proto = ir.to_proto(model)
+    proto.ir_version = 8
+    return proto.SerializeToString()
