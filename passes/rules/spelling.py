@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.qdq import add_initializer
+
 
 def _const_ints(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None:
@@ -75,11 +77,8 @@ def reshape_copy_dims(graph: ir.Graph) -> int:
             parts.append(0)
         if parts is None or list(parts).count(-1) > 1:
             continue
-        name = f"{node.name or shape.name}_shape"
-        const = ir.Value(name=name, const_value=ir.tensor(np.asarray(parts, np.int64), name=name),
-                         shape=ir.Shape([len(parts)]), type=ir.TensorType(ir.DataType.INT64))
-        graph.register_initializer(const)
-        node.replace_input_with(1, const)
+        node.replace_input_with(1, add_initializer(graph, f"{node.name or shape.name}_shape",
+                                                   np.asarray(parts, np.int64)))
         count += 1
     return count
 
@@ -110,11 +109,7 @@ def positive_slice_axes(graph: ir.Graph) -> int:
             continue
         rank = x.shape.rank()
         fixed = np.where(axes < 0, axes + rank, axes).astype(np.int64)
-        name = f"{node.name or node.inputs[3].name}_axes"
-        const = ir.Value(name=name, const_value=ir.tensor(fixed, name=name), shape=ir.Shape([fixed.size]),
-                         type=ir.TensorType(ir.DataType.INT64))
-        graph.register_initializer(const)
-        node.replace_input_with(3, const)
+        node.replace_input_with(3, add_initializer(graph, f"{node.name or node.inputs[3].name}_axes", fixed))
         count += 1
     return count
 
@@ -134,12 +129,8 @@ def explicit_defaults(graph: ir.Graph) -> int:
             axes = _const_ints(node.inputs[3])
             if axes is None:
                 continue
-            name = f"{node.name or node.outputs[0].name}_steps"
-            ones = np.ones(axes.size, np.int64)
-            const = ir.Value(name=name, const_value=ir.tensor(ones, name=name), shape=ir.Shape([ones.size]),
-                             type=ir.TensorType(ir.DataType.INT64))
-            graph.register_initializer(const)
             node.resize_inputs(5)
-            node.replace_input_with(4, const)
+            node.replace_input_with(4, add_initializer(graph, f"{node.name or node.outputs[0].name}_steps",
+                                                       np.ones(axes.size, np.int64)))
             count += 1
     return count
