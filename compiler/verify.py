@@ -123,7 +123,7 @@ def verify_models(original: Path, compiled: Path, dataset: Dataset, *, samples: 
     result = {"samples": total, "data": dataset.description,
               "outputs": {n: a.summary() for n, a in accs.items()}}
     if layers:
-        result["layers"] = _per_layer(original, compiled, dataset, layers, layer_samples)
+        result["layers"] = _per_layer(original, compiled, dataset, layers, layer_samples, codecs)
     return result
 
 
@@ -160,7 +160,8 @@ def _decode(name: str, x: np.ndarray, codecs: dict) -> np.ndarray:
     return x if codec is None else x.astype(np.float32) * _scale(codec)
 
 
-def _per_layer(original: Path, compiled: Path, dataset: Dataset, layers: dict[str, dict], samples: int) -> dict:
+def _per_layer(original: Path, compiled: Path, dataset: Dataset, layers: dict[str, dict], samples: int,
+               codecs: dict) -> dict:
     both = _tensor_names(original) & _tensor_names(compiled)
     tensors = sorted({t for spec in layers.values() for t in (spec.get("input"), spec["output"]) if t in both})
     if not tensors:
@@ -168,7 +169,6 @@ def _per_layer(original: Path, compiled: Path, dataset: Dataset, layers: dict[st
     ref_sess, got_sess = _session(original, tensors), _session(compiled, tensors)
     accs = {t: _Accumulator() for t in tensors}
     batch = _fixed_batch(got_sess)
-    codecs = io_quantization(compiled)
     for feed in dataset.batches(batch, limit=max(samples, batch), exact=batch > 1):
         for t, r, g in zip(tensors, ref_sess.run(tensors, feed), got_sess.run(tensors, _encode(feed, codecs))):
             accs[t].update(r, g)

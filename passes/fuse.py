@@ -98,10 +98,9 @@ class Fuse(QPass):
                 self.ctx.warn(f"fuse: {len(dropped)} activation Q/DQ pair(s) ended up inside fused operators "
                               f"(computed in float there): {', '.join(dropped[:4])}"
                               f"{' ...' if len(dropped) > 4 else ''}")
-        # inline the intermediate fusion functions no later rule consumed; drop dead nodes
+        # inline the intermediate fusion functions no later rule consumed; it also drops dead
+        # nodes and unused functions
         onnxscript.optimizer.optimize(model, num_iterations=1, onnx_shape_inference=False)
-        common_passes.RemoveUnusedNodesPass()(model)
-        common_passes.RemoveUnusedFunctionsPass()(model)
         infer_shapes(model)
         infer_symbolic_shapes(model)  # onnx's inference stops at com.microsoft ops; onnxruntime's knows them
         if "attention" in groups:

@@ -102,8 +102,9 @@ class KVCache(QPass):
         for past, present in pairs:
             past_name, present_name = past.name, present.name
             scale = np.maximum(absmax[present_name], 1e-12) / _QMAX
-            self._dequantize_on_entry(graph, past, scale)
-            self._quantize_on_exit(graph, present, scale)
+            codec = self._codec(graph, scale, present_name.replace(".", "_") + "_cache")
+            self._dequantize_on_entry(graph, past, codec)
+            self._quantize_on_exit(graph, present, codec)
             codecs[past_name] = codecs[present_name] = {"dtype": "int8", "scale": scale.reshape(-1).tolist(),
                                                         "shape": list(scale.shape)}
             per_token = int(np.prod([d for i, d in enumerate(present.shape or []) if i not in (0, 2)
@@ -135,60 +136,64 @@ class KVCache(QPass):
             raise DataError(f"kv_cache: the calibration data never filled {missing} (empty sequences?)")
         return {k: v.astype(np.float32) for k, v in found.items()}
 
-    def _per_axis(self, scale: np.ndarray) -> bool:
-        return self.config.granularity == "per_head"
+    def _codec(self, graph: ir.Graph, scale: np.ndarray, base: str) -> _Codec:
+        """The initializers one past/present pair shares for its Q and DQ nodes."""
+        zero = np.zeros(scale.size if self.config.granularity == "per_head" else (), np.int8)
+        zp = add_initializer(graph, f"{base}_zero_point", zero)
+        if self.config.granularity == "per_head":
+            return _Codec(add_initializer(graph, f"{base}_scale", scale.reshape(-1)), zp,
+                          {"axis": self.config.head_axis}, None)
+        return _Codec(add_initializer(graph, f"{base}_unit", np.asarray(1.0, np.float32)), zp, {},
+                      add_initializer(graph, f"{base}_scale", scale))
 
-    def _dequantize_on_entry(self, graph: ir.Graph, past: ir.Value, scale: np.ndarray) -> None:
+    def _dequantize_on_entry(self, graph: ir.Graph, past: ir.Value, codec: _Codec) -> None:
         uses = list(past.uses())
         past.dtype = ir.DataType.INT8
-        out = self._dequantize(graph, past, scale, f"{past.name}")
+        out = _dequantize(graph, past, codec, past.name)
         for user, index in uses:
             user.replace_input_with(index, out)
 
-    def _quantize_on_exit(self, graph: ir.Graph, present: ir.Value, scale: np.ndarray) -> None:
+    def _quantize_on_exit(self, graph: ir.Graph, present: ir.Value, codec: _Codec) -> None:
         name = present.name
         index = next(i for i, o in enumerate(graph.outputs) if o is present)
         inner_uses = list(present.uses())
         present.name = f"{name}_float"
-        q = self._quantize(graph, present, scale, name)
+        q = _quantize(graph, present, codec, name)
         graph.outputs[index] = q
         if inner_uses:  # the step attends to what the cache will hold
-            deq = self._dequantize(graph, q, scale, f"{name}_cached")
+            deq = _dequantize(graph, q, codec, f"{name}_cached")
             for user, i in inner_uses:
                 user.replace_input_with(i, deq)
 
-    def _quantize(self, graph: ir.Graph, x: ir.Value, scale: np.ndarray, out_name: str) -> ir.Value:
-        zp = add_initializer(graph, f"{out_name}_zero_point", np.zeros(scale.shape[self.config.head_axis]
-                                                                        if self._per_axis(scale) else (), np.int8))
-        if self._per_axis(scale):
-            s = add_initializer(graph, f"{out_name}_scale", scale.reshape(-1))
-            node = ir.node("QuantizeLinear", [x, s, zp], {"axis": self.config.head_axis}, name=f"{out_name}_Quantize")
-        else:
-            s = add_initializer(graph, f"{out_name}_scale", scale)
-            div = ir.node("Div", [x, s], name=f"{out_name}_Scale")
-            graph.append(div)
-            one = add_initializer(graph, f"{out_name}_unit", np.asarray(1.0, np.float32))
-            node = ir.node("QuantizeLinear", [div.outputs[0], one, zp], name=f"{out_name}_Quantize")
-        graph.append(node)
-        out = node.outputs[0]
-        out.name, out.dtype, out.shape = out_name, ir.DataType.INT8, x.shape
-        return out
 
-    def _dequantize(self, graph: ir.Graph, q: ir.Value, scale: np.ndarray, base: str) -> ir.Value:
-        zp = add_initializer(graph, f"{base}_dq_zero_point", np.zeros(scale.shape[self.config.head_axis]
-                                                                       if self._per_axis(scale) else (), np.int8))
-        if self._per_axis(scale):
-            s = add_initializer(graph, f"{base}_dq_scale", scale.reshape(-1))
-            node = ir.node("DequantizeLinear", [q, s, zp], {"axis": self.config.head_axis}, name=f"{base}_Dequantize")
-            graph.append(node)
-            out = node.outputs[0]
-        else:
-            one = add_initializer(graph, f"{base}_dq_unit", np.asarray(1.0, np.float32))
-            node = ir.node("DequantizeLinear", [q, one, zp], name=f"{base}_Dequantize")
-            graph.append(node)
-            s = add_initializer(graph, f"{base}_dq_scale", scale)
-            mul = ir.node("Mul", [node.outputs[0], s], name=f"{base}_Rescale")
-            graph.append(mul)
-            out = mul.outputs[0]
-        out.name, out.dtype, out.shape = f"{base}_dequantized", ir.DataType.FLOAT, q.shape
-        return out
+@dataclasses.dataclass(frozen=True)
+class _Codec:
+    scale: ir.Value                # the Q/DQ scale: per head (axis attribute), or 1
+    zero_point: ir.Value
+    attrs: dict
+    outer: ir.Value | None         # per_channel: the [1, H, 1, D] scale divided out before Q, multiplied after DQ
+
+
+def _quantize(graph: ir.Graph, x: ir.Value, codec: _Codec, out_name: str) -> ir.Value:
+    source = x
+    if codec.outer is not None:
+        div = ir.node("Div", [x, codec.outer], name=f"{out_name}_Scale")
+        graph.append(div)
+        source = div.outputs[0]
+    node = ir.node("QuantizeLinear", [source, codec.scale, codec.zero_point], codec.attrs, name=f"{out_name}_Quantize")
+    graph.append(node)
+    out = node.outputs[0]
+    out.name, out.dtype, out.shape = out_name, ir.DataType.INT8, x.shape
+    return out
+
+
+def _dequantize(graph: ir.Graph, q: ir.Value, codec: _Codec, base: str) -> ir.Value:
+    node = ir.node("DequantizeLinear", [q, codec.scale, codec.zero_point], codec.attrs, name=f"{base}_Dequantize")
+    graph.append(node)
+    out = node.outputs[0]
+    if codec.outer is not None:
+        mul = ir.node("Mul", [out, codec.outer], name=f"{base}_Rescale")
+        graph.append(mul)
+        out = mul.outputs[0]
+    out.name, out.dtype, out.shape = f"{base}_dequantized", ir.DataType.FLOAT, q.shape
+    return out

@@ -34,6 +34,11 @@ def attention_nodes(model: ir.Model) -> list[ir.Node]:
     return [n for n in model.graph if n.op_type in ATTENTION_OPS and n.domain == "com.microsoft"]
 
 
+def _input(node: ir.Node, which: str) -> ir.Value | None:
+    index = ATTENTION_OPS[node.op_type][_INPUTS.index(which)]
+    return node.inputs[index] if index < len(node.inputs) else None
+
+
 def _heads(node: ir.Node, which: str) -> int:
     if node.op_type == "GroupQueryAttention" and which != "query":
         return node.attributes.get_int("kv_num_heads", 0)
@@ -74,7 +79,7 @@ class QuantizeAttention(QPass):
         wanted = set()
         for node in attention_nodes(model):
             for which in config.inputs:
-                value = node.inputs[ATTENTION_OPS[node.op_type][_INPUTS.index(which)]]
+                value = _input(node, which)
                 if value is not None and _channel_axis(value) is not None:
                     wanted.add(value.name)
                     ctx.channel_axes[value.name] = _channel_axis(value)
@@ -89,12 +94,10 @@ class QuantizeAttention(QPass):
             self.ctx.warn("quantize_attention: the graph has no fused attention operator (did `fuse` leave "
                           "attention unfused? see report.json fuse.unfused_attention)")
             return False
-        done: dict[str, ir.Value] = {}
         for node in nodes:
             entry = {}
             for which in self.config.inputs:
-                index = ATTENTION_OPS[node.op_type][_INPUTS.index(which)]
-                value = node.inputs[index] if index < len(node.inputs) else None
+                value = _input(node, which)
                 if value is None:
                     continue
                 scale, why = self._scale(node, which, value)
@@ -102,10 +105,8 @@ class QuantizeAttention(QPass):
                     report["skipped"][f"{node.name}.{which}"] = why
                     continue
                 axis = None if scale.size == 1 else _channel_axis(value)
-                dq = insert_qdq(graph, value, scale if axis is not None else float(scale.reshape(-1)[0]),
-                                np.zeros(scale.size if axis is not None else (), np.int8),
-                                consumers={node}, axis=axis)
-                done[f"{node.name}.{which}"] = dq
+                insert_qdq(graph, value, scale if axis is not None else float(scale.reshape(-1)[0]),
+                           np.zeros(scale.size if axis is not None else (), np.int8), consumers={node}, axis=axis)
                 heads = _heads(node, which)
                 per_head = scale.reshape(heads, -1)[:, 0] if axis == value.shape.rank() - 1 and heads else scale
                 entry[which] = [float(s) for s in np.atleast_1d(per_head)]
@@ -118,7 +119,7 @@ class QuantizeAttention(QPass):
                     "notes": ["the attention kernel on cpu takes float inputs: DequantizeLinear runs in front "
                               "of it (FA3 numerics, not FA3 speed)"]}
         graph.sort()
-        return bool(done)
+        return bool(report["nodes"])
 
     def _scale(self, node: ir.Node, which: str, value: ir.Value) -> tuple[np.ndarray | None, str]:
         stats = self.ctx.stats.get(value.name)

@@ -172,6 +172,35 @@ class _AscendRule(RewriteRuleClassBase):
         self.state.quant_cache[key] = q
         return q
 
+    def layer_check(self, result: MatchResult, node: ir.Node, x, x_scale, x_zp, w_q, w_scale, w_zp
+                    ) -> MatchResult | tuple[np.ndarray, np.ndarray]:
+        """What every lowered layer needs: a quantized layer, a lowerable activation Q/DQ and
+        int8 weights. Returns (weights, weight scales) or the failed match."""
+        if not is_quantized_layer(self.state, node):
+            return result.fail("not a quantized layer")
+        problem = _check_activation_qdq(x, x_scale, x_zp)
+        if problem:
+            return self._fail(result, node.name, problem)
+        params = _weight_params(w_q, w_scale, w_zp)
+        return self._fail(result, node.name, params) if isinstance(params, str) else params
+
+    def bias_check(self, result: MatchResult, node: ir.Node, x_scale, s: np.ndarray, b_q, b_scale, b_zp
+                   ) -> MatchResult | None:
+        """A DequantizeLinear bias must be int32, zero point 0, at scale s_x·s_w (else the failed match)."""
+        if const(b_q) is None or b_q.dtype != ir.DataType.INT32 or np.any(const(b_zp) != 0):
+            return self._fail(result, node.name, "bias is not a constant int32 with zero point 0")
+        if not _deq_matches_bias(x_scale, s, b_scale):
+            return self._fail(result, node.name, "bias scale is not s_x*s_w")
+        return None
+
+    def lowered(self, op, node: ir.Node, acc: ir.Value, deq: np.ndarray, like: ir.Value, ascend: str,
+                bias: str | None) -> ir.Value:
+        """Record the layer's lowering in the report and close it with AscendDequant."""
+        self.state.lowered[node.name] = {"ascend": ascend,
+                                         "deq_scale": f"per_channel [{deq.size}]" if deq.size > 1 else "per_tensor",
+                                         "bias": bias}
+        return self.dequant(op, acc, deq, node.name, like)
+
     def dequant(self, op, acc: ir.Value, deq: np.ndarray, layer: str, like: ir.Value) -> ir.Value:
         packed = formulas.pack_deq_scale(deq)
         deq_v = _initializer(op, self.state, packed, f"{layer}_deq_scale")
@@ -196,15 +225,10 @@ class LowerConv(_AscendRule):
         result = MatchResult()
         node = y.producer()
         self.state.graph = context.graph_or_function
-        if not is_quantized_layer(self.state, node):
-            return result.fail("not a quantized layer")
-        problem = _check_activation_qdq(x, x_scale, x_zp)
-        if problem:
-            return self._fail(result, node.name, problem)
-        params = _weight_params(w_q, w_scale, w_zp)
-        if isinstance(params, str):
-            return self._fail(result, node.name, params)
-        w, s = params
+        checked = self.layer_check(result, node, x, x_scale, x_zp, w_q, w_scale, w_zp)
+        if isinstance(checked, MatchResult):
+            return checked
+        w, s = checked
         if w.ndim != 4:
             return self._fail(result, node.name, f"{w.ndim - 2}-D Conv: only 2-D Conv (NCHW) is lowered to "
                                                  "Ascend's int8 convolution")
@@ -212,11 +236,7 @@ class LowerConv(_AscendRule):
         if axis not in (None, 0):
             return self._fail(result, node.name, f"Conv weight quantized along axis {axis}, not the output channels")
         if self.with_bias:
-            b = const(b_q)
-            if b is None or b_q.dtype != ir.DataType.INT32 or np.any(const(b_zp) != 0):
-                return self._fail(result, node.name, "bias is not a constant int32 with zero point 0")
-            if not _deq_matches_bias(x_scale, s, b_scale):
-                return self._fail(result, node.name, "bias scale is not s_x*s_w")
+            return self.bias_check(result, node, x_scale, s, b_q, b_scale, b_zp) or result
         return result
 
     def rewrite(self, op, x, x_scale, x_zp, w_q, w_scale, y, b_q=None, b_scale=None, **_):
@@ -228,11 +248,8 @@ class LowerConv(_AscendRule):
         _name_producer(acc, node.name)
         w_scale_np = const(w_scale).astype(np.float32).reshape(-1)
         deq = _deq(x_scale, w_scale_np, b_scale if self.with_bias else None)
-        self.state.lowered[node.name] = {
-            "ascend": "AscendQuant -> Conv(int8) -> AscendDequant",
-            "deq_scale": f"per_channel [{deq.size}]" if deq.size > 1 else "per_tensor",
-            "bias": "int32" if self.with_bias else None}
-        return self.dequant(op, acc, deq, node.name, y)
+        return self.lowered(op, node, acc, deq, y, "AscendQuant -> Conv(int8) -> AscendDequant",
+                            "int32" if self.with_bias else None)
 
 
 class LowerConvBias(LowerConv):
@@ -267,20 +284,14 @@ class LowerGemm(_AscendRule):
         attrs = node.attributes
         if attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0 or attrs.get_int("transA", 0):
             return self._fail(result, node.name, "Gemm with alpha/beta != 1 or transA")
-        problem = _check_activation_qdq(x, x_scale, x_zp)
-        if problem:
-            return self._fail(result, node.name, problem)
-        params = _weight_params(w_q, w_scale, w_zp)
-        if isinstance(params, str):
-            return self._fail(result, node.name, params)
-        w, s = params
+        checked = self.layer_check(result, node, x, x_scale, x_zp, w_q, w_scale, w_zp)
+        if isinstance(checked, MatchResult):
+            return checked
+        w, s = checked
         if w.ndim != 2:
             return self._fail(result, node.name, "Gemm weight is not 2-D")
         if self.with_bias:
-            if const(b_q) is None or b_q.dtype != ir.DataType.INT32 or np.any(const(b_zp) != 0):
-                return self._fail(result, node.name, "bias is not a constant int32 with zero point 0")
-            if not _deq_matches_bias(x_scale, s, b_scale):
-                return self._fail(result, node.name, "bias scale is not s_x*s_w")
+            return self.bias_check(result, node, x_scale, s, b_q, b_scale, b_zp) or result
         return result
 
     def rewrite(self, op, x, x_scale, x_zp, w_q, w_scale, wdq, y, b_q=None, b_scale=None, **_):
@@ -299,11 +310,9 @@ class LowerGemm(_AscendRule):
         deq = _deq(x_scale, w_scale_np, b_scale if self.with_bias else None)
         if deq.size > 1 and np.all(deq == deq[0]) and w_scale_np.size == 1:
             deq = deq[:1]  # per-tensor weights: the bias DQ repeats one scale
-        self.state.lowered[node.name] = {
-            "ascend": "AscendQuant -> Gemm(int8" + (", transB folded" if trans_b else "") + ") -> AscendDequant",
-            "deq_scale": f"per_channel [{deq.size}]" if deq.size > 1 else "per_tensor",
-            "bias": "int32" if self.with_bias else None}
-        return self.dequant(op, acc, deq, node.name, y)
+        return self.lowered(op, node, acc, deq, y,
+                            "AscendQuant -> Gemm(int8" + (", transB folded" if trans_b else "") + ") -> AscendDequant",
+                            "int32" if self.with_bias else None)
 
 
 class LowerGemmBias(LowerGemm):
@@ -319,19 +328,15 @@ class LowerGemmBias(LowerGemm):
 # -- MatMul (+ bias) ------------------------------------------------------------------------------
 def _matmul_check(rule: _AscendRule, result, x, x_scale, x_zp, w_q, w_scale, w_zp, wdq, mm) -> MatchResult | tuple:
     node = mm.producer()
-    if not is_quantized_layer(rule.state, node):
-        return result.fail("not a quantized layer")
-    if w_q.producer() is not None and w_q.producer().op_type == "QuantizeLinear":
+    if w_q.producer() is not None and w_q.producer().op_type == "QuantizeLinear" \
+            and is_quantized_layer(rule.state, node):
         return rule._fail(result, node.name,
                           "MatMul of two activations (e.g. attention scores): ATC's quantized MatMul needs a "
                           "constant 2-D int8 weight (AMCT adapts single-input MatMul only)")
-    problem = _check_activation_qdq(x, x_scale, x_zp)
-    if problem:
-        return rule._fail(result, node.name, problem)
-    params = _weight_params(w_q, w_scale, w_zp)
-    if isinstance(params, str):
-        return rule._fail(result, node.name, params)
-    w, s = params
+    checked = rule.layer_check(result, node, x, x_scale, x_zp, w_q, w_scale, w_zp)
+    if isinstance(checked, MatchResult):
+        return checked
+    w, s = checked
     if w.ndim != 2:
         return rule._fail(result, node.name, f"MatMul weight is {w.ndim}-D; ATC's quantized MatMul takes a 2-D weight")
     out_rank = len(mm.shape) if mm.shape is not None else None
@@ -363,10 +368,7 @@ class LowerMatMul(_AscendRule):
         _typed(acc, ir.DataType.INT32, mm.shape, f"{mm.name}_int32")
         _name_producer(acc, node.name)
         deq = _deq(x_scale, const(w_scale).astype(np.float32).reshape(-1), None)
-        self.state.lowered[node.name] = {"ascend": "AscendQuant -> MatMul(int8) -> AscendDequant",
-                                         "deq_scale": f"per_channel [{deq.size}]" if deq.size > 1 else "per_tensor",
-                                         "bias": None}
-        return self.dequant(op, acc, deq, node.name, mm)
+        return self.lowered(op, node, acc, deq, mm, "AscendQuant -> MatMul(int8) -> AscendDequant", None)
 
 
 class LowerMatMulBias(_AscendRule):
@@ -420,10 +422,10 @@ class LowerMatMulBias(_AscendRule):
         acc_b = op.Add(acc, b32)
         _typed(acc_b, ir.DataType.INT32, y.shape, f"{y.name}_int32")
         _name_producer(acc_b, add_node.name or f"{node.name}_bias")
-        self.state.lowered[node.name] = {"ascend": "AscendQuant -> MatMul(int8) -> Add(int32 bias) -> AscendDequant",
-                                         "deq_scale": f"per_channel [{deq.size}]" if deq.size > 1 else "per_tensor",
-                                         "bias": "int32", "output_tensor": y.name}
-        return self.dequant(op, acc_b, deq, node.name, y)
+        out = self.lowered(op, node, acc_b, deq, y, "AscendQuant -> MatMul(int8) -> Add(int32 bias) -> AscendDequant",
+                           "int32")
+        self.state.lowered[node.name]["output_tensor"] = y.name
+        return out
 
 
 # -- weight-only ----------------------------------------------------------------------------------
