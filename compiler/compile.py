@@ -144,6 +144,9 @@ def _compile(model_path, tgt, rec, calib, staged, input_shapes, verify, verify_d
         "opset": {"input": original_opset, "output": opset_of(model)},
         "input_shapes": {k: list(v) for k, v in input_shapes.items()},
     }
+    exported = {k: v for k, v in model.metadata_props.items() if k.startswith("qcompile.export.")}
+    if exported:  # how models/export_hf.py made it, e.g. random weights
+        report["model_export"] = exported
     resolved = rec.to_dict()
     resolved["target"] = {"name": tgt.name, "variant": tgt.variant, "lowering": rec.target_steps()}
     resolved["provenance"] = {

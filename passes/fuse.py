@@ -4,9 +4,10 @@ The rules are onnxscript's (passes/rules/fusions.py lists them in order). What t
 adds is what makes them fire on real exports and stay honest:
 
 * spelling first: onnxruntime's symbolic shape inference, then `reshape_copy_dims`,
-  `bias_last`, `positive_slice_axes` and `explicit_defaults` (passes/rules/spelling.py):
-  TorchScript exports hide head shapes behind Shape arithmetic and write biases first, and
-  onnxscript's patterns match dims, axes and default attributes literally;
+  `static_dims`, `bias_last`, `positive_slice_axes`, `explicit_defaults` and `reciprocal`
+  (passes/rules/spelling.py): TorchScript exports hide head shapes and split points behind
+  Shape arithmetic, write biases first and rsqrt as Div(1, .), and onnxscript's patterns
+  match dims, axes, ops and default attributes literally;
 * activation Q/DQ pairs are lifted out while the rules run and put back afterwards
   (passes/rules/qdq_see_through.py), so fusing after `quantize` fuses the same subgraphs;
 * the report counts every step's rewrites, and for each Softmax left outside a fused
@@ -77,10 +78,10 @@ class Fuse(QPass):
         if not report["symbolic_shapes"]:
             self.ctx.warn("fuse: onnxruntime's symbolic shape inference failed on this graph; "
                           "attention rules that check dimensions may not fire")
-        report["rules"]["reshape_copy_dims"] = spelling.reshape_copy_dims(graph)
-        report["rules"]["bias_last"] = spelling.bias_last(graph)
-        report["rules"]["positive_slice_axes"] = spelling.positive_slice_axes(graph)
-        report["rules"]["explicit_defaults"] = spelling.explicit_defaults(graph)
+        for rule in spelling.RULES:
+            report["rules"][rule.__name__] = rule(graph)
+        if report["rules"]["static_dims"]:  # the shape arithmetic they fed becomes constants
+            onnxscript.optimizer.fold_constants(model, onnx_shape_inference=False)
         if report["rules"]["reshape_copy_dims"]:
             infer_symbolic_shapes(model)
         for step in fusions.STEPS:
@@ -101,8 +102,12 @@ class Fuse(QPass):
         # inline the intermediate fusion functions no later rule consumed; it also drops dead
         # nodes and unused functions
         onnxscript.optimizer.optimize(model, num_iterations=1, onnx_shape_inference=False)
+        known = {v: v.shape for n in graph for v in n.outputs if v.shape is not None}
         infer_shapes(model)
         infer_symbolic_shapes(model)  # onnx's inference stops at com.microsoft ops; onnxruntime's knows them
+        for value, shape in known.items():  # where both give up (GroupQueryAttention without a past),
+            if value.shape is None:         # a value the rules kept keeps the shape it had
+                value.shape = shape
         if "attention" in groups:
             report["unfused_attention"] = self._explain(model) if self.config.explain else \
                 [n.name for n in model.graph if n.op_type == "Softmax"]

@@ -1,9 +1,11 @@
 """The fusion rule sets the `fuse` pass applies, in the order it applies them, as data.
 
 Each step is one of onnxscript's rewrite-rule sets (`onnxscript.rewriter.ort_fusions` and
-`onnxscript.rewriter.rules.fusion`); qcompile adds no pattern of its own here, only the
-order, the grouping a recipe selects (`fuse.rules`), and the operators each group leaves
-in the graph, which a target must run (`fusions` in its descriptor).
+`onnxscript.rewriter.rules.fusion`), except the two rotary-cache steps of our own
+(passes/rules/rotary_cache.py) for cos/sin spellings onnxscript's `cos_sin_cache` misses.
+This module holds the order, the grouping a recipe selects (`fuse.rules`), and the
+operators each group leaves in the graph, which a target must run (`fusions` in its
+descriptor).
 
 The order is onnxscript's `fuse_xformers` order (its intermediate SDPA must exist before
 MultiHeadAttention/GroupQueryAttention can absorb it; Gelu must be fused before BiasGelu),
@@ -20,6 +22,8 @@ from onnxscript.rewriter.ort_fusions import (attention, bias_gelu, cos_sin_cache
                                              mha_scale, rms_normalization, rotary_embedding, sdpa, sdpa_via_mha,
                                              skip_normalization)
 from onnxscript.rewriter.rules.fusion import _layer_norm
+
+from qcompile.passes.rules import rotary_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +42,14 @@ STEPS: tuple[Step, ...] = (
     Step("skip_norm", "skip_rms_norm", skip_normalization.skip_rms_normalization_ruleset),
     Step("rotary", "rotary_embedding", rotary_embedding.rotary_embedding_rules),
     Step("rotary", "cos_sin_cache", cos_sin_cache.cos_sin_cache_rules),
+    Step("rotary", "gathered_cos_sin", rotary_cache.gathered_cos_sin_rules),
+    Step("rotary", "outer_product_cos_sin", rotary_cache.outer_product_cos_sin_rules),
     Step("rotary", "partial_rotary_embedding", rotary_embedding.partial_embedding_rules),
     Step("attention", "sdpa", sdpa.sdpa_rules, infer_shapes_after=True),
-    Step("attention", "gqa", gqa.gqa_rules),
+    # opt-in: GroupQueryAttention derives each row's length from attention_mask (seqlens_k)
+    # and leaves right-padded query positions uncomputed, so those positions differ from the
+    # original graph; MultiHeadAttention (+ RotaryEmbedding) is exact everywhere
+    Step("attention_gqa", "gqa", gqa.gqa_rules),
     Step("attention", "mha_past", mha.mha_rules_with_past),
     Step("attention", "mha", mha.mha_rules_no_past),
     Step("attention", "mha_scale", mha_scale._mha_scale_rules),
@@ -62,7 +71,8 @@ PRODUCES: dict[str, tuple[str, ...]] = {
     "rms_norm": ("com.microsoft::SimplifiedLayerNormalization",),
     "skip_norm": ("com.microsoft::SkipLayerNormalization", "com.microsoft::SkipSimplifiedLayerNormalization"),
     "rotary": ("com.microsoft::RotaryEmbedding",),
-    "attention": ("com.microsoft::MultiHeadAttention", "com.microsoft::GroupQueryAttention"),
+    "attention": ("com.microsoft::MultiHeadAttention",),
+    "attention_gqa": ("com.microsoft::GroupQueryAttention",),
     "attention_packed": ("com.microsoft::Attention",),
 }
 GROUPS: tuple[str, ...] = tuple(PRODUCES)

@@ -134,3 +134,49 @@ def explicit_defaults(graph: ir.Graph) -> int:
                                                        np.ones(axes.size, np.int64)))
             count += 1
     return count
+
+
+def reciprocal(graph: ir.Graph) -> int:
+    """Rule `reciprocal`: `Div(1, x)` becomes `Reciprocal(x)`. TorchScript writes
+    `torch.rsqrt` as `Div(1, Sqrt(.))`; onnxscript's RMSNorm pattern matches `Reciprocal`."""
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Div" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        one, x = node.inputs
+        if one is None or one.const_value is None or x is None:
+            continue
+        value = one.const_value.numpy()
+        if value.size != 1 or value.dtype.kind != "f" or float(value.reshape(-1)[0]) != 1.0:
+            continue
+        if x.shape is None or one.shape is None or x.shape.rank() < one.shape.rank():
+            continue  # the constant would broadcast the result to a larger rank
+        new = ir.node("Reciprocal", [x], name=node.name)
+        new.outputs[0].type, new.outputs[0].shape = x.type, x.shape
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+        count += 1
+    return count
+
+
+def static_dims(graph: ir.Graph) -> int:
+    """Rule `static_dims`: `Gather(Shape(y), i)` of a dimension inference knows as a number
+    becomes that constant. TorchScript computes rotate_half's split point as
+    `Shape(x)[-1] // 2`; once the head size is a constant, onnxscript's folding turns the
+    arithmetic into the literal split its rotary pattern checks. (`fuse` folds after.)"""
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Gather" or not node.outputs[0].uses():
+            continue
+        index = _const_ints(node.inputs[1])
+        dim = _gathered_dim(node.outputs[0]) if index is not None and index.size == 1 else None
+        if not isinstance(dim, int):
+            continue
+        value = np.full(node.inputs[1].const_value.numpy().shape, dim, np.int64)  # Gather keeps the index's shape
+        node.outputs[0].replace_all_uses_with(add_initializer(graph, f"{node.name or node.outputs[0].name}_dim",
+                                                              value), replace_graph_outputs=False)
+        count += 1
+    return count
+
+
+# in the order `fuse` applies them (each returns how many nodes it rewrote)
+RULES = (reshape_copy_dims, static_dims, bias_last, positive_slice_axes, explicit_defaults, reciprocal)
