@@ -46,11 +46,14 @@ def llama(tmp_path_factory):
     return llama_block.write(tmp_path_factory.mktemp("llama"))
 
 
-def _compile(run_cli, tmp_path, files, recipe_text, name, target="cpu", model=None):
+def _compile(run_cli, tmp_path, files, recipe_text, name, target="cpu", model=None, calib=True):
+    """Compile and verify on files["eval"]; without `calib` the input shapes stay dynamic
+    (calibration data would pin them), so a decoder can still decode."""
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(recipe_text)
     out = tmp_path / name
-    res = run_cli([model or files["model"], "--target", target, "--recipe", recipe, "--calib", files["calib"],
+    res = run_cli([model or files["model"], "--target", target, "--recipe", recipe,
+                   *(["--calib", files["calib"]] if calib else []),
                    "--verify-data", files["eval"], "-o", out, "-q"])
     assert res.code == 0, res.err
     return json.loads((out / "report.json").read_text()), out / "model.onnx"
@@ -87,14 +90,84 @@ def test_bert_block_fuses_attention_norm_and_gelu_and_keeps_outputs(run_cli, tmp
     assert _relative_error(bert, model) <= 1e-5
 
 
-def test_llama_block_fuses_rmsnorm_and_attention_with_past(run_cli, tmp_path, llama):
-    report, model = _compile(run_cli, tmp_path, llama, FUSE, "llama")
-    ops = _ops(model)
+def _decodes_like(original, compiled, steps: int = 6) -> float:
+    """Largest relative difference of the next-token logits over a multi-step greedy decode
+    (prefill, then one-token steps feeding present back as past)."""
+    prompts = np.random.default_rng(3).integers(1, 512, size=(3, 9))
+    ref = llama_block.decode(str(original), prompts, steps)
+    got = llama_block.decode(str(compiled), prompts, steps, forced_ids=ref.argmax(-1)[:, :steps - 1])
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def _fused_llama_ops(ops: dict) -> None:
     assert ops.get("MultiHeadAttention") == 2
+    assert ops.get("RotaryEmbedding") == 4                 # Q and K in each of the 2 layers
     assert ops.get("SimplifiedLayerNormalization", 0) + ops.get("SkipSimplifiedLayerNormalization", 0) == 5
-    assert report["fuse"]["rules"]["explicit_defaults"] > 0 and report["fuse"]["rules"]["positive_slice_axes"] > 0
+    assert "Softmax" not in ops and "Neg" not in ops         # attention and rotate_half are gone
+
+
+def test_llama_block_fuses_rmsnorm_rotary_and_attention_with_past(run_cli, tmp_path, llama):
+    report, model = _compile(run_cli, tmp_path, llama, FUSE, "llama", calib=False)
+    _fused_llama_ops(_ops(model))
+    rules = report["fuse"]["rules"]
+    assert rules["explicit_defaults"] > 0 and rules["positive_slice_axes"] > 0
+    assert rules["gathered_cos_sin"] == 4                   # cos/sin Gathered from cached tables
     for out, stats in report["verification"]["outputs"].items():
-        assert stats["sqnr_db"] > 100, out
+        assert float(stats["sqnr_db"]) > 100, out   # "inf" where bit-identical
+    assert _decodes_like(llama["model"], model) <= 1e-5
+
+
+def test_llama_fusion_after_quantization_fuses_the_same_subgraphs(run_cli, tmp_path, llama):
+    plain, _ = _compile(run_cli, tmp_path, llama, FUSE, "plain")
+    report, model = _compile(run_cli, tmp_path, llama, QUANT_THEN_FUSE, "qfuse")
+    assert report["fuse"]["fused_ops"] == plain["fuse"]["fused_ops"]
+    assert report["fuse"]["qdq"]["lifted"] > 0
+    projections = [n for n in report["layers"] if n.endswith(("q_proj/MatMul", "k_proj/MatMul", "v_proj/MatMul"))]
+    assert len(projections) == 6 and all(report["layers"][n]["status"] == "quantized" for n in projections)
+
+
+def test_group_query_attention_is_opt_in_and_exact_where_the_mask_keeps(run_cli, tmp_path, llama):
+    recipe = FUSE.replace("- type: fuse", "- type: fuse\n      rules: [rms_norm, skip_norm, rotary, attention, "
+                                          "attention_gqa]")
+    report, model = _compile(run_cli, tmp_path, llama, recipe, "gqa")
+    assert report["fuse"]["fused_ops"].get("com.microsoft::GroupQueryAttention") == 2
+    data = dict(np.load(llama["eval"]))
+    ref_sess = ort.InferenceSession(str(llama["model"]), providers=["CPUExecutionProvider"])
+    got_sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    for i in range(6):
+        feed = {k: v[i:i + 1] for k, v in data.items()}
+        ref, got = ref_sess.run(None, feed)[0][0], got_sess.run(None, feed)[0][0]
+        kept = feed["attention_mask"][0] == 1               # right-padded positions are not computed
+        assert np.abs(got[kept] - ref[kept]).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    """A random-weight Hugging Face Llama exported with its KV cache, both exporters."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from models.export_hf import export_causal_lm, random_llama
+    work = tmp_path_factory.mktemp("hf_llama")
+    ckpt = random_llama(work / "ckpt")
+    files = {"eval": work / "eval.npz",
+             "torchscript": export_causal_lm(ckpt, work / "ts.onnx"),
+             "dynamo": export_causal_lm(ckpt, work / "dynamo.onnx", dynamo=True)}
+    np.savez(files["eval"], **llama_block.sample_inputs(8, 4))
+    return files
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_hf_llama_export_fuses_in_both_spellings(run_cli, tmp_path, hf_llama, exporter):
+    files = {"model": hf_llama[exporter], "eval": hf_llama["eval"]}
+    report, model = _compile(run_cli, tmp_path, files, FUSE, exporter, calib=False)
+    _fused_llama_ops(_ops(model))
+    rules = report["fuse"]["rules"]
+    assert rules["outer_product_cos_sin"] == 4              # cos/sin from position_ids * inv_freq
+    if exporter == "torchscript":                           # rsqrt as Div(1, .); the split point computed
+        assert rules["reciprocal"] == 5 and rules["static_dims"] > 0
+    for out, stats in report["verification"]["outputs"].items():
+        assert float(stats["sqnr_db"]) > 100, out   # "inf" where bit-identical
+    assert _decodes_like(files["model"], model) <= 1e-5
 
 
 def test_fusion_after_quantization_fuses_the_same_subgraphs(run_cli, tmp_path, bert):
@@ -202,6 +275,32 @@ def test_bias_last_positive_axes_and_explicit_defaults_keep_results():
     after = ort.InferenceSession(_bytes(model)).run(None, {"x": x})[0]
     np.testing.assert_array_equal(before, after)
     np.testing.assert_allclose(after, (x + np.arange(8))[:, 1:5].mean(-1, keepdims=True), rtol=1e-6)
+
+
+def test_reciprocal_and_static_dims_keep_results():
+    h = onnx.helper
+    nodes = [h.make_node("Sqrt", ["x"], ["r"]), h.make_node("Div", ["one", "r"], ["inv"]),
+             h.make_node("Shape", ["x"], ["s"]), h.make_node("Gather", ["s", "last"], ["d"], axis=0),
+             h.make_node("Div", ["d", "two"], ["half"]), h.make_node("Unsqueeze", ["half", "ax"], ["split"]),
+             h.make_node("Slice", ["inv", "zero", "split", "ax_last"], ["y"])]
+    inits = [_c("one", np.float32(1.0)), _c("last", np.int64(2)), _c("two", np.int64(2)), _c("ax", [0]),
+             _c("zero", [0]), _c("ax_last", [2])]
+    model = _graph(nodes, [_vi("x", ["b", "s", 8])], [_vi("y", None)], inits)
+    x = np.random.default_rng(2).uniform(0.5, 4.0, (2, 3, 8)).astype(np.float32)
+    before = ort.InferenceSession(_bytes(model)).run(None, {"x": x})[0]
+    assert spelling.reciprocal(model.graph) == 1
+    assert spelling.static_dims(model.graph) == 1            # Shape(x)[2] is 8; Shape(x)[0] would not be
+    assert [n.op_type for n in model.graph].count("Reciprocal") == 1
+    after = ort.InferenceSession(_bytes(model)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(before, after)
+    np.testing.assert_allclose(after, (1 / np.sqrt(x))[..., :4], rtol=1e-6)
+
+
+def test_reciprocal_leaves_other_numerators_alone():
+    h = onnx.helper
+    model = _graph([h.make_node("Div", ["two", "x"], ["y"])], [_vi("x", [4])], [_vi("y", [4])],
+                   [_c("two", np.float32(2.0))])
+    assert spelling.reciprocal(model.graph) == 0
 
 
 def test_lift_and_restore_round_trip_unchanged_graph():

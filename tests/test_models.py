@@ -124,3 +124,35 @@ def test_minilm_sentences_are_disjoint_and_deterministic():
     pooled = minilm_data.mean_pooled(h, mask)
     np.testing.assert_allclose(pooled[0], h[0, :3].mean(0))
     np.testing.assert_allclose(pooled[2], h[2, 0])
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_causal_lm_exporter_has_the_kv_cache_layout_and_matches_pytorch(tmp_path, dynamo):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import onnx
+    from models.export_hf import (_causal_lm_wrapper, _import_torch, _load, causal_lm_max_relative_error,
+                                  export, random_llama)
+    ckpt = random_llama(tmp_path / "ckpt", layers=1)
+    out = export(ckpt, tmp_path / "lm.onnx", dynamo=dynamo)          # the config says *ForCausalLM
+    model = onnx.load(str(out))
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask", "position_ids",
+                                                   "past_key_values.0.key", "past_key_values.0.value"]
+    assert [o.name for o in model.graph.output] == ["logits", "present.0.key", "present.0.value"]
+    past = [d.dim_param or d.dim_value for d in model.graph.input[3].type.tensor_type.shape.dim]
+    assert past[1:] == [2, "past_sequence", 16] and past[0]          # batch stays dynamic
+    assert {p.key: p.value for p in model.metadata_props}["qcompile.export.weights"] == "random"
+    names = {n.name for n in model.graph.node}
+    assert "/model/layers.0/self_attn/q_proj/MatMul" in names and "/lm_head/MatMul" in names
+    torch, transformers = _import_torch()
+    module = _causal_lm_wrapper(torch, transformers, _load(transformers, transformers.AutoModelForCausalLM, ckpt))
+    assert causal_lm_max_relative_error(module, out, batch=1, seq=4, past=6) <= 1e-4
+
+
+def test_random_llama_config_is_a_causal_lm_and_a_bad_config_is_a_clear_error(tmp_path):
+    from models.export_hf import ExportError, is_causal_lm
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    assert is_causal_lm(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ExportError, match="not valid JSON"):
+        is_causal_lm(tmp_path)
