@@ -44,8 +44,8 @@ def print_summary(report: dict, console: Console | None = None, *, header: bool 
         for name, m in ver["outputs"].items():
             table.add_row(name, f"{m['sqnr_db']}", f"{m['cosine_mean']}", f"{m['cosine_min']}", f"{m['max_abs']}")
         console.print(table)
-        worst = sorted(((v.get("added_sqnr_db", float("inf")), k) for k, v in ver.get("layers", {}).items()
-                        if isinstance(v.get("added_sqnr_db"), (int, float))))[:5]
+        worst = sorted((v["added_sqnr_db"], k) for k, v in ver.get("layers", {}).items()  # inf: adds no error
+                       if isinstance(v.get("added_sqnr_db"), (int, float)) and math.isfinite(v["added_sqnr_db"]))[:5]
         if worst:
             console.print("layers adding the most error: " +
                           ", ".join(f"{k} ({v} dB)" for v, k in worst))

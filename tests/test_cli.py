@@ -310,3 +310,17 @@ def test_model_listing_weights_among_its_inputs(run_cli, small_cnn_files, tmp_pa
     assert res.code == 0, res.err
     report = json.loads((out / "report.json").read_text())
     assert report["verification"]["outputs"]["logits"]["sqnr_db"] > 25
+
+
+def test_summary_lists_only_layers_that_add_error():
+    from rich.console import Console
+
+    from qcompile.report import print_summary
+    console = Console(record=True, width=200)
+    ver = {"samples": 2, "data": "d", "outputs": {"y": {"sqnr_db": 30.0, "cosine_mean": 0.99, "cosine_min": 0.98,
+                                                         "max_abs": 0.1}},
+           "layers": {"a": {"added_sqnr_db": 25.0}, "b": {"added_sqnr_db": float("inf")},
+                      "c": {"added_sqnr_db": 12.5}}}
+    print_summary({"target": "cpu", "recipe": "r", "layers": {}, "verification": ver}, console)
+    text = console.export_text()
+    assert "layers adding the most error: c (12.5 dB), a (25.0 dB)" in text and "inf" not in text
