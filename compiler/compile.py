@@ -196,7 +196,7 @@ def required_opset(tgt: Target, rec: Recipe) -> int:
     for step in rec.steps:
         min_opset = getattr(step.spec.cls, "min_opset", None)
         if min_opset is not None:
-            need = max(need, min_opset(step.config))
+            need = max(need, min_opset(step.config, tgt))
     return need
 
 

@@ -57,9 +57,11 @@ class Fuse(QPass):
         return {"fused"}
 
     @classmethod
-    def min_opset(cls, config) -> int:
-        """onnxscript's patterns spell ReduceMean/Slice as opset 18 does (axes as inputs)."""
-        return 18 if config.rules else 0
+    def min_opset(cls, config, target=None) -> int:
+        """onnxscript's patterns spell ReduceMean/Slice as opset 18 does (axes as inputs); a
+        target that runs none of the groups (Ascend: ATC parses opset <= 16) needs nothing."""
+        runs = set(target.setting("fusions") or ()) if target is not None else set(config.rules)
+        return 18 if runs & set(config.rules) else 0
 
     def run(self, model: ir.Model) -> bool:
         allowed = self._allowed_groups()

@@ -169,7 +169,7 @@ class Quantize(QPass):
         return {"qdq"}
 
     @classmethod
-    def min_opset(cls, config) -> int:
+    def min_opset(cls, config, target=None) -> int:
         """Lowest opset whose Q/DQ ops carry every dtype and granularity asked for."""
         need = 13
         for s in cls.schemes(config):

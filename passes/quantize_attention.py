@@ -71,6 +71,18 @@ class QuantizeAttention(QPass):
         return {"fused", "ranges"}
 
     @classmethod
+    def check_target(cls, config, target) -> str | None:
+        """FA3 quantizes a fused attention operator's inputs; a target that fuses no attention
+        would get a recipe that silently does nothing."""
+        fusions = set(target.setting("fusions") or ())
+        if not fusions & {"attention", "attention_gqa"}:
+            return (f"FA3 Q/K/V quantization needs a fused attention operator, and target {target.name} runs "
+                    f"no attention fusion (its descriptor's `fusions`: {sorted(fusions) or 'none'}); on Ascend "
+                    "the fused attention arrives with kernel generation. Use w8a8-smooth (attention MatMuls "
+                    "stay as they are) or compile for cpu")
+        return None
+
+    @classmethod
     def gives(cls, config) -> set[str]:
         return {"qdq"}
 

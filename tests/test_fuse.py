@@ -205,6 +205,19 @@ def test_ascend_runs_no_contrib_fusions(run_cli, tmp_path, small_cnn_files):
     assert "attention" in report["fuse"]["not_run"] and "does not run" in report["fuse"]["not_run"]["attention"]
 
 
+def test_fuse_on_ascend_keeps_the_opset_atc_parses(run_cli, tmp_path, bert):
+    # fuse alone would raise the opset to 18; Ascend runs no fusion group and parses <= 16
+    report, model = _compile(run_cli, tmp_path, bert, QUANT_THEN_FUSE, "ascend_bert", target="ascend910b")
+    assert report["fuse"]["groups"] == [] and onnx.load(str(model)).opset_import[0].version <= 16
+
+
+def test_fa3_on_a_target_without_attention_fusion_is_refused_before_any_work(run_cli, tmp_path, bert):
+    res = run_cli([bert["model"], "--target", "ascend910b", "--recipe", "w8a8-fa3", "--calib", bert["calib"],
+                   "-o", tmp_path / "o"])
+    assert res.code == 6 and "fused attention" in res.err and "Traceback" not in res.err
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_fusion_group_is_a_recipe_error(run_cli, tmp_path, bert):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(FUSE.replace("- type: fuse", "- type: fuse\n      rules: [attention, flash]"))
