@@ -3,9 +3,9 @@
 FA3 runs attention's two matrix products in int8 with one symmetric scale per head for Q,
 K and V. Here that is QDQ on the fused operator's query/key/value inputs (after `fuse`):
 symmetric int8, zero point 0, scale = max|x| of the head over the calibration data / 127.
-A 3-D input [batch, seq, heads*head_dim] gets a per-axis scale on its last axis with each
-head's scale repeated over its head_dim channels; a 4-D [batch, heads, seq, head_dim] one a
-per-axis scale on axis 1.
+A 3-D input [batch, seq, heads*head_dim] is viewed as [batch, seq, heads, head_dim] (Reshape)
+and gets a per-axis scale on the head axis; a 4-D [batch, heads, seq, head_dim] one a per-axis
+scale on axis 1.
 
 On `cpu` onnxruntime's MultiHeadAttention/GroupQueryAttention kernels take float inputs,
 so the graph runs DequantizeLinear in front of them: the numerics are FA3's (verification
@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.passes.rules.fusions import ATTENTION_OPS
-from qcompile.qdq import insert_qdq
+from qcompile.qdq import add_initializer, insert_qdq
 from qcompile.registry import QPass, register_pass
 
 _INPUTS = ("query", "key", "value")
@@ -116,12 +116,8 @@ class QuantizeAttention(QPass):
                 if scale is None:
                     report["skipped"][f"{node.name}.{which}"] = why
                     continue
-                axis = None if scale.size == 1 else _channel_axis(value)
-                insert_qdq(graph, value, scale if axis is not None else float(scale.reshape(-1)[0]),
-                           np.zeros(scale.size if axis is not None else (), np.int8), consumers={node}, axis=axis)
-                heads = _heads(node, which)
-                per_head = scale.reshape(heads, -1)[:, 0] if axis == value.shape.rank() - 1 and heads else scale
-                entry[which] = [float(s) for s in np.atleast_1d(per_head)]
+                self._insert(graph, node, which, value, scale)
+                entry[which] = [float(v) for v in scale]
             if entry:
                 report["nodes"][node.name] = entry
                 self.ctx.layers[node.name] = {
@@ -134,6 +130,7 @@ class QuantizeAttention(QPass):
         return bool(report["nodes"])
 
     def _scale(self, node: ir.Node, which: str, value: ir.Value) -> tuple[np.ndarray | None, str]:
+        """One scale (per_tensor) or one per head, from the calibrated per-channel max|x|."""
         stats = self.ctx.stats.get(value.name)
         if stats is None or stats.channel_absmax is None:
             return None, "no calibration statistics for this input"
@@ -141,14 +138,36 @@ class QuantizeAttention(QPass):
         if self.config.granularity == "per_tensor":
             return np.asarray([max(float(absmax.max()), 1e-12) / _QMAX], np.float32), ""
         heads = _heads(node, which)
-        rank = value.shape.rank()
-        if rank == 4:  # BNSH: channels are heads already
+        if value.shape.rank() == 4:  # BNSH: channels are heads already
             per_head = absmax
-            repeat = 1
         else:
             if not heads or absmax.size % heads:
                 return None, f"{absmax.size} channels do not split into {heads} heads"
             per_head = absmax.reshape(heads, -1).max(axis=1)
-            repeat = absmax.size // heads
-        scale = np.maximum(per_head, 1e-12) / _QMAX
-        return np.repeat(scale, repeat).astype(np.float32), ""
+        return (np.maximum(per_head, 1e-12) / _QMAX).astype(np.float32), ""
+
+    @staticmethod
+    def _insert(graph: ir.Graph, node: ir.Node, which: str, value: ir.Value, scale: np.ndarray) -> None:
+        """Q/DQ in front of `node`. A per-head scale on a [batch, seq, heads*head_dim] input goes
+        on a [batch, seq, heads, head_dim] view (Reshape, Q/DQ on axis 2, Reshape back):
+        onnxruntime's per-axis QuantizeLinear along a 384-wide last axis took 571 us per
+        MiniLM attention input, against 25 us on the head axis of the view."""
+        zero = np.zeros(scale.shape, np.int8)
+        if scale.size == 1:
+            insert_qdq(graph, value, float(scale[0]), np.zeros((), np.int8), consumers={node})
+        elif value.shape.rank() == 4:
+            insert_qdq(graph, value, scale, zero, consumers={node}, axis=1)
+        else:
+            heads_view = add_initializer(graph, f"{value.name}_heads_shape", np.asarray([0, 0, scale.size, -1], np.int64))
+            flat = add_initializer(graph, f"{value.name}_flat_shape", np.asarray([0, 0, -1], np.int64))
+            split = ir.node("Reshape", [value, heads_view], name=f"{node.name}_{which}_heads")
+            dims = list(value.shape)
+            split.outputs[0].name, split.outputs[0].dtype = f"{value.name}_heads", value.dtype
+            split.outputs[0].shape = ir.Shape(dims[:2] + [scale.size, dims[2] // scale.size
+                                                          if isinstance(dims[2], int) else None])
+            merge = ir.node("Reshape", [split.outputs[0], flat], name=f"{node.name}_{which}_merge")
+            merge.outputs[0].name, merge.outputs[0].dtype = f"{value.name}_merged", value.dtype
+            merge.outputs[0].shape = value.shape
+            graph.extend([split, merge])
+            node.replace_input_with(ATTENTION_OPS[node.op_type][_INPUTS.index(which)], merge.outputs[0])
+            insert_qdq(graph, split.outputs[0], scale, zero, consumers={merge}, axis=2)

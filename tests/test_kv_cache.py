@@ -145,3 +145,29 @@ def test_fa3_scales_are_per_head_maxima(run_cli, tmp_path):
     np.testing.assert_allclose(first["query"], want, rtol=1e-5)
     out_stats = report["verification"]["outputs"]["last_hidden_state"]
     assert out_stats["sqnr_db"] > 25   # int8 Q/K/V alone keeps the encoder close to float
+
+
+def test_fa3_qdq_on_the_head_view_equals_numpy_per_head_fake_quant(run_cli, tmp_path):
+    files = bert_block.write(tmp_path / "bert")
+    res, out = _compile(run_cli, tmp_path, files, FA3, "fa3")
+    assert res.code == 0, res.err
+    scales = json.loads((out / "report.json").read_text())["quantize_attention"]["nodes"]
+    m = onnx.load(str(out / "model.onnx"))
+    producer = {o: n for n in m.graph.node for o in n.output}
+    mha = next(n for n in m.graph.node if n.op_type == "MultiHeadAttention")
+    merge = producer[mha.input[0]]                     # Reshape back to [batch, seq, hidden]
+    dq = producer[merge.input[0]]
+    q = producer[dq.input[0]]
+    split = producer[q.input[0]]                       # Reshape to [batch, seq, heads, head_dim]
+    assert [merge.op_type, dq.op_type, q.op_type, split.op_type] == \
+        ["Reshape", "DequantizeLinear", "QuantizeLinear", "Reshape"]
+    assert next(a.i for a in dq.attribute if a.name == "axis") == 2
+    m.graph.output.extend([onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None)
+                           for v in (split.input[0], merge.output[0])])
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    data = dict(np.load(files["eval"]))
+    before, after = sess.run([split.input[0], merge.output[0]], {k: v[:1] for k, v in data.items()})
+    scale = np.asarray(scales[mha.name]["query"], np.float32)          # one per head
+    heads = before.reshape(*before.shape[:-1], scale.size, -1)
+    want = (np.clip(np.round(heads / scale[:, None]), -128, 127) * scale[:, None]).reshape(before.shape)
+    np.testing.assert_allclose(after, want, rtol=0, atol=1e-6)
