@@ -127,6 +127,7 @@ class SmoothQuant(QPass):
                                      label="smooth_quant")
         act_dtype = str(ctx.target.setting("activation_dtype", "int8")) if ctx.target is not None else "int8"
         act_symmetric = bool(ctx.target.setting("activation_symmetric", True)) if ctx.target is not None else True
+        per_tensor_ops = set(ctx.target.setting("per_tensor_weight_ops") or ()) if ctx.target is not None else set()
         changed = 0
         for g in usable:
             rec = records[g.x.name]
@@ -140,8 +141,9 @@ class SmoothQuant(QPass):
                 continue
             alphas = cfg.alpha_search or (cfg.alpha,)
             sample = rows[g.x.name]
+            per_tensor = [lin.node.op_type in per_tensor_ops for lin in g.linears]
             simulate = lambda scales: _simulated_error(sample, (xlo, xhi), weights, g.linears, scales,  # noqa: E731
-                                                       act_dtype, act_symmetric)
+                                                       act_dtype, act_symmetric, per_tensor)
             errors = {a: simulate(_scales(amax, wmax, a)) for a in alphas}
             baseline = simulate(np.ones_like(amax))
             alpha = min(errors, key=errors.get)
@@ -260,23 +262,26 @@ def _scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _simulated_error(x: np.ndarray, x_range, weights, linears, s: np.ndarray, act_dtype: str,
-                     act_symmetric: bool) -> float:
+                     act_symmetric: bool, per_tensor: list[bool] | None = None) -> float:
     """Mean over the group's linears of the relative squared error of X·W with X/s quantized
     per tensor as the target will (its activation dtype and symmetry: an asymmetric uint8
-    range fits a GELU output's short negative tail, a symmetric one does not) and W·s per
-    output channel in int8. X/s's range comes from the full-data channel extremes, not just
-    the sampled rows: the outlier tokens that set it are rare."""
+    range fits a GELU output's short negative tail, a symmetric one does not) and W·s in
+    int8 per output channel, or per tensor where the target quantizes that op's weights so
+    (`per_tensor_weight_ops`, Ascend's MatMul: the outliers SmoothQuant moves into W then
+    cost every output channel). X/s's range comes from the full-data channel extremes, not
+    just the sampled rows: the outlier tokens that set it are rare."""
     xs = x / s
     lo, hi = float(np.min(x_range[0] / s)), float(np.max(x_range[1] / s))
     xscale, xzp = compute_qparams(lo, hi, act_dtype, symmetric=act_symmetric)
     xq = dequantize(quantize(xs, xscale, xzp, act_dtype), xscale, xzp)
     errors = []
-    for w, lin in zip(weights, linears):
+    for i, (w, lin) in enumerate(zip(weights, linears)):
         w2 = w if lin.k_axis == 0 else w.T                    # [K, N]
         ws = w2 * s[:, None]
-        lo_w, hi_w = reduce_absmax(ws, 1)
+        axis = None if per_tensor and per_tensor[i] else 1
+        lo_w, hi_w = reduce_absmax(ws, axis)
         wscale, wzp = compute_qparams(lo_w, hi_w, "int8", symmetric=True, restricted=True)
-        wq = dequantize(quantize(ws, wscale, wzp, "int8", axis=1), wscale, wzp, axis=1)
+        wq = dequantize(quantize(ws, wscale, wzp, "int8", axis=axis), wscale, wzp, axis=axis)
         ref = x.astype(np.float64) @ w2
         err = ref - xq.astype(np.float64) @ wq
         den = float(np.sum(ref * ref))

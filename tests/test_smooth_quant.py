@@ -133,3 +133,29 @@ def test_bad_alpha_is_a_recipe_error(tmp_path, run_cli, tiny, option, key):
     out = tmp_path / "out"
     res = run_cli([path, "--target", "cpu", "--recipe", recipe, "--calib", npz, "-o", out])
     assert res.code == 4 and f"key '{key}'" in res.err and not out.exists(), res.err
+
+
+def test_alpha_search_simulates_per_tensor_weights_where_the_target_uses_them():
+    """Ascend quantizes MatMul weights per tensor: the simulated error must too (numpy reference)."""
+    from types import SimpleNamespace
+
+    from qcompile.passes.smooth_quant import _scales, _simulated_error
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    x[:, 3] *= 40.0                                            # an outlier channel
+    w = (rng.standard_normal((8, 6)) * np.linspace(0.2, 2.0, 6)).astype(np.float32)   # [K, N]
+    lin = SimpleNamespace(k_axis=0)
+    amax, wmax = np.abs(x).max(0), np.abs(w).max(1)
+    s = _scales(amax, wmax, 0.8)
+    got = _simulated_error(x, (x.min(0), x.max(0)), [w], [lin], s, "int8", True, [True])
+
+    xs, ws = x / s, w * s[:, None]
+    xscale = np.abs(xs).max() / 127.0                          # symmetric int8, per tensor
+    xq = np.clip(np.round(xs / xscale), -128, 127) * xscale
+    wscale = np.abs(ws).max() / 127.0                          # one scale for the whole weight
+    wq = np.clip(np.round(ws / wscale), -127, 127) * wscale
+    ref = x.astype(np.float64) @ w
+    want = float(((ref - xq.astype(np.float64) @ wq) ** 2).sum() / (ref ** 2).sum())
+    assert got == pytest.approx(want, rel=1e-6)
+    per_channel = _simulated_error(x, (x.min(0), x.max(0)), [w], [lin], s, "int8", True, [False])
+    assert per_channel < got                                   # per-channel weights absorb the scale better
