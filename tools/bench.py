@@ -61,11 +61,9 @@ samples, 2 latency passes of 10 runs; writes to build/bench-quick unless ``--out
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -1226,33 +1224,7 @@ def render_plot(results: list[dict], path: Path) -> str | None:
 
 # ------------------------------------------------------------------------ meta
 def _meta(args, argv: list[str]) -> dict:
-    import onnx
-    import onnxruntime
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        from importlib.metadata import version
-        qv = version("qcompile")
-    except Exception:
-        qv = "?"
-    try:
-        import subprocess
-        git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip() or "?"
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        git += "+dirty" if dirty else ""
-    except Exception:
-        git = "?"
-    exe = os.path.relpath(sys.executable, os.getcwd()) if sys.executable.startswith(str(ROOT)) else sys.executable
-    return dict(date=_dt.datetime.now().astimezone().isoformat(timespec="seconds"), cpu=cpu, nproc=os.cpu_count(),
-                platform=f"{platform.system()} {platform.release()}", python=sys.version.split()[0],
-                onnxruntime=onnxruntime.__version__, onnx=onnx.__version__, qcompile=qv, git=git,
-                command=shlex.join([exe, os.path.relpath(__file__, os.getcwd()), *argv]),
+    return dict(**peers.run_environment(__file__, argv),
                 models=args.model_list, recipes=args.recipe_list, quick=args.quick, threads=args.threads,
                 latency_runs=args.latency_runs, latency_passes=args.latency_passes, latency_warmup=5,
                 latency_pass_budget=args.latency_pass_budget, latency_quiet=args.latency_quiet,

@@ -56,11 +56,9 @@ Writes OUT/bench.md and OUT/bench.json. Exit code 0, 1 if a compile or a decode 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -468,32 +466,7 @@ def render_markdown(setups: list[dict], rows: list[dict], meta: dict) -> str:
 
 
 def _meta(args, argv: list[str]) -> dict:
-    import onnx
-    import onnxruntime
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        from importlib.metadata import version
-        qv = version("qcompile")
-    except Exception:
-        qv = "?"
-    try:
-        git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip() or "?"
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        git += "+dirty" if dirty else ""
-    except Exception:
-        git = "?"
-    exe = os.path.relpath(sys.executable, os.getcwd()) if sys.executable.startswith(str(ROOT)) else sys.executable
-    return dict(date=_dt.datetime.now().astimezone().isoformat(timespec="seconds"), cpu=cpu, nproc=os.cpu_count(),
-                platform=f"{platform.system()} {platform.release()}", python=sys.version.split()[0],
-                onnxruntime=onnxruntime.__version__, onnx=onnx.__version__, qcompile=qv, git=git,
-                command=shlex.join([exe, os.path.relpath(__file__, os.getcwd()), *argv]),
+    return dict(**peers.run_environment(__file__, argv),
                 models=args.model_list, recipes=args.recipe_list, steps=args.steps, prompts=args.prompts,
                 threads=args.threads, latency_prompt=args.latency_prompt, latency_steps=args.latency_steps,
                 latency_loops=args.latency_loops, latency_warmup_loops=args.latency_warmup_loops,

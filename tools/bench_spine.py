@@ -23,11 +23,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -325,15 +323,7 @@ def render_markdown(results: list[dict], meta: dict) -> str:
 
 
 def _meta(args) -> dict:
-    import onnxruntime
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(date=_dt.datetime.now().isoformat(timespec="seconds"), cpu=cpu, nproc=os.cpu_count(),
-                python=sys.version.split()[0], onnxruntime=onnxruntime.__version__,
+    return dict(**peers.run_environment(__file__, sys.argv[1:]),
                 latency_runs=args.latency_runs, threads=args.threads, recipe=args.recipe,
                 extra_args=args.extra_args, quick=args.quick, det_norm=args.det_norm,
                 calib_stride=args.calib_stride, qcompile_python=args.python,

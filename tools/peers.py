@@ -61,6 +61,43 @@ PEERS: tuple[PeerSpec, ...] = tuple(
     for a in ("QUInt8", "QInt8") for m in ("MinMax", "Percentile", "Entropy"))
 
 
+def run_environment(script: str, argv: list[str]) -> dict:
+    """Where and with what a bench ran: date, CPU, versions, git commit (+dirty) and the
+    command line that reproduces it (`script` is the bench's __file__)."""
+    import datetime
+    import platform
+    import shlex
+
+    import onnx
+    import onnxruntime
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        from importlib.metadata import version
+        qcompile_version = version("qcompile")
+    except Exception:  # noqa: BLE001 - not installed: say so, don't fail the bench
+        qcompile_version = "?"
+    root = str(Path(script).resolve().parents[1])
+    try:
+        git = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip() or "?"
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        git += "+dirty" if dirty else ""
+    except Exception:  # noqa: BLE001
+        git = "?"
+    exe = os.path.relpath(sys.executable, os.getcwd()) if sys.executable.startswith(root) else sys.executable
+    return dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), cpu=cpu,
+                nproc=os.cpu_count(), platform=f"{platform.system()} {platform.release()}",
+                python=sys.version.split()[0], onnxruntime=onnxruntime.__version__, onnx=onnx.__version__,
+                qcompile=qcompile_version, git=git,
+                command=shlex.join([exe, os.path.relpath(script, os.getcwd()), *argv]))
+
+
 def parse_shape(spec) -> dict[str, list[int]]:
     """``"x:1,3,640,640 y:1,4"`` / ``{"x": (1,3,640,640)}`` -> ``{"x": [1,3,640,640]}``."""
     if isinstance(spec, dict):
