@@ -170,7 +170,7 @@ def _compile(model_path, tgt, rec, calib, staged, input_shapes, verify, verify_d
             save_model(ctx.reference_model, checked)
         try:
             report["verification"] = verify_models(model_path, checked, vdata, samples=verify_samples,
-                                                   layers=layer_tensors, progress=progress)
+                                                   layers=layer_tensors, rescaled=ctx.rescaled, progress=progress)
             report["verification"]["checked"] = "reference lowering of model.onnx" \
                 if checked != out_model else "model.onnx"
         except DataError:

@@ -34,6 +34,9 @@ class CompileContext:
     warnings: list[str] = dataclasses.field(default_factory=list)
     # weight name -> integers and scales chosen by a weight algorithm (gptq), used by quantize
     precomputed_weights: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # tensor -> (channel axis, s): a float-exact equalization divided this tensor by s per channel
+    # (smooth_quant, awq, equalize_outputs); verify's per-layer table multiplies it back
+    rescaled: dict[str, tuple[int, Any]] = dataclasses.field(default_factory=dict)
     # per-layer decisions: node name -> record (op, status, scheme, reason)
     layers: dict[str, dict] = dataclasses.field(default_factory=dict)
     # extra files a target emits beside model.onnx (name -> writer(path)), e.g. atc.sh
@@ -41,6 +44,11 @@ class CompileContext:
     # an onnxruntime-runnable equivalent of the shipped graph, when onnxruntime cannot run
     # the shipped graph itself (custom target ops): verification runs this instead
     reference_model: ir.Model | None = None
+
+    def note_rescaled(self, tensor: str, axis: int, s) -> None:
+        """Record that `tensor` is now the original divided by s along `axis` (factors compose)."""
+        old = self.rescaled.get(tensor)
+        self.rescaled[tensor] = (axis, s if old is None else old[1] * s)
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:

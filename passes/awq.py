@@ -92,6 +92,8 @@ class AWQ(QPass):
                 for w, lin in zip(weights, g.linears):
                     _store_kn(model.graph, lin, w * s[:, None])
                 _fold_division(model.graph, g, s.astype(np.float32))
+                if g.kind != "explicit-mul":
+                    ctx.note_rescaled(g.x.name, g.channel_axis, s)
                 rec.update({"status": "scaled", "reason": ""})
                 scaled += 1
             else:

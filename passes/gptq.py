@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -30,6 +31,7 @@ from qcompile.registry import QPass, register_pass
 from qcompile.schemes import WeightScheme
 
 from .calibrate import stream_tensors
+from .conv_patches import ConvGeometry, grouped_gram, sampled_patches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,15 +56,19 @@ class GPTQ(QPass):
         block_size: int = 128        # columns per lazy batch update
         damp: float = 0.01           # fraction of mean(diag H) added to the diagonal
         act_order: bool = False
+        ops: tuple[Literal["MatMul", "Gemm", "Conv"], ...] = ("MatMul", "Gemm", "Conv")
         include: tuple[str, ...] = ("*",)
         exclude: tuple[str, ...] = ()
         samples: int = 128
+        conv_positions: int = 4096   # Conv: output positions per sample whose input patches enter H
 
         def validate(self):
             if not 0.0 < self.damp < 1.0:
                 return "damp", f"must be in (0, 1), got {self.damp}"
             if self.block_size < 1:
                 return "block_size", "must be at least 1"
+            if self.conv_positions < 1:
+                return "conv_positions", "must be at least 1"
             if self.weight.dtype not in ("int4", "int8", "uint4", "uint8"):
                 return "weight.dtype", f"GPTQ rounds integer weights, not {self.weight.dtype}"
             if self.weight.rounding != "half_even":
@@ -75,22 +81,30 @@ class GPTQ(QPass):
 
     def run(self, model: ir.Model) -> bool:
         cfg, ctx = self.config, self.ctx
-        layers = [n for n in model.graph if _is_linear(n) and _in_scope(n.name or "", cfg)]
-        if not layers:
-            ctx.report["gptq"] = {"layers": 0}
+        linears = [n for n in model.graph if n.op_type in cfg.ops and _is_linear(n) and _in_scope(n.name or "", cfg)]
+        convs, skipped = {}, {}
+        for n in model.graph:
+            if "Conv" in cfg.ops and _is_conv(n) and _in_scope(n.name or "", cfg):
+                geo = ConvGeometry.of(n, n.inputs[1].const_value.shape)
+                if geo is None:
+                    skipped[n.name] = "not a 2-D Conv with explicit pads"
+                elif cfg.weight.granularity != "per_channel":
+                    skipped[n.name] = f"gptq rounds Conv weights per channel, not {cfg.weight.granularity}"
+                else:
+                    convs[n.name] = (n, geo)
+        if not linears and not convs:
+            ctx.report["gptq"] = {"layers": 0, "skipped": skipped}
             return False
-        inputs = list({n.inputs[0].name: n.inputs[0] for n in layers}.values())
-        hessians, rows = self._hessians(model, inputs)
-        records = {}
-        for node in layers:
+        hessians, rows = self._hessians(model, linears, convs)
+        records, deficient = {}, []
+        for node in linears:
             w_val = node.inputs[1]
             w = w_val.const_value.numpy().astype(np.float64)
             transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
             w_kn = w.T if transposed else w                      # [K, N]
             h = hessians[node.inputs[0].name]
             if rows[node.inputs[0].name] < w_kn.shape[0]:
-                ctx.warn(f"gptq: {node.name} saw {rows[node.inputs[0].name]} input rows for K = {w_kn.shape[0]}; "
-                         "its Hessian is rank-deficient (damping keeps it usable): more calibration samples help")
+                deficient.append(f"{node.name} ({rows[node.inputs[0].name]} rows, K = {w_kn.shape[0]})")
             result = gptq_quantize(w_kn, h, cfg.weight, block_size=cfg.block_size, damp=cfg.damp,
                                    act_order=cfg.act_order)
             ctx.precomputed_weights[w_val.name] = result
@@ -99,19 +113,41 @@ class GPTQ(QPass):
             rtn = gptq_quantize(w_kn, None, cfg.weight, block_size=cfg.block_size, damp=cfg.damp, act_order=False)
             records[node.name] = {"reconstruction_error": _recon_error(w_kn, deq, h),
                                   "rtn_reconstruction_error": _recon_error(w_kn, _dequantized(rtn), h)}
+        for name, (node, geo) in convs.items():
+            w_val = node.inputs[1]
+            w = w_val.const_value.numpy().astype(np.float64)
+            h = hessians[name]
+            if rows[name] < h.shape[-1]:
+                deficient.append(f"{name} ({rows[name]} rows, K = {h.shape[-1]})")
+            result = gptq_conv(w, h, cfg.weight, block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order)
+            ctx.precomputed_weights[w_val.name] = result
+            deq = result.q.astype(np.float64) * result.scale.reshape(-1, 1, 1, 1)
+            w_val.const_value = ir.tensor(deq.astype(np.float32), name=w_val.name)
+            rtn = gptq_conv(w, None, cfg.weight, block_size=cfg.block_size, damp=cfg.damp)
+            rtn_deq = rtn.q.astype(np.float64) * rtn.scale.reshape(-1, 1, 1, 1)
+            records[name] = {"reconstruction_error": _conv_recon_error(w, deq, h),
+                             "rtn_reconstruction_error": _conv_recon_error(w, rtn_deq, h)}
+        if deficient:  # e.g. the 1×1 Convs of squeeze-excite blocks: one row per sample
+            ctx.warn(f"gptq: {len(deficient)} layer(s) saw fewer input rows than Hessian columns, so their Hessians "
+                     f"are rank-deficient (damping keeps them usable; more calibration samples help): "
+                     f"{', '.join(deficient[:3])}{', …' if len(deficient) > 3 else ''}")
         ctx.report["gptq"] = {"layers": len(records), "scheme": cfg.weight.label(), "act_order": cfg.act_order,
-                              "per_layer": records}
+                              "per_layer": records, "skipped": skipped, "rank_deficient": deficient}
         return True
 
-    def _hessians(self, model: ir.Model, xs: list[ir.Value]):
-        """H = 2 XᵀX / rows per input tensor, over the calibration data (float64)."""
+    def _hessians(self, model: ir.Model, linears: list[ir.Node], convs: dict):
+        """H = 2 XᵀX / rows over the calibration data (float64): per input tensor for MatMul/Gemm
+        (layers reading one tensor share it), per node and group ([G, K, K]) for Conv, whose rows
+        are input patches at up to `conv_positions` sampled output positions per sample."""
         cfg, ctx = self.config, self.ctx
         dataset = ctx.calib
         if dataset is None:
             raise DataError("gptq needs calibration data (--calib): its Hessians come from real layer inputs")
-        names = [x.name for x in xs]
+        xs = {n.inputs[0].name: n.inputs[0] for n in linears}
+        xs.update({node.inputs[0].name: node.inputs[0] for node, _ in convs.values()})
         samples = min(cfg.samples, dataset.num_samples)
-        for x in xs:
+        for n in linears:
+            x = n.inputs[0]
             per_sample, width = _rows_per_sample(x), x.shape[-1] if x.shape is not None else None
             if per_sample and isinstance(width, int) and samples * per_sample < width:
                 raise RecipeError(
@@ -120,15 +156,49 @@ class GPTQ(QPass):
                     pass_name="gptq", key="samples",
                     hint=f"GPTQ needs at least {-(-width // per_sample)} samples here (one row per input channel; "
                          f"several times more is better): pass more --calib data or raise gptq.samples")
-        acc = {n: None for n in names}
-        count = dict.fromkeys(names, 0)
-        for arrays, _ in stream_tensors(model, xs, dataset, samples=cfg.samples, label="gptq", progress=ctx.progress):
-            for name, array in arrays.items():
-                x = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
-                xtx = x.T @ x
-                acc[name] = xtx if acc[name] is None else acc[name] + xtx
-                count[name] += x.shape[0]
-        return {n: 2.0 * acc[n] / max(count[n], 1) for n in names}, count
+        keys = [n.inputs[0].name for n in linears] + list(convs)
+        acc = dict.fromkeys(keys)
+        count = dict.fromkeys(keys, 0)
+        rng = np.random.default_rng(0)
+
+        def add(key, gram, n_rows):
+            acc[key] = gram if acc[key] is None else acc[key] + gram
+            count[key] += n_rows
+
+        linear_inputs = {n.inputs[0].name for n in linears}
+        for arrays, _ in stream_tensors(model, list(xs.values()), dataset, samples=cfg.samples, label="gptq",
+                                        progress=ctx.progress):
+            for name in linear_inputs:
+                x = np.asarray(arrays[name], dtype=np.float64).reshape(-1, arrays[name].shape[-1])
+                add(name, x.T @ x, x.shape[0])
+            for key, (node, geo) in convs.items():
+                patches = sampled_patches(np.asarray(arrays[node.inputs[0].name]), geo,
+                                          max_positions=cfg.conv_positions, rng=rng)
+                add(key, grouped_gram(patches), patches.shape[0])
+        return {k: 2.0 * acc[k] / max(count[k], 1) for k in keys}, count
+
+
+def gptq_conv(w: np.ndarray, h: np.ndarray | None, scheme: WeightScheme, *, block_size: int = 128,
+              damp: float = 0.01, act_order: bool = False) -> PrecomputedWeight:
+    """GPTQ on a Conv weight [Cout, Cin/g, kh, kw] with one Hessian per group ([G, K, K], K = Cin/g·kh·kw;
+    `h` None: plain rounding). Each group is a linear map from patches to its Cout/g outputs, so
+    its columns are quantized in patch order (input channel, tap row, tap column); the integers
+    come back in the Conv's layout with one scale per output channel."""
+    cout = w.shape[0]
+    groups = h.shape[0] if h is not None else 1
+    per_group = cout // groups
+    qs, scales = [], []
+    for g in range(groups):
+        w_kn = w[g * per_group:(g + 1) * per_group].reshape(per_group, -1).T          # [K, Cout/g]
+        r = gptq_quantize(w_kn, None if h is None else h[g], scheme, block_size=block_size, damp=damp,
+                          act_order=act_order)
+        qs.append(r.q.T)
+        scales.append(np.broadcast_to(r.scale, (per_group,)))
+    q = np.concatenate(qs).reshape(w.shape)
+    scale = np.concatenate(scales).astype(np.float32)
+    zp = np.zeros(scale.shape, dtype=q.dtype)
+    granularity = scheme.granularity
+    return PrecomputedWeight(scheme, granularity, 0 if granularity == "per_channel" else None, None, q, scale, zp)
 
 
 def gptq_quantize(w: np.ndarray, h: np.ndarray | None, scheme: WeightScheme, *, block_size: int = 128,
@@ -228,6 +298,16 @@ def _recon_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
     return round(num / den, 8) if den > 0 else 0.0
 
 
+def _conv_recon_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
+    """_recon_error summed over a Conv's groups (w, wq [Cout, Cin/g, kh, kw]; h [G, K, K])."""
+    groups = h.shape[0]
+    d = (w - wq).reshape(groups, w.shape[0] // groups, -1)                        # [G, Cout/g, K]
+    wg = w.reshape(groups, w.shape[0] // groups, -1)
+    num = float(np.einsum("goi,gij,goj->", d, h, d))
+    den = float(np.einsum("goi,gij,goj->", wg, h, wg))
+    return round(num / den, 8) if den > 0 else 0.0
+
+
 def _rows_per_sample(x: ir.Value) -> int | None:
     if x.shape is None or not all(isinstance(d, int) for d in x.shape):
         return None
@@ -241,6 +321,14 @@ def _is_linear(node: ir.Node) -> bool:
     if w is None or w.const_value is None or len(w.const_value.shape) != 2 or node.inputs[0].const_value is not None:
         return False
     return not (node.op_type == "Gemm" and node.attributes.get_int("transA", 0))
+
+
+def _is_conv(node: ir.Node) -> bool:
+    if node.domain not in ("", "ai.onnx") or node.op_type != "Conv" or len(node.inputs) < 2:
+        return False
+    w = node.inputs[1]
+    return w is not None and w.const_value is not None and len(w.const_value.shape) == 4 and \
+        node.inputs[0].const_value is None
 
 
 def _in_scope(name: str, config) -> bool:
