@@ -99,34 +99,29 @@ class GPTQ(QPass):
         records, deficient = {}, []
         for node in linears:
             w_val = node.inputs[1]
-            w = w_val.const_value.numpy().astype(np.float64)
             transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
+            w = w_val.const_value.numpy().astype(np.float64)
             w_kn = w.T if transposed else w                      # [K, N]
-            h = hessians[node.inputs[0].name]
-            if rows[node.inputs[0].name] < w_kn.shape[0]:
-                deficient.append(f"{node.name} ({rows[node.inputs[0].name]} rows, K = {w_kn.shape[0]})")
-            result = gptq_quantize(w_kn, h, cfg.weight, block_size=cfg.block_size, damp=cfg.damp,
-                                   act_order=cfg.act_order)
-            ctx.precomputed_weights[w_val.name] = result
-            deq = _dequantized(result)
-            w_val.const_value = ir.tensor((deq.T if transposed else deq).astype(np.float32), name=w_val.name)
-            rtn = gptq_quantize(w_kn, None, cfg.weight, block_size=cfg.block_size, damp=cfg.damp, act_order=False)
-            records[node.name] = {"reconstruction_error": _recon_error(w_kn, deq, h),
-                                  "rtn_reconstruction_error": _recon_error(w_kn, _dequantized(rtn), h)}
+            h, n_rows = hessians[node.inputs[0].name], rows[node.inputs[0].name]
+            quantize = lambda use_h: gptq_quantize(w_kn, h if use_h else None, cfg.weight,  # noqa: E731
+                                                   block_size=cfg.block_size, damp=cfg.damp,
+                                                   act_order=cfg.act_order and use_h)
+            error = lambda p: _recon_error(w_kn, _dequantized(p), h)  # noqa: E731
+            layout = lambda deq: deq.T if transposed else deq  # noqa: E731
+            records[node.name] = self._keep_better(w_val, quantize, error, layout)
+            if n_rows < w_kn.shape[0]:
+                deficient.append(f"{node.name} ({n_rows} rows, K = {w_kn.shape[0]})")
         for name, (node, geo) in convs.items():
             w_val = node.inputs[1]
             w = w_val.const_value.numpy().astype(np.float64)
             h = hessians[name]
+            quantize = lambda use_h: gptq_conv(w, h if use_h else None, cfg.weight,  # noqa: E731
+                                               block_size=cfg.block_size, damp=cfg.damp,
+                                               act_order=cfg.act_order and use_h)
+            error = lambda p: _conv_recon_error(w, _dequantized_conv(p), h)  # noqa: E731
+            records[name] = self._keep_better(w_val, quantize, error, lambda deq: deq, conv=True)
             if rows[name] < h.shape[-1]:
                 deficient.append(f"{name} ({rows[name]} rows, K = {h.shape[-1]})")
-            result = gptq_conv(w, h, cfg.weight, block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order)
-            ctx.precomputed_weights[w_val.name] = result
-            deq = result.q.astype(np.float64) * result.scale.reshape(-1, 1, 1, 1)
-            w_val.const_value = ir.tensor(deq.astype(np.float32), name=w_val.name)
-            rtn = gptq_conv(w, None, cfg.weight, block_size=cfg.block_size, damp=cfg.damp)
-            rtn_deq = rtn.q.astype(np.float64) * rtn.scale.reshape(-1, 1, 1, 1)
-            records[name] = {"reconstruction_error": _conv_recon_error(w, deq, h),
-                             "rtn_reconstruction_error": _conv_recon_error(w, rtn_deq, h)}
         if deficient:  # e.g. the 1×1 Convs of squeeze-excite blocks: one row per sample
             ctx.warn(f"gptq: {len(deficient)} layer(s) saw fewer input rows than Hessian columns, so their Hessians "
                      f"are rank-deficient (damping keeps them usable; more calibration samples help): "
@@ -134,6 +129,19 @@ class GPTQ(QPass):
         ctx.report["gptq"] = {"layers": len(records), "scheme": cfg.weight.label(), "act_order": cfg.act_order,
                               "per_layer": records, "skipped": skipped, "rank_deficient": deficient}
         return True
+
+    def _keep_better(self, w_val: ir.Value, quantize, error, layout, conv: bool = False) -> dict:
+        """Quantize with GPTQ (`quantize(True)`) and plainly (`quantize(False)`); keep whichever has the lower
+        Hessian-weighted reconstruction error (GPTQ's greedy order can lose to rounding where the
+        inputs are uncorrelated), hand it to `quantize`, write its dequantized values back."""
+        gptq, rtn = quantize(True), quantize(False)
+        gptq_error, rtn_error = error(gptq), error(rtn)
+        chosen, kept = ("gptq", gptq) if gptq_error <= rtn_error else ("rtn", rtn)
+        self.ctx.precomputed_weights[w_val.name] = kept
+        deq = _dequantized_conv(kept) if conv else _dequantized(kept)
+        w_val.const_value = ir.tensor(layout(deq).astype(np.float32), name=w_val.name)
+        return {"reconstruction_error": min(gptq_error, rtn_error), "gptq_reconstruction_error": gptq_error,
+                "rtn_reconstruction_error": rtn_error, "kept": chosen}
 
     def _hessians(self, model: ir.Model, linears: list[ir.Node], convs: dict):
         """H = 2 XᵀX / rows over the calibration data (float64): per input tensor for MatMul/Gemm
@@ -288,6 +296,10 @@ def _scales(rows: np.ndarray, scheme: WeightScheme) -> np.ndarray:
 def _dequantized(p: PrecomputedWeight) -> np.ndarray:
     scale = np.repeat(p.scale, p.block, axis=0)[:p.q.shape[0]] if p.block else p.scale[None, :]
     return p.q.astype(np.float64) * scale
+
+
+def _dequantized_conv(p: PrecomputedWeight) -> np.ndarray:
+    return p.q.astype(np.float64) * p.scale.reshape(-1, 1, 1, 1)
 
 
 def _recon_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:

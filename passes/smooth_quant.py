@@ -430,7 +430,9 @@ def _fold_division(graph: ir.Graph, g: Group, s: np.ndarray) -> None:
             b = _const(g.bias_add.inputs[idx])
             set_constant_input(graph, g.bias_add, idx, (b / s).astype(b.dtype))
         return
-    inv = add_initializer(graph, f"{g.x.name}_smooth_inv_scale", (1.0 / s).astype(np.float32))
+    rank = len(g.x.shape) if g.x.shape is not None else (4 if g.convs else 1)
+    inv = add_initializer(graph, f"{g.x.name}_smooth_inv_scale",
+                          channel_shaped((1.0 / s).astype(np.float32), rank, g.channel_axis))
     mul = ir.node("Mul", [g.x, inv], name=f"{g.linears[0].node.name}_smooth/Mul")
     mul.outputs[0].name = f"{g.x.name}_smoothed"
     mul.outputs[0].dtype, mul.outputs[0].shape = g.x.dtype, g.x.shape

@@ -116,3 +116,88 @@ def test_too_few_calibration_rows_is_a_recipe_error(tmp_path, run_cli):
     res = run_cli([path, "--target", "cpu", "--recipe", "w4a16-gptq", "--calib", npz, "-o", out])
     assert res.code == 4 and "key 'samples'" in res.err and "at least 64 samples" in " ".join(res.err.split())
     assert not out.exists()
+
+
+# -- Conv ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("geometry", [dict(strides=[2, 2], pads=[1, 0, 2, 1], group=1),
+                                      dict(dilations=[2, 2], pads=[2, 2, 2, 2], group=2),
+                                      dict(pads=[1, 1, 1, 1], group=4)])
+def test_conv_patches_times_the_weight_are_the_conv_output(geometry):
+    """Every output position's patch, times the group's flattened weight, is onnxruntime's Conv output."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from conftest import ort_run_batched
+    from qcompile.passes.conv_patches import ConvGeometry, grouped_gram, sampled_patches
+    rng = np.random.default_rng(0)
+    groups = geometry["group"]
+    w = rng.standard_normal((8, 4 // groups, 3, 3)).astype(np.float32)
+    x = rng.standard_normal((2, 4, 9, 10)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "W"], ["y"], **geometry)
+    graph = helper.make_graph([node], "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    ref = ort_run_batched(model, "x", x)                                    # [2, 8, oh, ow]
+    geo = ConvGeometry.of(ir.from_proto(model).graph.node(0), w.shape)
+    patches = sampled_patches(x, geo, max_positions=10 ** 6, rng=rng)       # all positions, in order
+    per = 8 // groups
+    got = np.stack([patches[:, g] @ w[g * per:(g + 1) * per].reshape(per, -1).T for g in range(groups)], axis=1)
+    got = got.reshape(2, ref.shape[2], ref.shape[3], 8).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    gram = grouped_gram(patches)
+    np.testing.assert_allclose(gram[groups - 1], patches[:, groups - 1].T @ patches[:, groups - 1], rtol=1e-10)
+
+
+def test_conv_gptq_beats_round_to_nearest_per_group():
+    from qcompile.passes.gptq import _conv_recon_error, gptq_conv
+    rng = np.random.default_rng(1)
+    for groups, w_shape in ((1, (16, 8, 3, 3)), (8, (8, 1, 3, 3))):
+        k = w_shape[1] * 9
+        h = np.stack([(lambda x: 2 * x.T @ x / x.shape[0])(correlated(k, rows=512, seed=g)) for g in range(groups)])
+        w = rng.standard_normal(w_shape)
+        got = gptq_conv(w, h, INT8_PC)
+        rtn = gptq_conv(w, None, INT8_PC)
+        deq = lambda p: p.q.astype(np.float64) * p.scale.reshape(-1, 1, 1, 1)  # noqa: E731
+        assert got.q.shape == w_shape and got.scale.shape == (w_shape[0],) and got.axis == 0
+        assert _conv_recon_error(w, deq(got), h) < 0.8 * _conv_recon_error(w, deq(rtn), h)
+        np.testing.assert_array_equal(np.abs(got.q).max(axis=(1, 2, 3)) <= 127, True)
+
+
+def test_gptq_on_a_cnn_ships_its_integers_and_lowers_the_output_error(tmp_path):
+    from test_equalize_outputs import affine_cnn, cnn_data
+    from test_schemes import compile_tiny, run
+    model, data = affine_cnn(), cnn_data(24)
+    weight = "weight: {dtype: int8, granularity: per_channel, symmetric: true}"
+    tail = f"    - type: quantize\n      {weight}\n      activation: null\n"
+    head = "apiversion: qcompile/v1\nspec:\n  passes:\n    - type: canonicalize\n"
+    gptq_recipe, rtn_recipe = tmp_path / "g.yaml", tmp_path / "r.yaml"
+    gptq_recipe.write_text(head + f"    - type: gptq\n      ops: [Conv]\n      {weight}\n" + tail)
+    rtn_recipe.write_text(head + tail)
+    _, qdq, report = compile_tiny(tmp_path, model, str(gptq_recipe), data)
+    _, rtn_qdq, _ = compile_tiny(tmp_path, model, str(rtn_recipe), data, name="rtn")
+    per_layer = report["gptq"]["per_layer"]
+    assert set(per_layer) == {"/c0/Conv", "/dw/Conv", "/pw2/Conv", "/pw/Conv"}
+    # the kept rounding is never worse than plain rounding; where the Conv's inputs are correlated
+    # (everything after the first Conv, which reads iid noise) GPTQ wins
+    assert all(r["reconstruction_error"] <= r["rtn_reconstruction_error"] for r in per_layer.values())
+    for conv in ("/dw/Conv", "/pw2/Conv"):
+        assert per_layer[conv]["kept"] == "gptq" and \
+            per_layer[conv]["gptq_reconstruction_error"] < per_layer[conv]["rtn_reconstruction_error"]
+    (ref,) = run(model, {"x": data})
+    (got,) = run(qdq, {"x": data}, optimize=False)
+    (rtn,) = run(rtn_qdq, {"x": data}, optimize=False)
+    assert np.sum((got - ref) ** 2) < np.sum((rtn - ref) ** 2)
+    inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    rtn_inits = {t.name: numpy_helper.to_array(t) for t in rtn_qdq.graph.initializer}
+    assert not np.array_equal(inits["Wdw_quantized"], rtn_inits["Wdw_quantized"])   # GPTQ's, not rounded again
+
+
+def test_gptq_skips_per_group_conv_weights_with_a_reason(pipeline):
+    from test_equalize_outputs import affine_cnn, cnn_data
+    recipe = ("apiversion: qcompile/v1\nspec:\n  passes:\n    - type: canonicalize\n    - type: gptq\n"
+              "      ops: [Conv]\n      weight: {dtype: int4, granularity: per_group, group_size: 32, full_range: true}\n")
+    _, ctx = pipeline(affine_cnn(), recipe, cnn_data(4))
+    assert ctx.report["gptq"]["layers"] == 0
+    assert "per channel" in ctx.report["gptq"]["skipped"]["/c0/Conv"]

@@ -159,3 +159,86 @@ def test_alpha_search_simulates_per_tensor_weights_where_the_target_uses_them():
     assert got == pytest.approx(want, rel=1e-6)
     per_channel = _simulated_error(x, (x.min(0), x.max(0)), [w], [lin], s, "int8", True, [False])
     assert per_channel < got                                   # per-channel weights absorb the scale better
+
+
+def test_affine_conv_folds_into_the_affine_and_keeps_float_outputs(pipeline):
+    """PP-LCNet's block: x1 = HardSwish(.)·a1 + b1 read by a depthwise and a pointwise Conv:
+    one shared s, a1/s and b1/s per channel, each Conv's input channels × s."""
+    from test_equalize_outputs import affine_cnn, cnn_data
+    model, data = affine_cnn(), cnn_data()
+    w = TinyModels.weights(model)
+    ir_model, ctx = pipeline(model, smooth_recipe(kinds="[affine-conv]", alpha=0.9), data)
+    ref = ort_run_batched(model, "x", data)
+    got = ort_run_batched(to_proto(ir_model), "x", data)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    rec = ctx.report["smooth_quant"]["groups"]["x1"]
+    assert (rec["kind"], rec["status"], rec["linears"]) == ("affine-conv", "smoothed", ["/dw/Conv", "/pw/Conv"])
+    assert "Conv" in ctx.report["smooth_quant"]["groups"]["d"]["reason"]     # a Conv output: nothing to fold into
+    g = {t.name: numpy_helper.to_array(t) for t in to_proto(ir_model).graph.initializer}
+    s = w["a1"][0] / g["a1"].reshape(-1)
+    assert s.shape == (8,) and not np.allclose(s, s[0])
+    np.testing.assert_allclose(g["b1"].reshape(-1), w["b1"].reshape(-1) / s, rtol=1e-5)
+    np.testing.assert_allclose(g["Wdw"], w["Wdw"] * s[:, None, None, None], rtol=1e-5)
+    np.testing.assert_allclose(g["Wpw"], w["Wpw"] * s[None, :, None, None], rtol=1e-5)
+
+
+def direct_conv(x: np.ndarray, w: np.ndarray, groups: int, pad: int) -> np.ndarray:
+    """Stride-1 Conv by shifted slices (no im2col), the reference for the patch-based code."""
+    n, c, h, wd = x.shape
+    cout, cin_g, kh, kw = w.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh, ow = h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1
+    y = np.zeros((n, cout, oh, ow))
+    per = cout // groups
+    for o in range(cout):
+        g = o // per
+        for ci in range(cin_g):
+            for ky in range(kh):
+                for kx in range(kw):
+                    y[:, o] += xp[:, g * cin_g + ci, ky:ky + oh, kx:kx + ow] * w[o, ci, ky, kx]
+    return y
+
+
+@pytest.mark.parametrize("groups,cout", [(4, 4), (2, 6)])   # depthwise; two groups of 2 → 3
+def test_simulated_conv_error_matches_a_direct_convolution(groups, cout):
+    from types import SimpleNamespace
+
+    from qcompile.passes.conv_patches import ConvGeometry, sampled_patches
+    from qcompile.passes.smooth_quant import _simulated_conv_error
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2, 4, 6, 6)) * np.array([1.0, 12.0, 0.3, 3.0])[None, :, None, None]).astype(np.float32)
+    w = rng.standard_normal((cout, 4 // groups, 3, 3)).astype(np.float32)
+    s = rng.uniform(0.5, 4.0, 4).astype(np.float32)
+    geo = ConvGeometry(kernel=(3, 3), strides=(1, 1), dilations=(1, 1), pads=(1, 1, 1, 1), groups=groups)
+    patches = sampled_patches(x, geo, max_positions=36, rng=np.random.default_rng(0))      # every position
+    lin = SimpleNamespace(conv=geo, k_axis=1)
+    lo, hi = x.min(axis=(0, 2, 3)), x.max(axis=(0, 2, 3))
+    got = _simulated_conv_error([patches], (lo, hi), [w], [lin], s, "uint8", False)
+
+    xs = x / s[None, :, None, None]
+    qlo, qhi = min(float(xs.min()), 0.0), max(float(xs.max()), 0.0)          # asymmetric uint8, per tensor
+    xscale = (qhi - qlo) / 255.0
+    zp = np.round(-qlo / xscale)
+    xq = (np.clip(np.round(xs / xscale) + zp, 0, 255) - zp) * xscale
+    per = cout // groups
+    ws = w * np.stack([s[(o // per) * w.shape[1]:(o // per + 1) * w.shape[1]] for o in range(cout)])[:, :, None, None]
+    wscale = np.abs(ws).reshape(cout, -1).max(axis=1) / 127.0                 # int8 per output channel
+    wq = np.clip(np.round(ws / wscale[:, None, None, None]), -127, 127) * wscale[:, None, None, None]
+    ref = direct_conv(x, w, groups, 1)
+    err = ref - direct_conv(xq, wq, groups, 1)
+    assert got == pytest.approx(float((err ** 2).sum() / (ref ** 2).sum()), rel=1e-4)
+
+
+def test_explicit_mul_in_front_of_convs_scales_their_channel_axis(pipeline):
+    """x1 also feeds a residual: with explicit_mul the Convs read Mul(x1, 1/s), s along axis 1."""
+    from test_equalize_outputs import affine_cnn, cnn_data
+    model, data = affine_cnn(), cnn_data()
+    model.graph.node.append(helper.make_node("Add", ["y", "x1"], ["y2"], name="/res/Add"))
+    model.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, None))
+    ir_model, ctx = pipeline(model, smooth_recipe(kinds="[affine-conv]", alpha=0.9, explicit_mul="true"), data)
+    assert ctx.report["smooth_quant"]["groups"]["x1"]["kind"] == "explicit-mul"
+    ref = ort_run_batched(model, "x", data)
+    got = ort_run_batched(to_proto(ir_model), "x", data)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    inv = next(t for t in to_proto(ir_model).graph.initializer if t.name == "x1_smooth_inv_scale")
+    assert list(inv.dims) == [8, 1, 1]
