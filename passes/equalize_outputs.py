@@ -35,7 +35,7 @@ from .calibrate import stream_tensors
 from .channel_scales import channel_shaped, per_channel_shape, scale_input_channels, times_channels
 from .conv_patches import ConvGeometry
 
-_MIN_FACTOR = 1e-3   # a dead channel is not blown up by more than this
+_DEAD = 1e-3   # channels whose range is below this fraction of the widest are left as they are
 
 
 @dataclasses.dataclass
@@ -118,10 +118,10 @@ class EqualizeOutputs(QPass):
             if top <= 0:
                 records[cand.conv.name] = {"status": "skipped", "reason": "its output is all zero on the calibration data"}
                 continue
-            s = np.power(np.maximum(r / top, _MIN_FACTOR), cfg.strength)
+            live = r >= _DEAD * top    # dead channels (PP-OCR det has some) keep s = 1: scaling them up
+            s = np.where(live, np.power(np.maximum(r / top, _DEAD), cfg.strength), 1.0)   # only inflates the bias
             self._fold(model.graph, cand, s)
             ctx.note_rescaled(cand.conv.outputs[0].name, 1, s)
-            live = r >= _MIN_FACTOR * top      # channels below are dead (PP-OCR det has some)
             after = r[live] / s[live]
             records[cand.conv.name] = {"status": "equalized", "reader": f"{cand.kind} {cand.reader.name}",
                                        "range_ratio_before": round(float(top / r[live].min()), 2),

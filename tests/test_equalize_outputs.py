@@ -150,3 +150,23 @@ def test_without_calibration_data_it_says_so(tmp_path, run_cli):
     out = tmp_path / "out"
     res = run_cli([path, "--recipe", rfile, "-o", out])
     assert res.code == 5 and "equalize_outputs needs calibration data" in res.err and not out.exists(), res.err
+
+
+def test_dead_channels_are_left_alone(pipeline):
+    """A channel a thousand times narrower than the widest keeps s = 1 (scaling it up would only
+    inflate its bias); the others still end on one range."""
+    model = affine_cnn()
+    w0 = next(t for t in model.graph.initializer if t.name == "W0")
+    arr = numpy_helper.to_array(w0).copy()
+    arr[2] *= 1e-6
+    w0.CopyFrom(numpy_helper.from_array(arr, "W0"))
+    b0 = next(t for t in model.graph.initializer if t.name == "B0")
+    bias = numpy_helper.to_array(b0).copy()
+    bias[2] = 0.0
+    b0.CopyFrom(numpy_helper.from_array(bias, "B0"))
+    ir_model, ctx = pipeline(model, recipe(EQUALIZE), cnn_data())
+    rec = ctx.report["equalize_outputs"]["convs"]["/c0/Conv"]
+    assert rec["dead_channels"] == 1 and rec["range_ratio_after"] == pytest.approx(1.0, abs=1e-3)
+    g = {t.name: numpy_helper.to_array(t) for t in to_proto(ir_model).graph.initializer}
+    np.testing.assert_array_equal(g["W0"][2], arr[2])
+    assert not np.allclose(g["W0"][0], arr[0])

@@ -301,7 +301,7 @@ def test_impossible_schemes_are_recipe_errors(tmp_path, run_cli, tiny, quantize,
 
 def test_mixable_schemes_are_the_plain_recipes():
     assert set(mixable_schemes()) == set(builtin_recipes()) - {"w8a8-mix", "w8a8-smooth", "w4a16-gptq", "w4a16-awq", "w8a8-fa3", "w8a8-kv8",
-                                                          "w8a8-cnn"} | {"float"}
+                                                          "w8a8-cnn", "w8a8-cle"} | {"float"}
 
 
 def test_fp8_is_refused_where_the_opset_lacks_it(tmp_path):

@@ -120,7 +120,8 @@ class Peer:
 
 
 PEERS: tuple[Peer, ...] = (
-    *(Peer(f"static-{m.lower()}", f"ort static QDQ {m}", "static", ("w8a8", "w8a8-smooth", "w8a8-cnn"), method=m)
+    *(Peer(f"static-{m.lower()}", f"ort static QDQ {m}", "static", ("w8a8", "w8a8-smooth", "w8a8-cnn", "w8a8-cle"),
+           method=m)
       for m in ("MinMax", "Percentile", "Entropy")),
     *(Peer(f"static-mm-{m.lower()}", f"ort static QDQ {m} [MatMul]", "static", ("w8a8", "w8a8-smooth"), method=m,
            op_types=("MatMul",), transformers_only=True)
@@ -918,6 +919,7 @@ RECIPE_NOTES = {
     "w8a8-mix": "W8A8 with a per-scope table that keeps the FFN down-projection weight-only int8.",
     "w8a8-smooth": "W8A8 with SmoothQuant first: per-channel scales move activation outliers into the weights "
                    "(folded into the producer); the FFN down-projection is not smoothed.",
+    "w8a8-cle": "W8A8 with cross-layer equalization of Conv -> (ReLU) -> Conv weight ranges and bias correction.",
     "w8a8-cnn": "W8A8 for CNNs with unbalanced channels: Conv outputs equalized per channel (factor folded into "
                 "the reading Mul/Conv), affine-produced Conv inputs smoothed, GPTQ-rounded weights; every layer int8.",
     "w4a16-awq": "w4a16 with AWQ: activation-aware per-input-channel scales and a per-group clipping search; "
