@@ -23,22 +23,22 @@ def channel_shaped(s: np.ndarray, rank: int, channel_axis: int) -> np.ndarray:
     return s.reshape((-1,) + (1,) * (rank - 1 - channel_axis % rank))
 
 
-def input_channel_absmax(w: np.ndarray, lin) -> np.ndarray:
-    """max |W| over everything X's channel j multiplies (a grouped Conv: its group's outputs and taps)."""
-    if lin.conv is None:
-        return np.abs(np.moveaxis(w, lin.k_axis, 0)).reshape(w.shape[lin.k_axis], -1).max(axis=1)
-    groups = lin.conv.groups
+def input_channel_absmax(w: np.ndarray, k_axis: int, groups: int | None) -> np.ndarray:
+    """max |W| over everything X's channel j multiplies. A MatMul/Gemm weight (`groups` None):
+    along its `k_axis`; a Conv weight [Cout, Cin/g, kh, kw] with `groups`: its group's outputs and taps."""
+    if groups is None:
+        return np.abs(np.moveaxis(w, k_axis, 0)).reshape(w.shape[k_axis], -1).max(axis=1)
     per = np.abs(w).reshape(groups, w.shape[0] // groups, w.shape[1], -1)       # [G, Cout/g, Cin/g, taps]
     return per.max(axis=(1, 3)).reshape(-1)
 
 
-def scale_input_channels(w: np.ndarray, lin, s: np.ndarray) -> np.ndarray:
-    """W with input channel j's weights multiplied by s_j (X·W unchanged once X is divided by s)."""
-    if lin.conv is None:
+def scale_input_channels(w: np.ndarray, s: np.ndarray, k_axis: int, groups: int | None) -> np.ndarray:
+    """W with input channel j's weights multiplied by s_j (X·W unchanged once X is divided by s);
+    `k_axis` / `groups` as in input_channel_absmax."""
+    if groups is None:
         shape = [1] * w.ndim
-        shape[lin.k_axis] = -1
+        shape[k_axis] = -1
         return w * s.reshape(shape)
-    groups = lin.conv.groups
     per = w.reshape(groups, w.shape[0] // groups, w.shape[1], *w.shape[2:])
     return (per * s.reshape(groups, 1, w.shape[1], 1, 1)).reshape(w.shape)
 

@@ -21,7 +21,6 @@ channel the widest channel's range. The float model is unchanged. Run it before 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Literal
 
 import numpy as np
@@ -34,6 +33,7 @@ from qcompile.registry import QPass, register_pass
 from .calibrate import stream_tensors
 from .channel_scales import channel_shaped, per_channel_shape, scale_input_channels, times_channels
 from .conv_patches import ConvGeometry
+from .scope import in_scope
 
 _DEAD = 1e-3   # channels whose range is below this fraction of the widest are left as they are
 
@@ -44,13 +44,6 @@ class Candidate:
     reader: ir.Node
     kind: str                   # mul | conv
     const_index: int = 1        # mul: which input of the Mul is the constant
-
-
-@dataclasses.dataclass
-class _ConvReader:
-    """What channel_scales.scale_input_channels needs to know about a Conv reader."""
-    conv: ConvGeometry
-    k_axis: int = 1
 
 
 def _const(v: ir.Value | None) -> np.ndarray | None:
@@ -87,8 +80,7 @@ class EqualizeOutputs(QPass):
         for node in model.graph:
             if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or _const(node.inputs[1]) is None:
                 continue
-            if not any(fnmatch.fnmatchcase(node.name or "", p) for p in config.include) or \
-                    any(fnmatch.fnmatchcase(node.name or "", p) for p in config.exclude):
+            if not in_scope(node.name, config):
                 continue
             y = node.outputs[0]
             uses = y.uses()
@@ -141,7 +133,7 @@ class EqualizeOutputs(QPass):
                                         samples=self.config.samples, label="equalize_outputs",
                                         progress=self.ctx.progress):
             for name, array in arrays.items():
-                per = np.abs(np.moveaxis(np.asarray(array), 1, 0)).reshape(array.shape[1], -1).max(axis=1)
+                per = np.abs(array).max(axis=tuple(i for i in range(array.ndim) if i != 1))
                 key = ys[name]
                 amax[key] = per if key not in amax else np.maximum(amax[key], per)
         return amax
@@ -161,8 +153,8 @@ class EqualizeOutputs(QPass):
             set_constant_input(graph, cand.reader, cand.const_index, times_channels(c, channel_shaped(s, rank, 1), rank))
         else:
             w2 = _const(cand.reader.inputs[1])
-            geo = ConvGeometry.of(cand.reader, w2.shape)
-            set_constant_input(graph, cand.reader, 1, scale_input_channels(w2, _ConvReader(geo), s).astype(w2.dtype))
+            groups = cand.reader.attributes.get_int("group", 1)
+            set_constant_input(graph, cand.reader, 1, scale_input_channels(w2, s, 1, groups).astype(w2.dtype))
 
 
 def _reader_problem(reader: ir.Node, idx: int, y: ir.Value, allowed) -> str:

@@ -19,7 +19,6 @@ so the float graph stays consistent until `quantize` runs.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Literal
 
 import numpy as np
@@ -32,6 +31,7 @@ from qcompile.schemes import WeightScheme
 
 from .calibrate import stream_tensors
 from .conv_patches import ConvGeometry, grouped_gram, sampled_patches
+from .scope import in_scope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +81,10 @@ class GPTQ(QPass):
 
     def run(self, model: ir.Model) -> bool:
         cfg, ctx = self.config, self.ctx
-        linears = [n for n in model.graph if n.op_type in cfg.ops and _is_linear(n) and _in_scope(n.name or "", cfg)]
+        linears = [n for n in model.graph if n.op_type in cfg.ops and _is_linear(n) and in_scope(n.name, cfg)]
         convs, skipped = {}, {}
         for n in model.graph:
-            if "Conv" in cfg.ops and _is_conv(n) and _in_scope(n.name or "", cfg):
+            if "Conv" in cfg.ops and _is_conv(n) and in_scope(n.name, cfg):
                 geo = ConvGeometry.of(n, n.inputs[1].const_value.shape)
                 if geo is None:
                     skipped[n.name] = "not a 2-D Conv with explicit pads"
@@ -343,6 +343,3 @@ def _is_conv(node: ir.Node) -> bool:
         node.inputs[0].const_value is None
 
 
-def _in_scope(name: str, config) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in config.include) and \
-        not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)

@@ -39,6 +39,8 @@ from qcompile.registry import QPass, register_pass
 from qcompile.schemes import ActivationScheme, Scheme, WeightScheme, builtin_scheme, mixable_schemes, \
     scheme_compatibility
 
+from .scope import matches
+
 _FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
 # entropy/MSE ranges search an integer grid; FP8 activations use int8's as their proxy
 _GRID_FOR_RANGE = {"float8e4m3fn": "int8", "float8e5m2": "int8", "int4": "int4", "uint4": "uint4"}
@@ -63,10 +65,6 @@ class LayerPlan:
     def dynamic(self) -> bool:
         act = self.scheme.activation
         return act is not None and act.is_dynamic
-
-
-def _matches(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -220,10 +218,10 @@ class Quantize(QPass):
             if node.op_type not in config.op_types:
                 skipped[name] = f"op type {node.op_type} not in quantize.op_types"
                 continue
-            if not _matches(name, config.include):
+            if not matches(name, config.include):
                 skipped[name] = "not matched by quantize.include"
                 continue
-            if _matches(name, config.exclude):
+            if matches(name, config.exclude):
                 skipped[name] = "excluded by quantize.exclude"
                 continue
             scheme = cls.scheme_for(config, name)

@@ -30,7 +30,6 @@ no smoothing). Run it before `calibrate`, so the ranges quantize uses are the sm
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Literal
 
 import numpy as np
@@ -45,6 +44,7 @@ from .calibrate import stream_tensors
 from .channel_scales import (channel_shaped, input_channel_absmax, per_channel_shape, scale_input_channels,
                              times_channels)
 from .conv_patches import ConvGeometry, sampled_patches
+from .scope import in_scope
 
 _NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
 _EPS = 1e-5
@@ -56,6 +56,11 @@ class Linear:
     weight: ir.Value
     k_axis: int           # the weight axis indexed by X's channels
     conv: ConvGeometry | None = None    # Conv consumers: X is NCHW, the weight [Cout, Cin/g, kh, kw]
+
+    @property
+    def groups(self) -> int | None:
+        """The Conv's groups (None for MatMul/Gemm), as channel_scales takes them."""
+        return self.conv.groups if self.conv is not None else None
 
 
 @dataclasses.dataclass
@@ -121,7 +126,7 @@ class SmoothQuant(QPass):
         convs = "affine-conv" in config.kinds
         for node in model.graph:
             lin = _linear(node, convs=convs)
-            if lin is None or not _in_scope(node.name or "", config):
+            if lin is None or not in_scope(node.name, config):
                 continue
             x = node.inputs[0]
             if x is None or x.const_value is not None:
@@ -157,7 +162,7 @@ class SmoothQuant(QPass):
             xlo, xhi = ranges[g.x.name]
             amax = np.maximum(-xlo, xhi)
             weights = [lin.weight.const_value.numpy().astype(np.float32) for lin in g.linears]
-            wmaxes = [input_channel_absmax(w, lin) for w, lin in zip(weights, g.linears)]
+            wmaxes = [input_channel_absmax(w, lin.k_axis, lin.groups) for w, lin in zip(weights, g.linears)]
             if len({m.shape for m in wmaxes}) > 1:
                 rec["reason"] = "the layers reading X disagree on its channel count"
                 continue
@@ -180,7 +185,7 @@ class SmoothQuant(QPass):
                 continue
             s = _scales(amax, wmax, alpha)
             for w, lin in zip(weights, g.linears):
-                set_constant_input(model.graph, lin.node, 1, scale_input_channels(w, lin, s).astype(np.float32))
+                set_constant_input(model.graph, lin.node, 1, scale_input_channels(w, s, lin.k_axis, lin.groups).astype(np.float32))
             _fold_division(model.graph, g, s)
             if g.kind != "explicit-mul":
                 ctx.note_rescaled(g.x.name, g.channel_axis, s)
@@ -212,9 +217,10 @@ def channel_stats(model: ir.Model, xs: list[ir.Value], ctx, *, samples: int, row
     for arrays, _ in stream_tensors(model, xs, dataset, samples=samples, label=label, progress=ctx.progress):
         for name, array in arrays.items():
             geos = conv_inputs.get(name)
-            chans = np.moveaxis(np.asarray(array, dtype=np.float32), 1, -1) if geos else np.asarray(array, np.float32)
-            flat = chans.reshape(-1, chans.shape[-1])
-            mn, mx = flat.min(axis=0), flat.max(axis=0)
+            array = np.asarray(array, dtype=np.float32)
+            channel = 1 if geos else array.ndim - 1
+            others = tuple(i for i in range(array.ndim) if i != channel)
+            mn, mx = array.min(axis=others), array.max(axis=others)
             lo[name] = mn if name not in lo else np.minimum(lo[name], mn)
             hi[name] = mx if name not in hi else np.maximum(hi[name], mx)
             if count[name] >= rows:
@@ -225,6 +231,7 @@ def channel_stats(model: ir.Model, xs: list[ir.Value], ctx, *, samples: int, row
                 kept[name].append(patches)
                 count[name] += patches[0].shape[0]
             else:
+                flat = array.reshape(-1, array.shape[-1])
                 take = rng.choice(flat.shape[0], min(per_batch_rows, flat.shape[0], rows - count[name]), replace=False)
                 kept[name].append(flat[take])
                 count[name] += len(take)
@@ -234,11 +241,6 @@ def channel_stats(model: ir.Model, xs: list[ir.Value], ctx, *, samples: int, row
 
 
 # -- helpers --------------------------------------------------------------------------------
-def _in_scope(name: str, config) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in config.include) and \
-        not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)
-
-
 def _linear(node: ir.Node, convs: bool = False) -> Linear | None:
     """A MatMul/Gemm whose input 1 is a constant 2-D weight, with the axis X's channels index;
     with `convs`, also a 2-D Conv with a constant weight."""
@@ -382,7 +384,7 @@ def _simulated_conv_error(patches: list[np.ndarray], x_range, weights, linears, 
         s_cols = np.repeat(s.reshape(groups, -1), taps, axis=1)                    # [G, K]
         xs = x / s_cols
         xq = dequantize(quantize(xs, xscale, xzp, act_dtype), xscale, xzp)
-        ws = scale_input_channels(w, lin, s)
+        ws = scale_input_channels(w, s, 1, groups)
         axis = None if per_tensor and per_tensor[i] else 0
         lo_w, hi_w = reduce_absmax(ws, axis)
         wscale, wzp = compute_qparams(lo_w, hi_w, "int8", symmetric=True, restricted=True)

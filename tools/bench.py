@@ -1239,20 +1239,6 @@ def _meta(args, argv: list[str]) -> dict:
                 loadavg_start=os.getloadavg())
 
 
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
-    if isinstance(o, (np.floating, np.integer)):
-        return _jsonable(o.item())
-    if isinstance(o, Path):
-        return str(o)
-    return o
-
-
 # ------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -1344,7 +1330,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["cpu_variant"] = f"cpu:{report['target_variant']}" if report and report.get("target_variant") else None
     md = render_markdown(results, meta)
     (out_dir / "bench.md").write_text(md)
-    (out_dir / "bench.json").write_text(json.dumps(_jsonable(dict(meta=meta, results=results)), indent=1))
+    (out_dir / "bench.json").write_text(json.dumps(peers.jsonable(dict(meta=meta, results=results)), indent=1))
     perr = render_plot(results, out_dir / "bench.png")
     print(md)
     _log(f"wrote {out_dir / 'bench.md'}, bench.json" + (f"; {perr}" if perr else ", bench.png")

@@ -476,20 +476,6 @@ def _meta(args, argv: list[str]) -> dict:
                 seed=SEED, loadavg_start=os.getloadavg())
 
 
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
-    if isinstance(o, (np.floating, np.integer)):
-        return _jsonable(o.item())
-    if isinstance(o, Path):
-        return str(o)
-    return o
-
-
 # ------------------------------------------------------------------ CLI
 
 def main(argv: list[str] | None = None) -> int:
@@ -566,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["wall_s"] = round(time.perf_counter() - t_start, 1)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(_jsonable(dict(meta=meta, models=setups, rows=rows)), indent=1)
+        (out / "bench.json").write_text(json.dumps(peers.jsonable(dict(meta=meta, models=setups, rows=rows)), indent=1)
                                         + "\n")
         (out / "bench.md").write_text(render_markdown(setups, rows, meta))
         _log(f"wrote {out / 'bench.md'} and bench.json ({meta['wall_s']:.0f} s)")

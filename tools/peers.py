@@ -25,6 +25,7 @@ CLI (peers only, e.g. to try them without qcompile)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -59,6 +60,21 @@ class PeerSpec:
 PEERS: tuple[PeerSpec, ...] = tuple(
     PeerSpec(f"{m.lower()}-{_ACT_TAG[a]}", m, a)
     for a in ("QUInt8", "QInt8") for m in ("MinMax", "Percentile", "Entropy"))
+
+
+def jsonable(o):
+    """`o` with numpy scalars, non-finite floats and paths made JSON-writable (bench.json)."""
+    if isinstance(o, dict):
+        return {str(k): jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [jsonable(v) for v in o]
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if isinstance(o, (np.floating, np.integer)):
+        return jsonable(o.item())
+    if isinstance(o, Path):
+        return str(o)
+    return o
 
 
 def run_environment(script: str, argv: list[str]) -> dict:
