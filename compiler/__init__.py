@@ -1,6 +1,7 @@
 """qcompile: a declarative graph-rewriting compiler over ONNX for quantized deployment."""
 
-from .compile import CompileResult, compile_model
+from .compile import CompileResult
+from .driver import compile_model
 from .errors import QCompileError
 
 __version__ = "0.1.0"

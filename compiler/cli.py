@@ -64,7 +64,7 @@ def _cmd_compile(argv: list[str]) -> int:
     args = _compile_parser().parse_args(argv)
     if args.verify_samples < 1:
         raise UsageError(f"--verify-samples must be at least 1, got {args.verify_samples}")
-    from .compile import compile_model
+    from .driver import compile_model, compile_with_budget, compile_with_size_budget
     from .model_io import parse_input_shapes
     from .report import print_summary
 
@@ -73,7 +73,6 @@ def _cmd_compile(argv: list[str]) -> int:
                   dump_after=tuple(args.dump_after), progress=not args.quiet,
                   external_data=True if args.external_data else None)
     if args.max_size is not None:
-        from .mixed_precision import compile_with_size_budget
         if args.max_loss is not None:
             raise UsageError("--max-size and --max-loss are separate searches; use one")
         low, _, high = args.mix_schemes.partition(",")
@@ -82,7 +81,7 @@ def _cmd_compile(argv: list[str]) -> int:
         result = compile_with_size_budget(args.model, max_size_mb=args.max_size, low=low.strip(), high=high.strip(),
                                           output_dir=args.output, **common)
     elif args.max_loss is not None:
-        from .budget import compile_with_budget, parse_budget
+        from .budget import parse_budget
         result = compile_with_budget(args.model, budget=parse_budget(args.max_loss), max_trials=args.max_trials,
                                      output_dir=args.output, recipe=args.recipe, **common)
     else:
@@ -114,21 +113,19 @@ def _cmd_targets(argv: list[str]) -> int:
 
 def _cmd_recipes(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="qcompile recipes", description="List built-in recipes.").parse_args(argv)
-    import yaml
-    from .recipe import builtin_recipes
+    from .recipe_files import builtin_recipes, description
     table = Table(title="built-in recipes")
     table.add_column("recipe")
     table.add_column("description")
     for name, path in sorted(builtin_recipes().items()):
-        meta = (yaml.safe_load(path.read_text()) or {}).get("metadata", {})
-        table.add_row(name, str(meta.get("description", "")))
+        table.add_row(name, description(path))
     Console().print(table)
     return 0
 
 
 def _cmd_passes(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="qcompile passes", description="List registered passes.").parse_args(argv)
-    from .registry import all_passes
+    from .pass_catalog import all_passes
     table = Table(title="passes")
     table.add_column("pass")
     table.add_column("description")

@@ -11,6 +11,19 @@ from pathlib import Path
 from .errors import OutputError
 
 
+def keep_only(folder: Path, inner: Path) -> None:
+    """Make `folder` hold exactly the contents of `inner`, a folder inside it (one trial compile
+    staged inside another, e.g. by the accuracy budget); everything else in `folder` is dropped."""
+    keep = folder / ".keep"
+    inner.rename(keep)
+    for item in list(folder.iterdir()):
+        if item != keep:
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+    for item in list(keep.iterdir()):
+        item.rename(folder / item.name)
+    keep.rmdir()
+
+
 class StagedOutput:
     def __init__(self, destination: str | os.PathLike):
         self.destination = Path(destination)
@@ -26,18 +39,6 @@ class StagedOutput:
 
     def path(self, name: str) -> Path:
         return self.staging / name
-
-    def keep_only(self, folder: Path) -> None:
-        """Make the staged output the contents of `folder` (one trial compile staged inside
-        this one, e.g. by the accuracy budget); everything else staged is dropped."""
-        keep = self.staging / ".keep"
-        folder.rename(keep)
-        for item in list(self.staging.iterdir()):
-            if item != keep:
-                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-        for item in list(keep.iterdir()):
-            item.rename(self.staging / item.name)
-        keep.rmdir()
 
     def commit(self) -> list[Path]:
         """Move the staged files into the destination (replacing same-named files)."""

@@ -1,22 +1,22 @@
 """Recipes: YAML files declaring an ordered list of passes with their options.
 
 `load_recipe` accepts a built-in name (`w8a8`) or a path, validates every pass and
-key against the registry, and checks that each pass comes after what it needs —
-all before any work on the model.
+key against the registry, and checks the step order against the passes' contracts
+(compiler/facts.py) — all before any work on the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import build_config, config_to_dict
 from .errors import RecipeError
-from .registry import PassSpec, all_passes, get_pass
+from .facts import check_order
+from .pass_catalog import all_passes, get_pass
+from .recipe_files import builtin_recipes, read_yaml
+from .registry import PassSpec
 
 API_VERSION = "qcompile/v1"
 _TOP_KEYS = {"apiversion", "metadata", "spec"}
@@ -51,22 +51,6 @@ class Recipe:
         return [{"type": s.spec.name, **config_to_dict(s.config)} for s in self.steps if s.origin == "target"]
 
 
-def builtin_recipes() -> dict[str, Path]:
-    folder = importlib.resources.files("qcompile") / "recipes"
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise RecipeError(f"cannot read recipe: {err.strerror}", file=str(path)) from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise RecipeError(f"not valid YAML: {err}", file=str(path)) from None
-
-
 def resolve_recipe_path(name_or_path: str) -> Path:
     builtins = builtin_recipes()
     if name_or_path in builtins:
@@ -98,25 +82,10 @@ def parse_steps(entries: Any, file: str, origin: str) -> list[Step]:
     return steps
 
 
-def check_order(steps: list[Step], file: str, initial: set[str] | None = None) -> None:
-    """Each pass's needs must be established by an earlier pass."""
-    facts = set(initial or ())
-    for step in steps:
-        missing = step.spec.cls.needs(step.config) - facts
-        if missing:
-            providers = [n for n, s in all_passes().items()
-                         if missing & s.cls.gives(s.cls.Config())]
-            raise RecipeError(
-                f"needs {', '.join(sorted(missing))}, which no earlier pass provides",
-                file=file, pass_name=step.spec.name,
-                hint=f"put {' or '.join(providers) or 'the providing pass'} before it")
-        facts |= step.spec.cls.gives(step.config)
-
-
 def load_recipe(name_or_path: str, extra_steps: list[Step] | None = None) -> Recipe:
     path = resolve_recipe_path(name_or_path)
     file = str(path)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a mapping with apiversion, metadata and spec", file=file)
     unknown = sorted(set(data) - _TOP_KEYS - _RECORD_KEYS)
@@ -135,5 +104,5 @@ def load_recipe(name_or_path: str, extra_steps: list[Step] | None = None) -> Rec
     if unknown:
         raise RecipeError("unknown key (known: passes)", file=file, key=f"spec.{unknown[0]}")
     steps = parse_steps(spec.get("passes"), file, "recipe") + list(extra_steps or [])
-    check_order(steps, file)
+    check_order(steps, file, all_passes())
     return Recipe(str(meta.get("name", path.stem)), str(meta.get("description", "")), file, tuple(steps))

@@ -1,8 +1,10 @@
-"""The pass registry: short names → pass classes with one frozen config each.
+"""Pass base class and registration: short names -> pass classes with one frozen config each.
 
-Passes are `onnx_ir` in-place passes. Each states the facts it needs and the facts
-it establishes (for example `ranges` from `calibrate`), so a recipe that orders
-passes wrongly is rejected before any work is done.
+Passes are `onnx_ir` in-place passes. Each declares its contract from its config alone —
+the facts it needs, gives and invalidates (compiler/facts.py), the tensors it wants ranges
+for, the opset it needs, what it asks of the target — so a recipe is checked before any
+work. Registering is importing: `@register_pass("name")` on the class; the catalog of
+built-in passes (compiler/pass_catalog.py) imports the packages that hold them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 import onnx_ir.passes
+
+from .analyses import RangeRequest
+from .facts import Fact
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,24 +30,35 @@ _REGISTRY: dict[str, PassSpec] = {}
 
 
 class QPass(onnx_ir.passes.InPlacePass):
-    """Base of every qcompile pass: a typed config plus the shared compile context."""
+    """Base of every qcompile pass: a typed config plus the compile's PassContext."""
 
     name: ClassVar[str]
     Config: ClassVar[type]
 
-    def __init__(self, config: Any, ctx: "Any"):
+    def __init__(self, config: Any, ctx: Any):
         super().__init__()
         self.config = config
         self.ctx = ctx
 
-    # Facts: strings such as "ranges" or "qdq"; see docs/passes.md.
+    # -- contract (class-level: checked before any model is loaded) -----------------------
     @classmethod
-    def needs(cls, config: Any) -> set[str]:
-        return set()
+    def needs(cls, config: Any) -> frozenset[Fact]:
+        return frozenset()
 
     @classmethod
-    def gives(cls, config: Any) -> set[str]:
-        return set()
+    def gives(cls, config: Any) -> frozenset[Fact]:
+        return frozenset()
+
+    @classmethod
+    def invalidates(cls, config: Any) -> frozenset[Fact]:
+        """Facts this pass makes stale: a pass that changes the float model's values
+        invalidates facts.FLOAT_MODEL_CHANGED."""
+        return frozenset()
+
+    @classmethod
+    def wants_ranges(cls, model: ir.Model, config: Any, target: Any) -> RangeRequest:
+        """Tensors this pass will want activation statistics for (asked before calibrate runs)."""
+        return RangeRequest()
 
     @classmethod
     def keeps_dynamic_shapes(cls, config: Any) -> bool:
@@ -50,11 +66,23 @@ class QPass(onnx_ir.passes.InPlacePass):
         growing past length): the compile then does not pin them from the first calibration sample."""
         return False
 
+    @classmethod
+    def min_opset(cls, config: Any, target: Any = None) -> int:
+        """The lowest ONNX opset the graph must be at for this pass (0: any)."""
+        return 0
+
+    @classmethod
+    def check_target(cls, config: Any, target: Any) -> str | None:
+        """Why `target` cannot run what this config asks for (None: it can)."""
+        return None
+
+    # -- running ---------------------------------------------------------------------------
     def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
         modified = self.run(model)
         return onnx_ir.passes.PassResult(model, bool(modified))
 
     def run(self, model: ir.Model) -> bool:  # pragma: no cover - abstract
+        """Rewrite `model` in place; True when it changed."""
         raise NotImplementedError
 
 
@@ -72,17 +100,6 @@ def register_pass(name: str):
     return wrap
 
 
-def _load_builtin_passes() -> None:
-    # Importing the packages registers their passes.
-    import qcompile.passes  # noqa: F401
-    import qcompile.backends  # noqa: F401
-
-
-def get_pass(name: str) -> PassSpec | None:
-    _load_builtin_passes()
-    return _REGISTRY.get(name)
-
-
-def all_passes() -> dict[str, PassSpec]:
-    _load_builtin_passes()
+def registered() -> dict[str, PassSpec]:
+    """The passes registered so far (by the modules imported so far), by name."""
     return dict(sorted(_REGISTRY.items()))

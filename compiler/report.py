@@ -1,4 +1,10 @@
-"""report.json for tools and a short verification table for people."""
+"""report.json for tools and a short verification table for people.
+
+`render` is the one place a compile's results become report.json: the header, verification,
+the layer table, warnings, every pass's section, the pass timings, and the sections of the
+search strategy that produced it (fallback, budget, mixed precision), in that order. The
+driver calls it once, at commit.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from .layers import LayerStatus
 
 
 def _jsonable(x: Any) -> Any:
@@ -21,6 +29,20 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def render(result) -> dict:
+    """report.json's content for a CompileResult (compiler/compile.py)."""
+    report = dict(result.header)
+    if result.verification is not None:
+        report["verification"] = result.verification
+    report["layers"] = result.layers.to_json()
+    report["warnings"] = result.warnings.to_json()
+    report.update(result.sections)
+    report["passes"] = result.timings
+    report["compile_seconds"] = round(result.seconds, 3)
+    report.update(result.strategy)
+    return report
+
+
 def write_report(path: Path, report: dict) -> None:
     path.write_text(json.dumps(_jsonable(report), indent=2, sort_keys=False) + "\n")
 
@@ -28,8 +50,8 @@ def write_report(path: Path, report: dict) -> None:
 def print_summary(report: dict, console: Console | None = None, *, header: bool = True) -> None:
     console = console or Console(stderr=False)
     layers = report.get("layers", {})
-    n_q = sum(1 for r in layers.values() if r.get("status") == "quantized")
-    n_f = sum(1 for r in layers.values() if r.get("status") == "float")
+    n_q = sum(1 for r in layers.values() if r.get("status") == str(LayerStatus.QUANTIZED))
+    n_f = sum(1 for r in layers.values() if r.get("status") == str(LayerStatus.FLOAT))
     kernels = report.get("cpu_kernels")
     line = f"[bold]{report['target']}[/bold] recipe [bold]{report['recipe']}[/bold]: {n_q} layers quantized, {n_f} float"
     if kernels:

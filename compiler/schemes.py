@@ -13,6 +13,9 @@ import dataclasses
 import functools
 from typing import Literal
 
+from .config import build_config
+from .recipe_files import builtin_recipes, read_yaml
+
 WeightDType = Literal["int8", "uint8", "int4", "uint4", "float8e4m3fn", "float8e5m2"]
 ActivationDType = Literal["auto", "int8", "uint8", "int4", "uint4", "float8e4m3fn", "float8e5m2"]
 Rounding = Literal["half_even", "half_away", "floor", "ceil", "trunc", "stochastic"]
@@ -116,6 +119,12 @@ class Scheme:
     def is_float(self) -> bool:
         return self.weight is None
 
+    def label(self) -> str:
+        """"W[int8 per_channel] A[uint8 per_tensor]", prefixed by the name of a mixed-in scheme."""
+        act = self.activation
+        body = f"W[{self.weight.label()}] A[{act.label() if act is not None else 'float'}]"
+        return body if self.name == "recipe" else f"{self.name}: {body}"
+
 
 def scheme_compatibility(weight: WeightScheme, activation: ActivationScheme | None) -> tuple[str, str] | None:
     """Combinations of a weight and an activation scheme no lowering can run."""
@@ -134,25 +143,30 @@ def scheme_compatibility(weight: WeightScheme, activation: ActivationScheme | No
 
 @functools.lru_cache(maxsize=None)
 def builtin_scheme(name: str) -> Scheme:
-    """The quantize scheme of the built-in recipe `name` (`float`: none), for `mix` tables."""
+    """The quantize scheme of the built-in recipe `name` (`float`: none), for `mix` tables.
+
+    Read from the recipe's YAML (its `quantize` step's `weight` and `activation`), so schemes
+    need no pass and no recipe loader."""
     if name == "float":
         return Scheme("float", None, None)
-    from .recipe import builtin_recipes, load_recipe  # recipes import passes, which import this
-
-    if name not in builtin_recipes():
+    path = builtin_recipes().get(name)
+    if path is None:
         raise KeyError(name)
-    recipe = load_recipe(name)
-    step = next((s for s in recipe.steps if s.spec.name == "quantize"), None)
+    passes = ((read_yaml(path) or {}).get("spec") or {}).get("passes") or []
+    steps = [p for p in passes if isinstance(p, dict) and p.get("type") == "quantize"]
     # only plain schemes: a recipe that also smooths or mixes is more than its quantize step
-    if step is None or step.config.mix or {s.spec.name for s in recipe.steps} - _PLAIN_PASSES:
+    if len(steps) != 1 or steps[0].get("mix") or {p.get("type") for p in passes} - _PLAIN_PASSES:
         raise KeyError(name)
-    return Scheme(name, step.config.weight, step.config.activation)
+    step, file = steps[0], str(path)
+    weight = build_config(WeightScheme, step.get("weight") or {}, file=file, pass_name="quantize", prefix="weight.")
+    act = step.get("activation", {})
+    activation = None if act is None else build_config(ActivationScheme, act, file=file, pass_name="quantize",
+                                                       prefix="activation.")
+    return Scheme(name, weight, activation)
 
 
 def mixable_schemes() -> list[str]:
     """Names a `mix` table may use."""
-    from .recipe import builtin_recipes
-
     names = []
     for name in sorted(builtin_recipes()):
         try:

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .analyses import Rescales
 from .calib_data import Dataset
 from .ort_session import session_options
 from .progress import progress_bar
@@ -95,12 +96,12 @@ def _session(model_path: Path, extra: list[str] = ()) -> ort.InferenceSession:
 
 def verify_models(original: Path, compiled: Path, dataset: Dataset, *, samples: int = 64,
                   layers: dict[str, dict] | None = None, layer_samples: int = 4,
-                  rescaled: dict[str, tuple] | None = None, progress: bool = True) -> dict:
+                  rescales: Rescales | None = None, progress: bool = True) -> dict:
     """Compare `compiled` against `original` on up to `samples` samples of `dataset`.
 
     `layers` maps a quantized layer's node name to {"input": tensor, "output": tensor}
-    (names present in both graphs) for the per-layer table; `rescaled` maps a tensor an
-    equalization divided per channel to (axis, s), multiplied back before comparing.
+    (names present in both graphs) for the per-layer table; `rescales` holds the tensors an
+    equalization divided per channel, multiplied back before comparing.
     """
     ref_sess, got_sess = _session(original), _session(compiled)
     codecs = io_quantization(compiled)
@@ -125,7 +126,8 @@ def verify_models(original: Path, compiled: Path, dataset: Dataset, *, samples: 
     result = {"samples": total, "data": dataset.description,
               "outputs": {n: a.summary() for n, a in accs.items()}}
     if layers:
-        result["layers"] = _per_layer(original, compiled, dataset, layers, layer_samples, codecs, rescaled or {})
+        result["layers"] = _per_layer(original, compiled, dataset, layers, layer_samples, codecs,
+                                      rescales or Rescales())
     return result
 
 
@@ -162,17 +164,8 @@ def _decode(name: str, x: np.ndarray, codecs: dict) -> np.ndarray:
     return x if codec is None else x.astype(np.float32) * _scale(codec)
 
 
-def _undo_rescale(x: np.ndarray, rescale: tuple | None) -> np.ndarray:
-    if rescale is None:
-        return x
-    axis, s = rescale
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    return x * np.asarray(s, dtype=np.float32).reshape(shape)
-
-
 def _per_layer(original: Path, compiled: Path, dataset: Dataset, layers: dict[str, dict], samples: int,
-               codecs: dict, rescaled: dict[str, tuple]) -> dict:
+               codecs: dict, rescales: Rescales) -> dict:
     both = _tensor_names(original) & _tensor_names(compiled)
     tensors = sorted({t for spec in layers.values() for t in (spec.get("input"), spec["output"]) if t in both})
     if not tensors:
@@ -182,7 +175,7 @@ def _per_layer(original: Path, compiled: Path, dataset: Dataset, layers: dict[st
     batch = _fixed_batch(got_sess)
     for feed in dataset.batches(batch, limit=max(samples, batch), exact=batch > 1):
         for t, r, g in zip(tensors, ref_sess.run(tensors, feed), got_sess.run(tensors, _encode(feed, codecs))):
-            accs[t].update(r, _undo_rescale(g, rescaled.get(t)))
+            accs[t].update(r, rescales.undo(t, g))
     table = {}
     for node, spec in layers.items():
         out = accs.get(spec["output"])

@@ -20,13 +20,14 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.facts import FLOAT_MODEL_CHANGED, Fact
 from qcompile.numerics import compute_qparams, full_range_qparams, qrange
+from qcompile.qdq import set_constant_input
 from qcompile.registry import QPass, register_pass
 from qcompile.schemes import WeightScheme
 
-from qcompile.qdq import set_constant_input
-
-from .smooth_quant import SmoothQuant, _fold_division, channel_stats
+from .equalization.groups import find_groups, fold_division
+from .equalization.stats import channel_stats
 
 
 @register_pass("awq")
@@ -58,20 +59,24 @@ class AWQ(QPass):
             return None
 
     @classmethod
-    def gives(cls, config) -> set[str]:
-        return {"weights_rounded"}
+    def gives(cls, config) -> frozenset[Fact]:
+        return frozenset({Fact.WEIGHTS_ROUNDED})
+
+    @classmethod
+    def invalidates(cls, config) -> frozenset[Fact]:
+        return FLOAT_MODEL_CHANGED
 
     def run(self, model: ir.Model) -> bool:
         cfg, ctx = self.config, self.ctx
-        groups = SmoothQuant.groups(model, cfg)
+        groups = find_groups(model, cfg)
         records = {g.x.name: {"linears": [lin.node.name for lin in g.linears], "kind": g.kind,
                               "status": "skipped", "reason": g.reason} for g in groups}
         usable = [g for g in groups if g.kind is not None]
         if not usable:
-            ctx.report["awq"] = {"groups": records, "scaled": 0}
+            ctx.reports["awq"] = {"groups": records, "scaled": 0}
             return False
         _, rows = channel_stats(model, [g.x for g in usable], ctx, samples=cfg.samples, rows=cfg.rows, label="awq")
-        scaled = 0
+        scaled, clipped_any = 0, False
         for g in usable:
             rec = records[g.x.name]
             x = rows[g.x.name].astype(np.float64)
@@ -91,9 +96,9 @@ class AWQ(QPass):
             if alpha > 0:
                 for w, lin in zip(weights, g.linears):
                     _store_kn(model.graph, lin, w * s[:, None])
-                _fold_division(model.graph, g, s.astype(np.float32))
+                fold_division(model.graph, g, s.astype(np.float32))
                 if g.kind != "explicit-mul":
-                    ctx.note_rescaled(g.x.name, g.channel_axis, s)
+                    ctx.rescales.note(g.x.name, g.channel_axis, s)
                 rec.update({"status": "scaled", "reason": ""})
                 scaled += 1
             else:
@@ -104,14 +109,15 @@ class AWQ(QPass):
                 for w_orig, lin in zip(weights, g.linears):
                     clipped, r = _clip_search(xs, _as_kn(lin), cfg.weight, cfg.min_clip)
                     _store_kn(model.graph, lin, clipped)
+                    clipped_any = clipped_any or bool(np.any(r < 1.0))
                     ratios.append(float(np.mean(r)))
                     ref = x @ w_orig
                     err = ref - xs @ _fake_quant_groups(clipped, cfg.weight)
                     errs.append(float(np.sum(err * err)) / max(float(np.sum(ref * ref)), 1e-30))
                 rec["mean_clip_ratio"] = round(float(np.mean(ratios)), 4)
                 rec["error_after_clip"] = round(float(np.mean(errs)), 8)
-        ctx.report["awq"] = {"groups": records, "scaled": scaled, "scheme": cfg.weight.label()}
-        return True
+        ctx.reports["awq"] = {"groups": records, "scaled": scaled, "scheme": cfg.weight.label()}
+        return bool(scaled) or clipped_any
 
 
 def _as_kn(lin) -> np.ndarray:

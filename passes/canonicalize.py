@@ -11,9 +11,12 @@ import onnxscript.optimizer
 from onnxscript import rewriter
 from onnxscript.rewriter.rules import common as common_rules
 
+from qcompile.facts import Fact
+from qcompile.graph_signature import signature
 from qcompile.model_io import infer_shapes
-from qcompile.passes.rules import gemm as gemm_rules
 from qcompile.registry import QPass, register_pass
+
+from .rules import gemm as gemm_rules
 
 _GEMM_RULES = {
     "keep": (),
@@ -36,10 +39,11 @@ class Canonicalize(QPass):
         gemm: Literal["keep", "to_matmul_add", "from_matmul_add"] = "keep"
 
     @classmethod
-    def gives(cls, config) -> set[str]:
-        return {"canonical"}
+    def gives(cls, config) -> frozenset[Fact]:
+        return frozenset({Fact.CANONICAL})
 
     def run(self, model: ir.Model) -> bool:
+        start = signature(model)
         before = model.graph.num_nodes()
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         names_before = _names_by_input(model)  # before onnxscript's optimizer fuses anything
@@ -60,9 +64,9 @@ class Canonicalize(QPass):
         common_passes.NameFixPass()(model)
         infer_shapes(model)
         after = model.graph.num_nodes()
-        self.ctx.report["canonicalize"] = {"nodes_before": before, "nodes_after": after,
-                                           "rewrites": int(fired or 0)}
-        return True
+        self.ctx.reports["canonicalize"] = {"nodes_before": before, "nodes_after": after,
+                                            "rewrites": int(fired or 0)}
+        return signature(model) != start
 
 
 def _names_by_input(model: ir.Model) -> dict[tuple[str, str], str]:

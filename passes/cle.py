@@ -16,8 +16,11 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.qdq import set_constant_input
+from qcompile.facts import FLOAT_MODEL_CHANGED, Fact
 from qcompile.registry import QPass, register_pass
+
+from .equalization.channels import input_channel_absmax
+from .equalization.conv_channels import divide_output_channels, multiply_input_channels
 
 
 @dataclasses.dataclass
@@ -50,8 +53,12 @@ class CrossLayerEqualization(QPass):
             return None
 
     @classmethod
-    def gives(cls, config) -> set[str]:
-        return {"equalized"}
+    def gives(cls, config) -> frozenset[Fact]:
+        return frozenset({Fact.EQUALIZED})
+
+    @classmethod
+    def invalidates(cls, config) -> frozenset[Fact]:
+        return FLOAT_MODEL_CHANGED
 
     @staticmethod
     def pairs(model: ir.Model) -> tuple[list[Pair], dict[str, str]]:
@@ -79,7 +86,7 @@ class CrossLayerEqualization(QPass):
         for _ in range(self.config.iterations):
             for pair in pairs:
                 ranges[pair.first.name] = self._equalize(model.graph, pair)
-        self.ctx.report["cle"] = {"pairs": [[p.first.name, p.second.name] for p in pairs], "skipped": skipped,
+        self.ctx.reports["cle"] = {"pairs": [[p.first.name, p.second.name] for p in pairs], "skipped": skipped,
                                   "max_range_ratio_after": {k: round(v, 3) for k, v in ranges.items()}}
         return bool(pairs)
 
@@ -90,24 +97,15 @@ class CrossLayerEqualization(QPass):
         w2 = _const(pair.second.inputs[1]).astype(np.float64)
         c = w1.shape[0]
         g2 = pair.second.attributes.get_int("group", 1)
-        if g2 == 1 and w2.shape[1] == c:
-            r2 = np.abs(w2).max(axis=(0, 2, 3) if w2.ndim == 4 else 0)
-            axis2 = 1
-        elif g2 == c and w2.shape[0] == c and w2.shape[1] == 1:  # depthwise second Conv
-            r2 = np.abs(w2.reshape(c, -1)).max(axis=1)
-            axis2 = 0
-        else:
+        regular = g2 == 1 and w2.shape[1] == c
+        depthwise = g2 == c and w2.shape[0] == c and w2.shape[1] == 1
+        if not (regular or depthwise) or w2.ndim != 4:
             return float("nan")
         r1 = np.abs(w1.reshape(c, -1)).max(axis=1)
+        r2 = input_channel_absmax(w2, 1, g2)
         ok = (r1 > 0) & (r2 > 0)
         s = np.where(ok, np.sqrt(np.where(ok, r1, 1.0) / np.where(ok, r2, 1.0)), 1.0)
-        shape1 = (c,) + (1,) * (w1.ndim - 1)
-        shape2 = [1] * w2.ndim
-        shape2[axis2] = c
-        set_constant_input(graph, pair.first, 1, (w1 / s.reshape(shape1)).astype(np.float32))
-        b1 = _const(pair.first.inputs[2]) if len(pair.first.inputs) > 2 else None
-        if b1 is not None:
-            set_constant_input(graph, pair.first, 2, (b1 / s).astype(np.float32))
-        set_constant_input(graph, pair.second, 1, (w2 * s.reshape(shape2)).astype(np.float32))
+        divide_output_channels(graph, pair.first, s)
+        multiply_input_channels(graph, pair.second, s)
         after = r1[ok] / s[ok]
         return float(after.max() / after.min()) if after.size else float("nan")

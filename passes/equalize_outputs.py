@@ -27,12 +27,14 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import DataError
+from qcompile.facts import FLOAT_MODEL_CHANGED, Fact
 from qcompile.qdq import set_constant_input
 from qcompile.registry import QPass, register_pass
 
-from .calibrate import stream_tensors
-from .channel_scales import channel_shaped, per_channel_shape, scale_input_channels, times_channels
 from .conv_patches import ConvGeometry
+from .equalization.channels import channel_shaped, per_channel_shape, times_channels
+from .equalization.conv_channels import divide_output_channels, multiply_input_channels
+from .equalization.stats import channel_stats
 from .scope import in_scope
 
 _DEAD = 1e-3   # channels whose range is below this fraction of the widest are left as they are
@@ -70,8 +72,12 @@ class EqualizeOutputs(QPass):
             return None
 
     @classmethod
-    def gives(cls, config) -> set[str]:
-        return {"equalized"}
+    def gives(cls, config) -> frozenset[Fact]:
+        return frozenset({Fact.EQUALIZED})
+
+    @classmethod
+    def invalidates(cls, config) -> frozenset[Fact]:
+        return FLOAT_MODEL_CHANGED
 
     @classmethod
     def candidates(cls, model: ir.Model, config) -> tuple[list[Candidate], dict[str, str]]:
@@ -101,7 +107,7 @@ class EqualizeOutputs(QPass):
         found, skipped = self.candidates(model, cfg)
         records = {name: {"status": "skipped", "reason": why} for name, why in skipped.items()}
         if not found:
-            ctx.report["equalize_outputs"] = {"equalized": 0, "convs": records}
+            ctx.reports["equalize_outputs"] = {"equalized": 0, "convs": records}
             return False
         amax = self._output_absmax(model, found)
         for cand in found:
@@ -113,48 +119,36 @@ class EqualizeOutputs(QPass):
             live = r >= _DEAD * top    # dead channels (PP-OCR det has some) keep s = 1: scaling them up
             s = np.where(live, np.power(np.maximum(r / top, _DEAD), cfg.strength), 1.0)   # only inflates the bias
             self._fold(model.graph, cand, s)
-            ctx.note_rescaled(cand.conv.outputs[0].name, 1, s)
+            ctx.rescales.note(cand.conv.outputs[0].name, 1, s)
             after = r[live] / s[live]
             records[cand.conv.name] = {"status": "equalized", "reader": f"{cand.kind} {cand.reader.name}",
                                        "range_ratio_before": round(float(top / r[live].min()), 2),
                                        "range_ratio_after": round(float(after.max() / after.min()), 2),
                                        "dead_channels": int((~live).sum())}
         done = sum(1 for rec in records.values() if rec["status"] == "equalized")
-        ctx.report["equalize_outputs"] = {"equalized": done, "strength": cfg.strength, "convs": records}
+        ctx.reports["equalize_outputs"] = {"equalized": done, "strength": cfg.strength, "convs": records}
         return bool(done)
 
     def _output_absmax(self, model: ir.Model, found: list[Candidate]) -> dict[str, np.ndarray]:
         """max |y_c| per output channel of each candidate Conv over the calibration data."""
-        if self.ctx.calib is None:
+        if self.ctx.data is None:
             raise DataError("equalize_outputs needs calibration data (--calib): the ranges it equalizes are measured")
-        ys = {c.conv.outputs[0].name: c.conv.name for c in found}
-        amax: dict[str, np.ndarray] = {}
-        for arrays, _ in stream_tensors(model, [c.conv.outputs[0] for c in found], self.ctx.calib,
-                                        samples=self.config.samples, label="equalize_outputs",
-                                        progress=self.ctx.progress):
-            for name, array in arrays.items():
-                per = np.abs(array).max(axis=tuple(i for i in range(array.ndim) if i != 1))
-                key = ys[name]
-                amax[key] = per if key not in amax else np.maximum(amax[key], per)
-        return amax
+        ranges, _ = channel_stats(model, [c.conv.outputs[0] for c in found], self.ctx, samples=self.config.samples,
+                                  rows=0, label="equalize_outputs", channel_axis=1)
+        return {c.conv.name: np.maximum(-ranges[c.conv.outputs[0].name][0], ranges[c.conv.outputs[0].name][1])
+                for c in found}
 
     @staticmethod
     def _fold(graph: ir.Graph, cand: Candidate, s: np.ndarray) -> None:
         """y_c / s_c in the Conv (weight row, bias), × s_c in the reader."""
         conv = cand.conv
-        w = _const(conv.inputs[1])
-        set_constant_input(graph, conv, 1, (w / s.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype))
-        b = _const(conv.inputs[2]) if len(conv.inputs) > 2 else None
-        if b is not None:
-            set_constant_input(graph, conv, 2, (b / s).astype(b.dtype))
-        rank = len(conv.outputs[0].shape) if conv.outputs[0].shape is not None else w.ndim
+        divide_output_channels(graph, conv, s)
         if cand.kind == "mul":
+            rank = len(conv.outputs[0].shape) if conv.outputs[0].shape is not None else len(conv.inputs[1].shape)
             c = _const(cand.reader.inputs[cand.const_index])
             set_constant_input(graph, cand.reader, cand.const_index, times_channels(c, channel_shaped(s, rank, 1), rank))
         else:
-            w2 = _const(cand.reader.inputs[1])
-            groups = cand.reader.attributes.get_int("group", 1)
-            set_constant_input(graph, cand.reader, 1, scale_input_channels(w2, s, 1, groups).astype(w2.dtype))
+            multiply_input_channels(graph, cand.reader, s)
 
 
 def _reader_problem(reader: ir.Node, idx: int, y: ir.Value, allowed) -> str:

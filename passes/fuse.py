@@ -23,12 +23,15 @@ import dataclasses
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import onnxscript.optimizer
-from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
+from onnxscript.rewriter import MatchingTracer, MatchStatus
 
 from qcompile.errors import RecipeError
+from qcompile.facts import Fact
+from qcompile.graph_signature import signature
 from qcompile.model_io import infer_shapes, infer_symbolic_shapes
-from qcompile.passes.rules import fusions, qdq_see_through, spelling
 from qcompile.registry import QPass, register_pass
+
+from .rules import fusions, qdq_see_through, spelling
 
 _ATTENTION_TRACED = ("sdpa",)  # the step whose tracer explains an unfused attention
 
@@ -53,8 +56,8 @@ class Fuse(QPass):
             return None
 
     @classmethod
-    def gives(cls, config) -> set[str]:
-        return {"fused"}
+    def gives(cls, config) -> frozenset[Fact]:
+        return frozenset({Fact.FUSED})
 
     @classmethod
     def min_opset(cls, config, target=None) -> int:
@@ -70,9 +73,10 @@ class Fuse(QPass):
                   "not_run": {g: f"target {self.ctx.target.name} does not run "
                                  f"{', '.join(fusions.PRODUCES[g])} (its descriptor's `fusions`)"
                               for g in self.config.rules if g not in allowed}}
-        self.ctx.report["fuse"] = report
+        self.ctx.reports["fuse"] = report
         if not groups:
             return False
+        before = signature(model)
         graph = model.graph
         nodes_before = {id(n) for n in graph}
         lifted = qdq_see_through.lift(graph)
@@ -117,15 +121,15 @@ class Fuse(QPass):
                 self.ctx.warn(f"fuse: {len(report['unfused_attention'])} attention-shaped subgraph(s) (Softmax) "
                               "left unfused; report.json fuse.unfused_attention says why")
         report["fused_ops"] = _fused_op_counts(model)
-        return any(report["rules"].values())
+        return signature(model) != before
 
     def _mark_fused_layers(self, graph: ir.Graph) -> None:
         """A quantized layer that a rule swallowed (the attention MatMuls) is float now."""
         names = {n.name for n in graph}
-        for name, record in self.ctx.layers.items():
-            if record.get("status") == "quantized" and name not in names:
-                record.update(status="float", reason="fused into a float operator by `fuse` (its Q/DQ was "
-                                                     "inside the fused subgraph)")
+        for record in self.ctx.layers.quantized():
+            if record.name not in names:
+                self.ctx.layers.fall_back(record.name, "fused into a float operator by `fuse` (its Q/DQ was "
+                                                       "inside the fused subgraph)")
 
     def _allowed_groups(self) -> set[str]:
         allowed = self.ctx.target.setting("fusions")

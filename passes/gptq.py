@@ -24,26 +24,16 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.analyses import PrecomputedWeight
 from qcompile.errors import DataError, RecipeError
+from qcompile.facts import FLOAT_MODEL_CHANGED, Fact
 from qcompile.numerics import compute_qparams, full_range_qparams, qrange
 from qcompile.registry import QPass, register_pass
 from qcompile.schemes import WeightScheme
 
-from .calibrate import stream_tensors
+from .activation_stream import stream_tensors
 from .conv_patches import ConvGeometry, grouped_gram, sampled_patches
 from .scope import in_scope
-
-
-@dataclasses.dataclass(frozen=True)
-class PrecomputedWeight:
-    """Integers and scales a weight algorithm chose, in the layout quantize writes."""
-    scheme: WeightScheme
-    granularity: str
-    axis: int | None
-    block: int | None
-    q: np.ndarray        # [K, N] (MatMul layout), weight dtype's values
-    scale: np.ndarray    # [N] per channel, or [ceil(K/g), N] per group
-    zero_point: np.ndarray
 
 
 @register_pass("gptq")
@@ -76,8 +66,12 @@ class GPTQ(QPass):
             return None
 
     @classmethod
-    def gives(cls, config) -> set[str]:
-        return {"weights_rounded"}
+    def gives(cls, config) -> frozenset[Fact]:
+        return frozenset({Fact.WEIGHTS_ROUNDED})
+
+    @classmethod
+    def invalidates(cls, config) -> frozenset[Fact]:
+        return FLOAT_MODEL_CHANGED
 
     def run(self, model: ir.Model) -> bool:
         cfg, ctx = self.config, self.ctx
@@ -93,7 +87,7 @@ class GPTQ(QPass):
                 else:
                     convs[n.name] = (n, geo)
         if not linears and not convs:
-            ctx.report["gptq"] = {"layers": 0, "skipped": skipped}
+            ctx.reports["gptq"] = {"layers": 0, "skipped": skipped}
             return False
         hessians, rows = self._hessians(model, linears, convs)
         records, deficient = {}, []
@@ -126,9 +120,9 @@ class GPTQ(QPass):
             ctx.warn(f"gptq: {len(deficient)} layer(s) saw fewer input rows than Hessian columns, so their Hessians "
                      f"are rank-deficient (damping keeps them usable; more calibration samples help): "
                      f"{', '.join(deficient[:3])}{', …' if len(deficient) > 3 else ''}")
-        ctx.report["gptq"] = {"layers": len(records), "scheme": cfg.weight.label(), "act_order": cfg.act_order,
+        ctx.reports["gptq"] = {"layers": len(records), "scheme": cfg.weight.label(), "act_order": cfg.act_order,
                               "per_layer": records, "skipped": skipped, "rank_deficient": deficient}
-        return True
+        return bool(records)
 
     def _keep_better(self, w_val: ir.Value, quantize, error, layout, conv: bool = False) -> dict:
         """Quantize with GPTQ (`quantize(True)`) and plainly (`quantize(False)`); keep whichever has the lower
@@ -137,7 +131,7 @@ class GPTQ(QPass):
         gptq, rtn = quantize(True), quantize(False)
         gptq_error, rtn_error = error(gptq), error(rtn)
         chosen, kept = ("gptq", gptq) if gptq_error <= rtn_error else ("rtn", rtn)
-        self.ctx.precomputed_weights[w_val.name] = kept
+        self.ctx.weights.put(w_val.name, kept)
         deq = _dequantized_conv(kept) if conv else _dequantized(kept)
         w_val.const_value = ir.tensor(layout(deq).astype(np.float32), name=w_val.name)
         return {"reconstruction_error": min(gptq_error, rtn_error), "gptq_reconstruction_error": gptq_error,
@@ -148,7 +142,7 @@ class GPTQ(QPass):
         (layers reading one tensor share it), per node and group ([G, K, K]) for Conv, whose rows
         are input patches at up to `conv_positions` sampled output positions per sample."""
         cfg, ctx = self.config, self.ctx
-        dataset = ctx.calib
+        dataset = ctx.data
         if dataset is None:
             raise DataError("gptq needs calibration data (--calib): its Hessians come from real layer inputs")
         xs = {n.inputs[0].name: n.inputs[0] for n in linears}

@@ -31,7 +31,7 @@ from qcompile.errors import DataError, RecipeError
 from qcompile.qdq import add_initializer
 from qcompile.registry import QPass, register_pass
 
-from .calibrate import stream_tensors
+from .activation_stream import stream_tensors
 
 METADATA_KEY = "qcompile.io_quantization"
 _QMAX = 127.0
@@ -93,7 +93,7 @@ class KVCache(QPass):
 
     def run(self, model: ir.Model) -> bool:
         pairs = kv_pairs(model)
-        if self.ctx.calib is None:
+        if self.ctx.data is None:
             raise DataError("kv_cache needs calibration data (--calib) to choose the cache scales")
         absmax = self._absmax(model, [present for _, present in pairs])
         graph = model.graph
@@ -114,15 +114,15 @@ class KVCache(QPass):
             report["pairs"][present_name] = {"past": past_name, "scales": int(scale.size)}
         report["bytes_per_token"] = {"float32": float_bytes, "float16": float_bytes // 2, "int8": int8_bytes}
         model.metadata_props[METADATA_KEY] = json.dumps(codecs)
-        self.ctx.report["kv_cache"] = report
+        self.ctx.reports["kv_cache"] = report
         graph.sort()
-        return True
+        return bool(pairs)
 
     def _absmax(self, model: ir.Model, presents: list[ir.Value]) -> dict[str, np.ndarray]:
         """max|x| per head ([1, H, 1, 1]) or per head and channel ([1, H, 1, D]) over the calibration data."""
         keep = {self.config.head_axis, -1} if self.config.granularity == "per_channel" else {self.config.head_axis}
         found: dict[str, np.ndarray] = {}
-        for arrays, _ in stream_tensors(model, presents, self.ctx.calib, samples=self.config.samples,
+        for arrays, _ in stream_tensors(model, presents, self.ctx.data, samples=self.config.samples,
                                         label="kv_cache", progress=self.ctx.progress):
             for name, x in arrays.items():
                 if not np.isfinite(x).all():

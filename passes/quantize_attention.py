@@ -22,9 +22,13 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.rules.fusions import ATTENTION_OPS
+from qcompile.analyses import RangeRequest
+from qcompile.facts import Fact
+from qcompile.layers import LayerRecord, LayerStatus
 from qcompile.qdq import add_initializer, insert_qdq
 from qcompile.registry import QPass, register_pass
+
+from .rules.fusions import ATTENTION_OPS
 
 _INPUTS = ("query", "key", "value")
 _QMAX = 127.0
@@ -67,8 +71,8 @@ class QuantizeAttention(QPass):
             return None
 
     @classmethod
-    def needs(cls, config) -> set[str]:
-        return {"fused", "ranges"}
+    def needs(cls, config) -> frozenset[Fact]:
+        return frozenset({Fact.FUSED, Fact.RANGES})
 
     @classmethod
     def check_target(cls, config, target) -> str | None:
@@ -83,25 +87,25 @@ class QuantizeAttention(QPass):
         return None
 
     @classmethod
-    def gives(cls, config) -> set[str]:
-        return {"qdq"}
+    def gives(cls, config) -> frozenset[Fact]:
+        return frozenset({Fact.QDQ})
 
     @classmethod
-    def range_request(cls, model: ir.Model, config, ctx) -> set[str]:
-        wanted = set()
+    def wants_ranges(cls, model: ir.Model, config, target) -> RangeRequest:
+        """Each fused attention's Q/K/V inputs, with per-channel maxima for per-head scales."""
+        axes = {}
         for node in attention_nodes(model):
             for which in config.inputs:
                 value = _input(node, which)
                 if value is not None and _channel_axis(value) is not None:
-                    wanted.add(value.name)
-                    ctx.channel_axes[value.name] = _channel_axis(value)
-        return wanted
+                    axes[value.name] = _channel_axis(value)
+        return RangeRequest(frozenset(axes), axes)
 
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         nodes = attention_nodes(model)
         report = {"nodes": {}, "skipped": {}}
-        self.ctx.report["quantize_attention"] = report
+        self.ctx.reports["quantize_attention"] = report
         if not nodes:
             self.ctx.warn("quantize_attention: the graph has no fused attention operator (did `fuse` leave "
                           "attention unfused? see report.json fuse.unfused_attention)")
@@ -120,12 +124,12 @@ class QuantizeAttention(QPass):
                 entry[which] = [float(v) for v in scale]
             if entry:
                 report["nodes"][node.name] = entry
-                self.ctx.layers[node.name] = {
-                    "op": node.op_type, "status": "quantized",
-                    "scheme": f"FA3 int8 {self.config.granularity} {'/'.join(entry)}",
-                    "weight": None, "activation": f"int8 symmetric {self.config.granularity}",
-                    "notes": ["the attention kernel on cpu takes float inputs: DequantizeLinear runs in front "
-                              "of it (FA3 numerics, not FA3 speed)"]}
+                self.ctx.layers.set(LayerRecord(
+                    node.name, node.op_type, LayerStatus.QUANTIZED,
+                    label=f"FA3 int8 {self.config.granularity} {'/'.join(entry)}",
+                    activation_label=f"int8 symmetric {self.config.granularity}",
+                    notes=["the attention kernel on cpu takes float inputs: DequantizeLinear runs in front "
+                           "of it (FA3 numerics, not FA3 speed)"]))
         graph.sort()
         return bool(report["nodes"])
 

@@ -188,13 +188,13 @@ def tiny() -> TinyModels:
 # -- running passes directly -----------------------------------------------------------------
 @pytest.fixture
 def pipeline(tmp_path):
-    """`pipeline(model_proto, recipe, data)` -> (ir.Model, CompileContext).
+    """`pipeline(model_proto, recipe, data)` -> (ir.Model, PassContext).
 
     `recipe` is a built-in name or the YAML text of a recipe; `data` (one input named x)
     is the calibration set and pins dynamic shapes (batch 1), as compile_model does.
     """
     from qcompile.calib_data import model_input_specs, open_dataset, shapes_from_data
-    from qcompile.context import CompileContext
+    from qcompile.pass_context import PassContext
     from qcompile.model_io import fix_input_shapes, infer_shapes, load_model
     from qcompile.pipeline import run_pipeline
     from qcompile.recipe import builtin_recipes, load_recipe
@@ -218,7 +218,7 @@ def pipeline(tmp_path):
             fix_input_shapes(ir_model, shapes_from_data(dataset))
         else:
             infer_shapes(ir_model)
-        ctx = CompileContext(target=load_target(target), calib=dataset, progress=False)
+        ctx = PassContext(target=load_target(target), data=dataset, progress=False)
         ir_model = run_pipeline(ir_model, rec, ctx)
         return ir_model, ctx
 

@@ -313,7 +313,7 @@ def _lowered(pipeline, tmp_path, model, data, target="ascend310b", recipe="w8a8"
     ir_model, ctx = pipeline(model, recipe, data, target=target)
     ir_model = AscendLower(AscendLower.Config(), ctx)(ir_model).model
     twin = tmp_path / f"twin_{id(ctx)}.onnx"
-    ctx.artifacts["model.qdq.onnx"](twin)
+    ctx.outputs.artifacts["model.qdq.onnx"](twin)
     return ir_model, ctx, onnx.load(twin)
 
 
@@ -351,10 +351,10 @@ def test_conv_rule(pipeline, tiny, tmp_path):
     # the deploy graph (through its reference lowering) matches the QDQ twin
     x = data[:4].reshape(4, 3, 8, 8)
     for i in range(2):
-        got = run_model(ctx.reference_model, {"x": x[i:i + 1]})[0]
+        got = run_model(ctx.outputs.reference_model, {"x": x[i:i + 1]})[0]
         qdq = run_model(twin, {"x": x[i:i + 1]})[0]
         assert sqnr(qdq, got) > 30
-    assert ctx.layers["/conv/Conv"]["ascend"]["deq_scale"] == "per_channel [4]"
+    assert ctx.layers.to_json()["/conv/Conv"]["ascend"]["deq_scale"] == "per_channel [4]"
 
 
 def test_gemm_rule_folds_transb_and_uses_per_tensor_weights(pipeline, tiny, tmp_path):
@@ -367,11 +367,11 @@ def test_gemm_rule_folds_transb_and_uses_per_tensor_weights(pipeline, tiny, tmp_
     twin_w = [v for k, v in _inits(twin).items() if v.dtype == np.int8][0]
     np.testing.assert_array_equal(w, twin_w.T)  # stored [K, N]
     assert w.shape == (16, 8)
-    assert ctx.layers["/fc/Gemm"]["weight"] == "int8 per_tensor"  # descriptor: Gemm/MatMul per-tensor
+    assert ctx.layers.to_json()["/fc/Gemm"]["weight"] == "int8 per_tensor"  # descriptor: Gemm/MatMul per-tensor
     deq = list(model.graph)[2].inputs[1].const_value.numpy()
     assert deq.shape == (1,)
     ref = run_model(tiny.gemm(), {"x": data[:1]})[0]
-    assert sqnr(ref, run_model(ctx.reference_model, {"x": data[:1]})[0]) > 30
+    assert sqnr(ref, run_model(ctx.outputs.reference_model, {"x": data[:1]})[0]) > 30
 
 
 def test_matmul_bias_rule_moves_an_int32_bias_before_the_dequant(pipeline, tiny, tmp_path):
@@ -386,7 +386,7 @@ def test_matmul_bias_rule_moves_an_int32_bias_before_the_dequant(pipeline, tiny,
     deq = float(indep_unpack(nodes[3].inputs[1].const_value.numpy())[0])
     b1 = TinyModels.weights(tiny.mlp())["b1"]
     np.testing.assert_array_equal(b32, np.rint(b1.astype(np.float64) / deq).astype(np.int32))
-    rec = ctx.layers["/fc1/MatMul"]
+    rec = ctx.layers.to_json()["/fc1/MatMul"]
     assert rec["ascend"]["bias"] == "int32" and rec["output_tensor"] == "h2"
     assert "error" not in rec  # (verification is compile_model's; here only the record)
 
@@ -410,7 +410,7 @@ def test_weight_only_lowers_to_ascend_anti_quant(pipeline, tiny, tmp_path, targe
     assert aq.inputs[0].const_value.numpy().dtype == np.int8
     # int8 -> fp16 -> float32 * scale: exactly the QDQ twin's weights, so exactly its outputs
     x = data[:1]
-    np.testing.assert_array_equal(run_model(ctx.reference_model, {"x": x})[0], run_model(twin, {"x": x})[0])
+    np.testing.assert_array_equal(run_model(ctx.outputs.reference_model, {"x": x})[0], run_model(twin, {"x": x})[0])
     unconfirmed = [w for w in ctx.warnings if "unconfirmed" in w]
     assert bool(unconfirmed) == (target == "ascend310b"), ctx.warnings
 
@@ -421,7 +421,7 @@ def test_two_activation_matmul_stays_float_with_a_reason(pipeline, tmp_path):
     ids = np.random.default_rng(0).integers(1, 1000, (8, 16)).astype(np.int64)
     path = tmp_path / "bert.onnx"
     onnx.save(model, path)
-    from qcompile.compile import compile_model
+    from qcompile.driver import compile_model
     np.savez(tmp_path / "calib.npz", input_ids=ids, attention_mask=np.ones_like(ids))
     res = compile_model(path, target="ascend910b", calib=tmp_path / "calib.npz", output_dir=tmp_path / "out",
                         progress=False, verify_samples=4)
@@ -552,7 +552,8 @@ def test_recipes_beyond_the_soc_are_refused_before_any_work(run_cli, small_cnn_f
 
 
 def _quantize_config(**changes):
-    from qcompile.passes.quantize import ActivationScheme, Quantize, WeightScheme
+    from qcompile.passes.quantize import Quantize
+    from qcompile.schemes import ActivationScheme, WeightScheme
     weight = dataclasses.replace(WeightScheme(), **changes.pop("weight", {}))
     act = changes.pop("activation", {})
     activation = None if act is None else dataclasses.replace(ActivationScheme(), **act)
@@ -650,7 +651,7 @@ def test_bias_overflowing_int32_keeps_the_layer_float(run_cli, tiny, tmp_path, k
 
 
 def test_conv_feeding_a_graph_output_keeps_the_output_name(tmp_path):
-    from qcompile.compile import compile_model
+    from qcompile.driver import compile_model
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
     graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="/conv/Conv", pads=[1, 1, 1, 1])], "g",
@@ -670,7 +671,7 @@ def test_conv_feeding_a_graph_output_keeps_the_output_name(tmp_path):
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_is_decomposed_when_converting_down(tmp_path, approximate):
-    from qcompile.compile import compile_model
+    from qcompile.driver import compile_model
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((8, 8)) * 0.5).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="/fc/MatMul"),

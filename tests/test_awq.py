@@ -24,7 +24,7 @@ def test_scaling_without_clipping_keeps_float_outputs(pipeline):
     for i in range(4):
         for a, b in zip(ref.run(None, {"x": data[i:i + 1]}), got.run(None, {"x": data[i:i + 1]})):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
-    groups = ctx.report["awq"]["groups"]
+    groups = ctx.reports["awq"]["groups"]
     assert groups["ln"]["status"] == "scaled" and groups["ln"]["error_after"] <= groups["ln"]["error_before"]
 
 

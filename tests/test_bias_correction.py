@@ -45,7 +45,7 @@ def test_bias_absorbs_the_weight_rounding_mean_shift(pipeline):
         per_o = mean.reshape(groups, cin_g)[np.arange(8) // (8 // groups)]
         want = b - (dw * per_o).sum(axis=1)
         np.testing.assert_allclose(bq * bs, want, atol=float(np.max(bs)))     # int32 bias: one step
-        assert "bias corrected" in ctx.layers["/conv/Conv"]["note"]
+        assert "bias corrected" in ctx.layers.to_json()["/conv/Conv"]["note"]
 
 
 def test_bias_correction_lowers_the_output_mean_error(pipeline):

@@ -46,11 +46,11 @@ def test_equalization_keeps_float_outputs_and_equalizes_ranges(pipeline):
         r1 = np.abs(w1.reshape(6, -1)).max(axis=1)
         r2 = np.abs(w2.reshape(6, -1)).max(axis=1) if depthwise else np.abs(w2).max(axis=(0, 2, 3))
         np.testing.assert_allclose(r1, r2, rtol=1e-5)
-        assert ctx.report["cle"]["pairs"] == [["/c1/Conv", "/c2/Conv"]]
+        assert ctx.reports["cle"]["pairs"] == [["/c1/Conv", "/c2/Conv"]]
 
 
 def test_clip_between_convs_is_left_alone(pipeline):
     data = np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)
     model = chain(False, activation="Clip")
     ir_model, ctx = pipeline(model, RECIPE, data)
-    assert ctx.report["cle"]["pairs"] == [] and "Clip" in ctx.report["cle"]["skipped"]["/c1/Conv"]
+    assert ctx.reports["cle"]["pairs"] == [] and "Clip" in ctx.reports["cle"]["skipped"]["/c1/Conv"]

@@ -77,7 +77,7 @@ def test_float_outputs_unchanged_and_each_output_has_one_range(pipeline):
     ref = ort_run_batched(model, "x", data)
     got = ort_run_batched(got_model, "x", data)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
-    convs = ctx.report["equalize_outputs"]["convs"]
+    convs = ctx.reports["equalize_outputs"]["convs"]
     assert convs["/c0/Conv"]["reader"] == "mul /a0/Mul" and convs["/c0/Conv"]["range_ratio_before"] > 20
     assert convs["/dw/Conv"]["reader"] == "conv /pw2/Conv"
     assert convs["/pw/Conv"]["status"] == "skipped" and "Relu" in convs["/pw/Conv"]["reason"]
@@ -114,13 +114,13 @@ def test_equalizing_lowers_the_w8a8_error(pipeline):
     equalized, ctx = pipeline(model, recipe(EQUALIZE, W8A8), data)
     before = sqnr(ref, ort_run_batched(to_proto(plain), "x", data))
     after = sqnr(ref, ort_run_batched(to_proto(equalized), "x", data))
-    assert ctx.report["equalize_outputs"]["equalized"] == 2
+    assert ctx.reports["equalize_outputs"]["equalized"] == 2
     assert after > before + 3.0, (before, after)
 
 
 def test_verify_compares_equalized_tensors_like_with_like(tmp_path):
     """The compiled c0 output is the original divided by s per channel; verify multiplies it back."""
-    from qcompile.compile import compile_model
+    from qcompile.driver import compile_model
     model, data = affine_cnn(), cnn_data(16)
     path, npz = TinyModels.save(model, tmp_path / "in", "model", data)
     rfile = tmp_path / "r.yaml"
@@ -165,7 +165,7 @@ def test_dead_channels_are_left_alone(pipeline):
     bias[2] = 0.0
     b0.CopyFrom(numpy_helper.from_array(bias, "B0"))
     ir_model, ctx = pipeline(model, recipe(EQUALIZE), cnn_data())
-    rec = ctx.report["equalize_outputs"]["convs"]["/c0/Conv"]
+    rec = ctx.reports["equalize_outputs"]["convs"]["/c0/Conv"]
     assert rec["dead_channels"] == 1 and rec["range_ratio_after"] == pytest.approx(1.0, abs=1e-3)
     g = {t.name: numpy_helper.to_array(t) for t in to_proto(ir_model).graph.initializer}
     np.testing.assert_array_equal(g["W0"][2], arr[2])

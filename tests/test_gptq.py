@@ -199,5 +199,5 @@ def test_gptq_skips_per_group_conv_weights_with_a_reason(pipeline):
     recipe = ("apiversion: qcompile/v1\nspec:\n  passes:\n    - type: canonicalize\n    - type: gptq\n"
               "      ops: [Conv]\n      weight: {dtype: int4, granularity: per_group, group_size: 32, full_range: true}\n")
     _, ctx = pipeline(affine_cnn(), recipe, cnn_data(4))
-    assert ctx.report["gptq"]["layers"] == 0
-    assert "per channel" in ctx.report["gptq"]["skipped"]["/c0/Conv"]
+    assert ctx.reports["gptq"]["layers"] == 0
+    assert "per channel" in ctx.reports["gptq"]["skipped"]["/c0/Conv"]

@@ -7,12 +7,17 @@ from __future__ import annotations
 import pytest
 
 from qcompile.errors import EXIT_USAGE, UsageError
+from qcompile.layers import LayerError, LayerRecord, LayerStatus, LayerTable, WeightBytes
 from qcompile.mixed_precision import choose
 
 
-def report(layers: dict) -> dict:
-    return {"layers": {n: {"status": "quantized", "error": {"added_sqnr_db": db},
-                           "weight_bytes": {"quantized": qb, "float": fb}} for n, (db, qb, fb) in layers.items()}}
+def report(layers: dict) -> LayerTable:
+    """A layer table of quantized layers: name -> (added SQNR dB, quantized bytes, float bytes)."""
+    table = LayerTable()
+    for n, (db, qb, fb) in layers.items():
+        table.set(LayerRecord(n, "MatMul", LayerStatus.QUANTIZED, error=LayerError(f"{n}_out", db + 1.0, db),
+                              weight_bytes=WeightBytes(fb, qb)))
+    return table
 
 
 def test_choice_promotes_by_noise_per_byte_within_the_budget():
@@ -33,7 +38,7 @@ def test_choice_promotes_by_noise_per_byte_within_the_budget():
 
 def test_size_budget_compile(tmp_path):
     from models import bert_block
-    from qcompile.mixed_precision import compile_with_size_budget
+    from qcompile.driver import compile_with_size_budget
     files = bert_block.write(tmp_path / "bert")
     args = dict(target="cpu", calib=files["calib"], verify_data=files["eval"], progress=False, verify_samples=16)
     result = compile_with_size_budget(files["model"], max_size_mb=0.05, output_dir=tmp_path / "out", **args)

@@ -101,7 +101,7 @@ def test_canonicalize_folds_batchnorm_and_keeps_outputs(tiny, pipeline):
     ref = ort_run_batched(model, "x", data)
     got = ort_run_batched(out, "x", data)
     np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
-    assert ctx.report["canonicalize"]["nodes_after"] < ctx.report["canonicalize"]["nodes_before"]
+    assert ctx.reports["canonicalize"]["nodes_after"] < ctx.reports["canonicalize"]["nodes_before"]
 
 
 def test_canonicalize_without_bn_fusion_keeps_batchnorm(tiny, pipeline):
@@ -146,7 +146,7 @@ def test_mlp_weights_are_int8_behind_dequantize(tiny, pipeline):
     ir_model, ctx = pipeline(model, quantize_recipe(), data)
     g = Graph(to_proto(ir_model))
     for name, w_name in (("/fc1/MatMul", "W1"), ("/fc2/MatMul", "W2")):
-        assert ctx.layers[name]["status"] == "quantized"
+        assert ctx.layers.to_json()[name]["status"] == "quantized"
         node = g.node(name)
         q, scale, zp, axis = g.dequantized_weight(node.input[1])
         assert q.dtype == np.int8 and zp.dtype == np.int8 and np.all(zp == 0)
@@ -207,7 +207,7 @@ def test_gemm_transb_per_channel_scales_and_int32_bias(tiny, pipeline):
     weights = tiny.weights(model)
     data = tiny.data((16,), n=48, seed=5)
     ir_model, ctx = pipeline(model, quantize_recipe(method="minmax"), data)
-    assert ctx.layers["/fc/Gemm"]["status"] == "quantized"
+    assert ctx.layers.to_json()["/fc/Gemm"]["status"] == "quantized"
     g = Graph(to_proto(ir_model))
     node = g.node("/fc/Gemm")
 
@@ -246,7 +246,7 @@ def test_gemm_with_row_vector_bias(tiny, pipeline):
     model = tiny.gemm(bias_shape=(1, 8))
     data = tiny.data((16,), n=16)
     ir_model, ctx = pipeline(model, quantize_recipe(), data)
-    assert ctx.layers["/fc/Gemm"]["status"] == "quantized"
+    assert ctx.layers.to_json()["/fc/Gemm"]["status"] == "quantized"
     got = ort_run_batched(to_proto(ir_model), "x", data)
     assert sqnr(ort_run_batched(model, "x", data), got) > 30
 
@@ -258,7 +258,7 @@ def test_conv_per_channel_scales_on_small_cnn(small_cnn_files, pipeline):
     ir_model, ctx = pipeline(model, quantize_recipe(), calib)
     g = Graph(to_proto(ir_model))
     for name, w_name in (("/down/conv/Conv", "down.w"), ("/dw/conv/Conv", "dw.w"), ("/pw/conv/Conv", "pw.w")):
-        assert ctx.layers[name]["status"] == "quantized"
+        assert ctx.layers.to_json()[name]["status"] == "quantized"
         q, scale, zp, axis = g.dequantized_weight(g.node(name).input[1])
         w = weights[w_name]
         assert axis == 0 and q.dtype == np.int8 and q.shape == w.shape
@@ -288,8 +288,8 @@ def test_scoped_layers_stay_float_with_a_reason(tiny, pipeline, option, reason_w
     model = tiny.mlp()
     key, value = option.split(": ", 1)
     ir_model, ctx = pipeline(model, quantize_recipe(**{key: value}), tiny.data((16,), n=8))
-    assert ctx.layers["/fc1/MatMul"]["status"] == "quantized"
-    rec = ctx.layers["/fc2/MatMul"]
+    assert ctx.layers.to_json()["/fc1/MatMul"]["status"] == "quantized"
+    rec = ctx.layers.to_json()["/fc2/MatMul"]
     assert rec["status"] == "float" and reason_word in rec["reason"]
     g = Graph(to_proto(ir_model))
     w_in = g.node("/fc2/MatMul").input[1]
@@ -300,7 +300,7 @@ def test_scoped_layers_stay_float_with_a_reason(tiny, pipeline, option, reason_w
 
 def test_op_types_filter(tiny, pipeline):
     ir_model, ctx = pipeline(tiny.gemm(), quantize_recipe(op_types="[MatMul]"), tiny.data((16,), n=8))
-    rec = ctx.layers["/fc/Gemm"]
+    rec = ctx.layers.to_json()["/fc/Gemm"]
     assert rec["status"] == "float" and "op_types" in rec["reason"]
     assert not Graph(to_proto(ir_model)).ops("QuantizeLinear")
 
@@ -310,7 +310,7 @@ def test_op_types_filter(tiny, pipeline):
 def small_cnn_quantized(small_cnn_files, tmp_path_factory):
     """w8a8 over the small CNN (calibrated on calib.npz) via the pipeline, all layers quantized."""
     from qcompile.calib_data import model_input_specs, open_dataset, shapes_from_data
-    from qcompile.context import CompileContext
+    from qcompile.pass_context import PassContext
     from qcompile.model_io import fix_input_shapes, load_model
     from qcompile.pipeline import run_pipeline
     from qcompile.recipe import load_recipe
@@ -321,14 +321,14 @@ def small_cnn_quantized(small_cnn_files, tmp_path_factory):
     model = load_model(small_cnn_files["model"])
     dataset = open_dataset(small_cnn_files["calib"], model_input_specs(model))
     fix_input_shapes(model, shapes_from_data(dataset))
-    ctx = CompileContext(target=load_target("cpu:avx2"), calib=dataset, progress=False)
+    ctx = PassContext(target=load_target("cpu:avx2"), data=dataset, progress=False)
     model = run_pipeline(model, load_recipe(str(rpath)), ctx)
     return to_proto(model), ctx
 
 
 def test_small_cnn_quantized_within_expected_error(small_cnn_files, small_cnn_quantized):
     qmodel, ctx = small_cnn_quantized
-    assert all(r["status"] == "quantized" for r in ctx.layers.values()), ctx.layers
+    assert all(r["status"] == "quantized" for r in ctx.layers.to_json().values()), ctx.layers
     x = np.load(small_cnn_files["eval"])["x"][:32]
     ref = ort_run_batched(onnx.load(small_cnn_files["model"]), "x", x)
     got = ort_run_batched(qmodel, "x", x)
@@ -341,7 +341,7 @@ def test_small_cnn_relu_and_clip_folded(small_cnn_quantized):
     qmodel, ctx = small_cnn_quantized
     ops = [n.op_type for n in qmodel.graph.node]
     assert "Relu" not in ops and "Clip" not in ops
-    folded = sorted(r.get("folded", "") for r in ctx.layers.values())
+    folded = sorted(r.get("folded", "") for r in ctx.layers.to_json().values())
     assert folded.count("Relu") == 3 and folded.count("Clip") == 1
     # a folded ReLU leaves a uint8 zero point of 0 on the layer output: Q saturates at 0
     g = Graph(qmodel)
@@ -357,7 +357,7 @@ def test_weight_only_w8a16_has_no_activation_quantization(small_cnn_files, pipel
     ir_model, ctx = pipeline(model, "w8a16", calib)
     g = Graph(to_proto(ir_model))
     assert not g.ops("QuantizeLinear")
-    assert all(r["status"] == "quantized" and r["activation"] == "float" for r in ctx.layers.values())
+    assert all(r["status"] == "quantized" and r["activation"] == "float" for r in ctx.layers.to_json().values())
     for conv in g.ops("Conv"):
         q, _, _, _ = g.dequantized_weight(conv.input[1])
         assert q.dtype == np.int8
@@ -427,7 +427,7 @@ def test_exclude_by_exporter_name_after_batchnorm_fusion(small_cnn_files, pipeli
     assert stem.input[0] == "x"  # reads the model input directly, not through Q/DQ
     assert g.producer.get(stem.input[1]) is None  # its weight is a float initializer
     assert g.inits[stem.input[1]].dtype == np.float32
-    assert ctx.layers[stem.name]["status"] == "float"
+    assert ctx.layers.to_json()[stem.name]["status"] == "float"
 
 
 # -- quantize: a MatMul of two activations ----------------------------------------------------------
@@ -445,7 +445,7 @@ def test_matmul_of_two_activations_quantizes_both_inputs(pipeline):
     model.ir_version = 8
     data = rng.standard_normal((16, 4, 8)).astype(np.float32)
     ir_model, ctx = pipeline(model, quantize_recipe(), data)
-    assert ctx.layers["/scores/MatMul"]["status"] == "quantized"
+    assert ctx.layers.to_json()["/scores/MatMul"]["status"] == "quantized"
     g = Graph(to_proto(ir_model))
     scores = g.node("/scores/MatMul")
     for tensor in scores.input:  # both operands arrive through a Q/DQ pair
@@ -484,5 +484,5 @@ def test_conv_feeding_a_graph_output(tiny, pipeline, through):
     producer = g.producer["n"].op_type
     assert producer == ("DequantizeLinear" if through else "Conv")
     (conv,) = g.ops("Conv")
-    assert ctx.layers[conv.name]["status"] == "quantized"
+    assert ctx.layers.to_json()[conv.name]["status"] == "quantized"
     assert sqnr(ort_run_batched(model, "x", data), ort_run_batched(g.model, "x", data)) > 25

@@ -57,9 +57,9 @@ def test_concat_of_boxes_and_scores_keeps_the_head_float(pipeline):
     # one scale: the SQNR looks fine (boxes dominate) while the class predictions collapse
     assert sqnr(ref, plain) > 30 and scores_agree(ref, plain) < 0.75
     assert scores_agree(ref, kept) > 0.97
-    reason = ctx.layers["/head/MatMul"]["reason"]
-    assert ctx.layers["/head/MatMul"]["status"] == "float" and "range_guard" in reason and "boxes" in reason
-    assert ctx.layers["/scores/MatMul"]["status"] == "quantized"
+    reason = ctx.layers.to_json()["/head/MatMul"]["reason"]
+    assert ctx.layers.to_json()["/head/MatMul"]["status"] == "float" and "range_guard" in reason and "boxes" in reason
+    assert ctx.layers.to_json()["/scores/MatMul"]["status"] == "quantized"
 
 
 def test_extreme_values_keep_the_consumer_float(pipeline):
@@ -74,5 +74,5 @@ def test_extreme_values_keep_the_consumer_float(pipeline):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     _, ctx = pipeline(model, recipe("{}"), rng.standard_normal((32, 16)).astype(np.float32))
-    rec = ctx.layers["/fc/MatMul"]
+    rec = ctx.layers.to_json()["/fc/MatMul"]
     assert rec["status"] == "float" and "max_abs" in rec["reason"] and "3.4e+38" in rec["reason"]

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import TinyModels, to_proto
-from qcompile.compile import compile_model
+from qcompile.driver import compile_model
 from qcompile.errors import EXIT_RECIPE, EXIT_TARGET, RecipeError, TargetError
 from qcompile.passes.quantize import Quantize
 from qcompile.recipe import builtin_recipes, load_recipe
@@ -271,7 +271,7 @@ def test_mix_table_gives_each_scope_its_scheme(tmp_path, tiny):
 
     recipe = recipe_file(tmp_path, 'mix: {"/a/*": float}', name="float.yaml")
     _, _, report = compile_tiny(tmp_path, model, recipe, TinyModels.data((64,), 16), name="f")
-    assert report["layers"]["/a/MatMul"] == {"status": "float", "reason": "mix: float"}
+    assert report["layers"]["/a/MatMul"] == {"op": "MatMul", "status": "float", "reason": "mix: float"}
 
 
 # -- recipe errors before any work --------------------------------------------------------------------
@@ -325,7 +325,7 @@ def test_ascend310b_refuses_schemes_it_cannot_run(tmp_path, run_cli, tiny, recip
 def test_ascend_checks_the_schemes_a_mix_names(tmp_path):
     path = recipe_file(tmp_path, 'weight: {dtype: int8}\nactivation: {dtype: int8, symmetric: true}\n'
                                  'mix: {"*fc2*": fp8}')
-    from qcompile.compile import prepare
+    from qcompile.plan import prepare
     with pytest.raises(TargetError, match=r"\*fc2\*.*fp8"):
         prepare("ascend310b", path)
 

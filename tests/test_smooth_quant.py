@@ -70,7 +70,7 @@ def test_folding_keeps_float_outputs(pipeline, options):
         got = sess_got.run(None, {"x": data[i:i + 1]})
         for a, b in zip(ref, got):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
-    groups = ctx.report["smooth_quant"]["groups"]
+    groups = ctx.reports["smooth_quant"]["groups"]
     assert groups["ln"]["kind"] == "norm-linear" and groups["ln"]["linears"] == ["/q/MatMul", "/k/MatMul", "/v/MatMul"]
     assert groups["v"]["kind"] == "linear-linear"
     assert groups["ln2"]["kind"] == "explicit-mul"  # ln2 also feeds the residual Add
@@ -100,7 +100,7 @@ def test_each_kind_puts_the_division_where_it_belongs(pipeline):
 
 def test_without_explicit_mul_the_group_is_left_alone_with_a_reason(pipeline):
     ir_model, ctx = pipeline(block_model(), smooth_recipe(alpha=0.5), outlier_data())
-    rec = ctx.report["smooth_quant"]["groups"]["ln2"]
+    rec = ctx.reports["smooth_quant"]["groups"]["ln2"]
     assert rec["status"] == "skipped" and "other nodes" in rec["reason"] and "explicit_mul" in rec["reason"]
     assert not [n for n in to_proto(ir_model).graph.node if n.op_type == "Mul"]
 
@@ -120,7 +120,7 @@ def test_smoothing_an_outlier_channel_lowers_w8a8_error(pipeline):
     ref = ort_run_batched(model, "x", data)
     err = lambda m: float(np.sum((ort_run_batched(to_proto(m), "x", data) - ref) ** 2))  # noqa: E731
     assert err(smooth) < 0.5 * err(plain)
-    rec = ctx.report["smooth_quant"]["groups"]["x"]
+    rec = ctx.reports["smooth_quant"]["groups"]["x"]
     assert rec["status"] == "smoothed" and rec["error_after"] < rec["error_before"]
 
 
@@ -171,9 +171,9 @@ def test_affine_conv_folds_into_the_affine_and_keeps_float_outputs(pipeline):
     ref = ort_run_batched(model, "x", data)
     got = ort_run_batched(to_proto(ir_model), "x", data)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
-    rec = ctx.report["smooth_quant"]["groups"]["x1"]
+    rec = ctx.reports["smooth_quant"]["groups"]["x1"]
     assert (rec["kind"], rec["status"], rec["linears"]) == ("affine-conv", "smoothed", ["/dw/Conv", "/pw/Conv"])
-    assert "Conv" in ctx.report["smooth_quant"]["groups"]["d"]["reason"]     # a Conv output: nothing to fold into
+    assert "Conv" in ctx.reports["smooth_quant"]["groups"]["d"]["reason"]     # a Conv output: nothing to fold into
     g = {t.name: numpy_helper.to_array(t) for t in to_proto(ir_model).graph.initializer}
     s = w["a1"][0] / g["a1"].reshape(-1)
     assert s.shape == (8,) and not np.allclose(s, s[0])
@@ -236,7 +236,7 @@ def test_explicit_mul_in_front_of_convs_scales_their_channel_axis(pipeline):
     model.graph.node.append(helper.make_node("Add", ["y", "x1"], ["y2"], name="/res/Add"))
     model.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, None))
     ir_model, ctx = pipeline(model, smooth_recipe(kinds="[affine-conv]", alpha=0.9, explicit_mul="true"), data)
-    assert ctx.report["smooth_quant"]["groups"]["x1"]["kind"] == "explicit-mul"
+    assert ctx.reports["smooth_quant"]["groups"]["x1"]["kind"] == "explicit-mul"
     ref = ort_run_batched(model, "x", data)
     got = ort_run_batched(to_proto(ir_model), "x", data)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())

@@ -31,6 +31,7 @@ import onnx_ir.passes.common as common_passes
 from onnxscript import rewriter
 
 from qcompile.errors import ModelError, TargetError
+from qcompile.facts import Fact
 from qcompile.model_io import convert_opset, opset_of
 from qcompile.numerics import dequantize
 from qcompile.registry import QPass, register_pass
@@ -56,8 +57,8 @@ class AscendLower(QPass):
         atc_script: bool = True
 
     @classmethod
-    def gives(cls, config) -> set[str]:
-        return {"lowered"}
+    def gives(cls, config) -> frozenset[Fact]:
+        return frozenset({Fact.LOWERED})
 
     def run(self, model: ir.Model) -> bool:
         ctx, tgt, cfg = self.ctx, self.ctx.target, self.config
@@ -71,7 +72,7 @@ class AscendLower(QPass):
         info["opset"]["after"] = opset_of(model)
 
         if cfg.qdq_twin:
-            ctx.artifacts["model.qdq.onnx"] = emit.model_writer(model.clone())
+            ctx.outputs.artifacts["model.qdq.onnx"] = emit.model_writer(model.clone())
 
         graph = model.graph
         state = LoweringState(layers=ctx.layers, round_mode=cfg.round_mode, compute_dtype=compute_dtype,
@@ -106,7 +107,7 @@ class AscendLower(QPass):
         for message in capabilities.unconfirmed_in_use(tgt, features):
             ctx.warn(message)
 
-        ctx.reference_model = reference.reference_model(model, compute_dtype)
+        ctx.outputs.reference_model = reference.reference_model(model, compute_dtype)
         info["verified_through"] = "reference lowering (reference.py): AscendQuant/AscendDequant/AscendAntiQuant " \
                                    "as standard ONNX, int8 layers as ConvInteger/MatMulInteger"
         if cfg.atc_script:
@@ -115,10 +116,10 @@ class AscendLower(QPass):
                 notes.append("operators outside ATC's ONNX list: " + ", ".join(outside))
             script = emit.atc_script(soc_version=soc, target=tgt.name + (f":{tgt.variant}" if tgt.variant else ""),
                                      input_shape=input_shape, opset=opset_of(model), notes=notes)
-            ctx.artifacts["atc.sh"] = emit.script_writer(script)
+            ctx.outputs.artifacts["atc.sh"] = emit.script_writer(script)
             info["atc_command"] = script.strip().splitlines()[-1]
         info["input_shape"] = input_shape
-        ctx.report["ascend"] = info
+        ctx.reports["ascend"] = info
         return True
 
     # -- opset ------------------------------------------------------------------------------
@@ -152,22 +153,19 @@ class AscendLower(QPass):
     def _update_layers(self, state: LoweringState) -> tuple[int, int, list[str]]:
         lowered = kept = 0
         features: list[str] = []
-        for name, record in self.ctx.layers.items():
-            if record.get("status") != "quantized":
-                continue
+        for record in self.ctx.layers.quantized():
+            name = record.name
             done = state.lowered.get(name)
             if done is not None:
-                record["ascend"] = {("lowered_to" if k == "ascend" else k): v for k, v in done.items()
-                                    if k != "output_tensor" and v is not None}
+                record.lowering["ascend"] = {("lowered_to" if k == "ascend" else k): v for k, v in done.items()
+                                             if k != "output_tensor" and v is not None}
                 if done.get("output_tensor"):
-                    record["output_tensor"] = done["output_tensor"]
-                features.append("weight_only_int8" if record.get("activation") == "float" else "int8")
+                    record.output_tensor = done["output_tensor"]
+                features.append("weight_only_int8" if record.weight_only else "int8")
                 lowered += 1
                 continue
-            reason = state.refused.get(name) or record.get("note") or "no Ascend lowering rule matched its QDQ form"
-            self.ctx.layers[name] = {"op": record.get("op"), "status": "float",
-                                     "reason": f"ascend_lower: {reason}",
-                                     "quantize_decision": {k: record.get(k) for k in ("weight", "activation")}}
+            reason = state.refused.get(name) or "; ".join(record.notes) or "no Ascend lowering rule matched its QDQ form"
+            self.ctx.layers.fall_back(name, f"ascend_lower: {reason}")
             kept += 1
         if kept:
             self.ctx.warn(f"{kept} layers the quantize pass quantized stay float on {self.ctx.target.name} "

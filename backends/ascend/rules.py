@@ -36,7 +36,7 @@ LAYER_OPS = ("Conv", "Gemm", "MatMul")
 
 @dataclasses.dataclass
 class LoweringState:
-    layers: dict[str, dict]               # ctx.layers: which layers the quantize pass quantized
+    layers: object                        # the compile's LayerTable: which layers the quantize pass quantized
     round_mode: str = "Round"
     compute_dtype: str = "float16"        # AscendQuant arithmetic (descriptor: quant_compute_dtype)
     lowered: dict[str, dict] = dataclasses.field(default_factory=dict)
@@ -59,9 +59,9 @@ def const(value: ir.Value | None) -> np.ndarray | None:
 def is_quantized_layer(state: LoweringState, node: ir.Node, *, weight_only: bool = False) -> bool:
     """A layer the quantize pass quantized (W8A8, or weight-only) and no rule has refused."""
     record = state.layers.get(node.name or "")
-    if not record or record.get("status") != "quantized" or (node.name or "") in state.refused:
+    if record is None or not record.is_quantized or (node.name or "") in state.refused:
         return False
-    return (record.get("activation") == "float") == weight_only
+    return record.weight_only == weight_only
 
 
 def unique_init_name(graph: ir.Graph, base: str, reserved: set[str]) -> str:

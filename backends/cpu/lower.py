@@ -21,6 +21,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from qcompile.facts import Fact
 from qcompile.ort_session import session_for
 from qcompile.registry import QPass, register_pass
 
@@ -59,8 +60,8 @@ class CpuLower(QPass):
         integer_matmul: bool = True
 
     @classmethod
-    def gives(cls, config) -> set[str]:
-        return {"lowered"}
+    def gives(cls, config) -> frozenset[Fact]:
+        return frozenset({Fact.LOWERED})
 
     def run(self, model: ir.Model) -> bool:
         changed = self._rewrite_forms(model)
@@ -78,7 +79,7 @@ class CpuLower(QPass):
                 kind = forms.simulated_qdq(graph, node)
                 if kind:
                     simulated[kind] += 1
-        quantized = {n: r for n, r in self.ctx.layers.items() if r.get("status") == "quantized"}
+        quantized = {r.name: r for r in self.ctx.layers.quantized()}
         if self.config.matmulnbits:
             for node in list(graph):
                 if node.op_type != "MatMul" or node.name not in quantized:
@@ -90,27 +91,27 @@ class CpuLower(QPass):
                 int8_input = a is not None and a.op_type == "DequantizeLinear"
                 level = 4 if int8_input else self.config.weight_only_accuracy_level
                 forms.to_matmulnbits(graph, node, dq, level)
-                quantized[node.name]["lowered_to"] = f"MatMulNBits (accuracy_level {level})"
-                quantized[node.name]["speed_note"] = slow.get("matmulnbits_prefill")
+                quantized[node.name].lowering["lowered_to"] = f"MatMulNBits (accuracy_level {level})"
+                quantized[node.name].lowering["speed_note"] = slow.get("matmulnbits_prefill")
                 nbits += 1
         integer = 0
         if self.config.integer_matmul:
             for node in list(graph):
                 if node.name in quantized and forms.integer_matmul_candidate(node):
                     forms.to_integer_matmul(graph, node)
-                    quantized[node.name]["lowered_to"] = "MatMulInteger -> Cast -> Mul"
+                    quantized[node.name].lowering["lowered_to"] = "MatMulInteger -> Cast -> Mul"
                     integer += 1
-        for name, record in quantized.items():
-            if "float8" in record.get("scheme", ""):
-                record["speed_note"] = slow.get("float8")
-            elif "A[int4" in record.get("scheme", "") or "A[uint4" in record.get("scheme", ""):
-                record["speed_note"] = slow.get("int4_activations")
+        for record in quantized.values():
+            if record.float8:
+                record.lowering["speed_note"] = slow.get("float8")
+            elif record.int4_activations:
+                record.lowering["speed_note"] = slow.get("int4_activations")
         if nbits or simulated or integer:
             graph.sort()
             common_passes.RemoveUnusedNodesPass()(model)  # the replaced weights' initializers
             if "com.microsoft" not in model.opset_imports and nbits:
                 model.opset_imports["com.microsoft"] = 1
-        self.ctx.report["cpu_forms"] = {"matmulnbits": nbits, "integer_matmul": integer,
+        self.ctx.reports["cpu_forms"] = {"matmulnbits": nbits, "integer_matmul": integer,
                                         "simulated_activation_qdq": dict(simulated)}
         return bool(nbits or simulated or integer)
 
@@ -125,19 +126,18 @@ class CpuLower(QPass):
             if n.op_type in int8_ops:
                 kernel_of[n.name] = n.op_type
         fired = missed = 0
-        for name, record in self.ctx.layers.items():
-            if record.get("status") != "quantized":
-                continue
+        for record in self.ctx.layers.quantized():
+            name = record.name
             kernel = _match(name, kernel_of)
             if kernel:
-                record["kernel"] = kernel
+                record.lowering["kernel"] = kernel
                 fired += 1
             else:
-                record["kernel"] = "float (no int8 kernel fused: " + \
+                record.lowering["kernel"] = "float (no int8 kernel fused: " + \
                     ("DequantizeLinear -> " + float_compute[name] if name in float_compute else "see optimized graph") + ")"
-                record.setdefault("speed_note", slow.get("dequantize_float"))
+                record.lowering.setdefault("speed_note", slow.get("dequantize_float"))
                 missed += 1
-        self.ctx.report["cpu_kernels"] = {
+        self.ctx.reports["cpu_kernels"] = {
             "isa": self.ctx.target.variant,
             "activation_dtype": self.ctx.target.setting("activation_dtype"),
             "int8_layers": fired, "float_layers_after_fusion": missed,

@@ -1,5 +1,5 @@
-"""Per-channel scale folding shared by the equalization passes (smooth_quant, awq,
-equalize_outputs): which constants can take a per-channel factor, how a factor vector is
+"""Per-channel scale arithmetic shared by the equalization passes (smooth_quant, awq,
+equalize_outputs, cle): which constants can take a per-channel factor, how a factor vector is
 shaped against an activation's channel axis, and how a linear's or Conv's weights are scaled
 along the input channels an activation feeds (grouped and depthwise Convs: each group's own)."""
 

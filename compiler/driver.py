@@ -1,0 +1,72 @@
+"""The entry points: a plan, the strategy that compiles it, and one commit.
+
+`compile_model` (the library API and the CLI's plain compile), `compile_with_budget`
+(`--max-loss`) and `compile_with_size_budget` (`--max-size`) each prepare a validated plan,
+stage the output directory, run a strategy (compiler/fallback.py, budget.py,
+mixed_precision.py — all of which compile through compiler/compile.py), then render
+report.json once and move the staged files into place. A failure anywhere leaves nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import budget as budget_search
+from . import mixed_precision
+from .compile import REPORT_FILE, CompileResult
+from .fallback import compile_plan
+from .output import StagedOutput
+from .plan import prepare_plan
+from .report import render, write_report
+
+
+def _staged(plan_output, run) -> CompileResult:
+    staged = StagedOutput(plan_output)  # fails now if the output cannot be written
+    try:
+        result = run(staged)
+        result.report = render(result)
+        write_report(staged.path(REPORT_FILE), result.report)
+        result.files = staged.commit()
+        result.output_dir, result.folder = staged.destination, staged.destination
+        return result
+    except BaseException:
+        staged.discard()
+        raise
+
+
+def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str = "w8a8",
+                  calib: str | Path | None = None, output_dir: str | Path = "out",
+                  input_shapes: dict[str, list[int]] | None = None, verify: bool = True,
+                  verify_data: str | Path | None = None, verify_samples: int = 64,
+                  dump_after: tuple[str, ...] = (), progress: bool = True,
+                  external_data: bool | None = None, exclude_layers: tuple[str, ...] = (),
+                  overrides: dict[str, dict] | None = None, stats: dict | None = None) -> CompileResult:
+    """Compile `model_path` for `target` with `recipe`; outputs land in `output_dir` only on success.
+
+    `external_data`: store weights in `model.onnx.data` (None: only when over 2 GB).
+    `exclude_layers`: node names every quantize step keeps float; `overrides`: {pass name:
+    {key: value}} replacing top-level config keys; `stats`: activation observers from an
+    earlier compile of the same model and data (tensor name -> observer): calibration then
+    only observes tensors missing from it. The result's `stats` are this compile's.
+    """
+    plan = prepare_plan(model_path, target=target, recipe=recipe, calib=calib, input_shapes=input_shapes,
+                        verify=verify, verify_data=verify_data, verify_samples=verify_samples, dump_after=dump_after,
+                        progress=progress, external_data=external_data, exclude_layers=exclude_layers,
+                        overrides=overrides, stats=stats)
+    return _staged(output_dir, lambda staged: compile_plan(plan, staged.staging))
+
+
+def compile_with_budget(model_path, *, budget: budget_search.Budget, max_trials: int = 8, output_dir="out",
+                        recipe: str = "w8a8", **compile_args) -> CompileResult:
+    """`--max-loss`: the accuracy-budget search (compiler/budget.py); the best trial is the output."""
+    plan = prepare_plan(model_path, recipe=recipe, **compile_args)
+    return _staged(output_dir, lambda staged: budget_search.search(plan, staged.staging, budget, max_trials,
+                                                                   destination=staged.destination))
+
+
+def compile_with_size_budget(model_path, *, max_size_mb: float, low: str = "w4a16", high: str = "w8a16",
+                             output_dir="out", **compile_args) -> CompileResult:
+    """`--max-size`: per-layer mixed precision within a weight-size budget (compiler/mixed_precision.py)."""
+    plan = prepare_plan(model_path, recipe=low, **compile_args)
+    return _staged(output_dir, lambda staged: mixed_precision.search(plan, staged.staging, max_size_mb=max_size_mb,
+                                                                     low=low, high=high))

@@ -1,0 +1,57 @@
+"""Per-channel activation statistics for the equalization passes, in one streaming pass over
+the calibration data: each tensor's per-channel extremes and a seeded sample of its rows (or,
+for Conv inputs, input patches) that a scale search can simulate X·W on."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.calib_data import model_input_specs, open_dataset
+
+from ..activation_stream import stream_tensors
+from ..conv_patches import ConvGeometry, sampled_patches
+
+
+def channel_stats(model: ir.Model, xs: list[ir.Value], ctx, *, samples: int, rows: int, label: str,
+                  conv_inputs: dict[str, list[ConvGeometry]] | None = None, channel_axis: int | None = None):
+    """Per-channel (min, max) of each X over the calibration data, and a random sample of up to
+    `rows` of its rows (for searches that simulate X·W; 0: none). Channels are X's last axis, or
+    `channel_axis`; an X named in `conv_inputs` is NCHW (channels on axis 1) and its sample is,
+    per Conv reading it, that Conv's input patches [rows, groups, Cin/g·kh·kw] at sampled
+    output positions."""
+    conv_inputs = conv_inputs or {}
+    dataset = ctx.data
+    if dataset is None:
+        dataset = open_dataset(None, model_input_specs(model), synthetic_samples=8)
+        ctx.warn(f"{label} without calibration data: channel statistics from synthetic inputs")
+    lo: dict[str, np.ndarray] = {}
+    hi: dict[str, np.ndarray] = {}
+    kept: dict[str, list[np.ndarray]] = {x.name: [] for x in xs}
+    count = dict.fromkeys(kept, 0)
+    rng = np.random.default_rng(0)
+    per_batch_rows = max(16, rows // max(min(samples, dataset.num_samples), 1))
+    for arrays, _ in stream_tensors(model, xs, dataset, samples=samples, label=label, progress=ctx.progress):
+        for name, array in arrays.items():
+            geos = conv_inputs.get(name)
+            array = np.asarray(array, dtype=np.float32)
+            channel = 1 if geos else (channel_axis % array.ndim if channel_axis is not None else array.ndim - 1)
+            others = tuple(i for i in range(array.ndim) if i != channel)
+            mn, mx = array.min(axis=others), array.max(axis=others)
+            lo[name] = mn if name not in lo else np.minimum(lo[name], mn)
+            hi[name] = mx if name not in hi else np.maximum(hi[name], mx)
+            if count[name] >= rows:
+                continue
+            if geos:
+                positions = max(1, min(per_batch_rows, rows - count[name]) // array.shape[0])
+                patches = [sampled_patches(array, geo, max_positions=positions, rng=rng) for geo in geos]
+                kept[name].append(patches)
+                count[name] += patches[0].shape[0]
+            else:
+                flat = array.reshape(-1, array.shape[-1])
+                take = rng.choice(flat.shape[0], min(per_batch_rows, flat.shape[0], rows - count[name]), replace=False)
+                kept[name].append(flat[take])
+                count[name] += len(take)
+    samples_kept = {n: ([np.concatenate(per) for per in zip(*r)] if n in conv_inputs else np.concatenate(r))
+                    for n, r in kept.items() if r}
+    return {n: (lo[n], hi[n]) for n in kept}, samples_kept
