@@ -11,7 +11,8 @@ import onnx
 import pytest
 
 from conftest import TinyModels
-from qcompile.budget import Budget, compile_with_budget, parse_budget
+from qcompile.budget import Budget, parse_budget
+from qcompile.driver import compile_with_budget
 from qcompile.errors import EXIT_RECIPE, EXIT_USAGE, UsageError
 
 
@@ -90,7 +91,7 @@ def _fallback_recipe(tmp_path, rank_by: str, n: int) -> str:
 
 
 def test_fallback_by_error_keeps_the_noisiest_layers_float(bert_files, tmp_path):
-    from qcompile.compile import compile_model
+    from qcompile.driver import compile_model
     plain = compile_model(bert_files["model"], recipe="w8a8", output_dir=tmp_path / "plain", **_args(bert_files))
     result = compile_model(bert_files["model"], recipe=_fallback_recipe(tmp_path, "error", 3),
                            output_dir=tmp_path / "fb", **_args(bert_files))
@@ -105,7 +106,7 @@ def test_fallback_by_error_keeps_the_noisiest_layers_float(bert_files, tmp_path)
 
 
 def test_fallback_by_range_uses_activation_statistics(bert_files, tmp_path):
-    from qcompile.compile import compile_model
+    from qcompile.driver import compile_model
     result = compile_model(bert_files["model"], recipe=_fallback_recipe(tmp_path, "range", 2),
                            output_dir=tmp_path / "fb", **_args(bert_files))
     reasons = {n: r["reason"] for n, r in result.report["layers"].items() if "fallback" in r.get("reason", "")}
@@ -127,3 +128,25 @@ def test_range_measure_is_max_over_std():
     obs = HistogramObserver()
     obs.update(x)
     assert obs.range_measure() == pytest.approx(40.0 / x.std(), rel=0.02)
+
+
+def test_budget_trials_over_an_error_fallback_recipe_keep_their_own_exclusions(bert_files, tmp_path):
+    """--max-loss on a recipe with `fallback: {rank_by: error}`: every trial keeps the layers it
+    excludes float on top of the recipe's own fallback, and reuses the first trial's calibration.
+    (At ce084b6 the fallback dropped a trial's exclusions, overrides and statistics, so every
+    trial compiled the same model.)"""
+    result = compile_with_budget(bert_files["model"], recipe=_fallback_recipe(tmp_path, "error", 1),
+                                 budget=Budget("sqnr", 500.0), max_trials=6, output_dir=tmp_path / "out",
+                                 **_args(bert_files))
+    trials = result.report["budget"]["trials"]
+    assert [t["change"] for t in trials[1:4]] == [f"calibrate.method = {m}" for m in ("percentile", "entropy", "mse")]
+    falls = trials[4:]
+    assert [len(t["excluded"]) for t in falls] == [1, 3]
+    # the recipe's own fallback keeps one more layer float in each trial
+    assert falls[0]["quantized_layers"] == trials[0]["quantized_layers"] - 1
+    assert falls[1]["quantized_layers"] == trials[0]["quantized_layers"] - 3
+    assert len({t["metric"] for t in falls} | {trials[0]["metric"]}) == 3
+    best = trials[result.report["budget"]["best_trial"]]
+    for name in best["excluded"]:
+        assert result.report["layers"][name]["status"] == "float"
+    assert result.report["calibrate"].get("reused"), "trials reuse the first trial's activation statistics"
