@@ -34,10 +34,35 @@ BUILDERS = ("small_cnn", "bert_block", "llama_block")
 _SKIP = {"report.json"}
 
 
+_RULE_TAG = "pkg.onnxscript.rewriter.rule_name"
+
+
 def _files(out: Path) -> dict[str, str]:
+    """SHA-256 per file; for each .onnx also `NAME#no-rule-names`, the hash without the node
+    metadata in which onnxscript's rewriter names the rule that built a node (a renamed or
+    merged rule changes only that)."""
     if not out.is_dir():
         return {}
-    return {str(p.relative_to(out)): _sha(p) for p in sorted(out.rglob("*")) if p.is_file() and p.name not in _SKIP}
+    found = {}
+    for p in sorted(out.rglob("*")):
+        if not p.is_file() or p.name in _SKIP:
+            continue
+        name = str(p.relative_to(out))
+        found[name] = _sha(p)
+        if p.suffix == ".onnx":
+            found[f"{name}#no-rule-names"] = _sha_without_rule_names(p)
+    return found
+
+
+def _sha_without_rule_names(path: Path) -> str:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        keep = [p for p in node.metadata_props if p.key != _RULE_TAG]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+    return hashlib.sha256(model.SerializeToString()).hexdigest()
 
 
 def _sha(path: Path) -> str:
@@ -145,7 +170,13 @@ def compare(old: dict, new: dict) -> list[str]:
                 if field == "files":
                     names = sorted(set(a["files"]) | set(b["files"]))
                     changed = [n for n in names if a["files"].get(n) != b["files"].get(n)]
-                    diffs.append(f"{key}: files differ: {changed}")
+                    plain = [n for n in changed if "#" not in n]
+                    rules_only = [n for n in plain if f"{n}#no-rule-names" in a["files"]
+                                  and f"{n}#no-rule-names" not in changed]
+                    if plain and rules_only == plain:
+                        diffs.append(f"{key}: {plain} differ only in the rewriter's rule-name node metadata")
+                    elif plain or [n for n in changed if f"{n.split('#')[0]}" in a["files"]]:
+                        diffs.append(f"{key}: files differ: {changed}")
                 elif field == "layers":
                     names = sorted(set(a["layers"] or {}) | set(b["layers"] or {}))
                     changed = [f"{n}: {(a['layers'] or {}).get(n)} -> {(b['layers'] or {}).get(n)}" for n in names

@@ -28,7 +28,6 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-from onnxscript import rewriter
 
 from qcompile.errors import ModelError, TargetError
 from qcompile.facts import Fact
@@ -37,8 +36,8 @@ from qcompile.numerics import dequantize
 from qcompile.registry import QPass, register_pass
 
 from . import capabilities, emit, reference
-from .rules import (DECOMPOSED_OPS, LAYER_OPS, LoweringState, const, decomposition_rules,
-                    lowering_rule_sets)
+from .decompose import DECOMPOSED_OPS, decomposition_rules
+from .rules import LAYER_OPS, LOWERING_RULE_SETS, LoweringOptions, Refusals, annotate, const, lowered_as
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -75,13 +74,12 @@ class AscendLower(QPass):
             ctx.outputs.artifacts["model.qdq.onnx"] = emit.model_writer(model.clone())
 
         graph = model.graph
-        state = LoweringState(layers=ctx.layers, round_mode=cfg.round_mode, compute_dtype=compute_dtype,
-                              graph=graph)
+        annotate(graph, ctx.layers, LoweringOptions(cfg.round_mode, compute_dtype))
         info["output_qdq_pairs_dropped"] = _drop_qdq_pairs(graph, keep_layer_inputs=True)
         common_passes.RemoveUnusedNodesPass()(model)  # the dropped pairs' QuantizeLinear still read the tensors
-        fired = 0
-        for rules in lowering_rule_sets(state):
-            fired += rewriter.RewriteRuleSet(rules).apply_to_model(model)
+        fired = sum(rules.apply_to_model(model) for rules in LOWERING_RULE_SETS)
+        refused = Refusals.of(model)   # why each layer the rules could not lower stays float
+        made = {n.name: lowered_as(n) for n in graph if lowered_as(n) is not None}
         common_passes.RemoveUnusedNodesPass()(model)
         info["activation_qdq_pairs_dropped"] = _drop_qdq_pairs(graph, keep_layer_inputs=False)
         info["dequantize_folded"] = _fold_constant_dequantize(graph)
@@ -92,7 +90,7 @@ class AscendLower(QPass):
         graph.sort()
         common_passes.NameFixPass()(model)
 
-        lowered, kept_float, features = self._update_layers(state)
+        lowered, kept_float, features = self._update_layers(made, refused)
         info["layers_lowered"] = lowered
         info["layers_kept_float"] = kept_float
         info["rewrites"] = int(fired or 0)
@@ -131,11 +129,10 @@ class AscendLower(QPass):
         if top is None or current <= int(top):
             return {}
         top = int(top)
-        holder: dict = {"graph": model.graph}
-        rules = decomposition_rules(holder, top)
+        rules = decomposition_rules(top)
         before = collections.Counter(n.op_type for n in model.graph)
-        if rules:
-            rewriter.RewriteRuleSet(rules).apply_to_model(model)
+        if rules is not None:
+            rules.apply_to_model(model)
             common_passes.RemoveUnusedNodesPass()(model)
         after = collections.Counter(n.op_type for n in model.graph)
         decomposed = {op: before[op] - after[op] for op in DECOMPOSED_OPS if before[op] > after[op]}
@@ -150,12 +147,13 @@ class AscendLower(QPass):
         return decomposed
 
     # -- report -----------------------------------------------------------------------------
-    def _update_layers(self, state: LoweringState) -> tuple[int, int, list[str]]:
+    def _update_layers(self, made: dict[str, dict], refused: dict[str, str]) -> tuple[int, int, list[str]]:
+        """Each quantized layer: what the rules lowered it to, or float with the refusing reason."""
         lowered = kept = 0
         features: list[str] = []
         for record in self.ctx.layers.quantized():
             name = record.name
-            done = state.lowered.get(name)
+            done = made.get(name)
             if done is not None:
                 record.lowering["ascend"] = {("lowered_to" if k == "ascend" else k): v for k, v in done.items()
                                              if k != "output_tensor" and v is not None}
@@ -164,7 +162,7 @@ class AscendLower(QPass):
                 features.append("weight_only_int8" if record.weight_only else "int8")
                 lowered += 1
                 continue
-            reason = state.refused.get(name) or "; ".join(record.notes) or "no Ascend lowering rule matched its QDQ form"
+            reason = refused.get(name) or "; ".join(record.notes) or "no Ascend lowering rule matched its QDQ form"
             self.ctx.layers.fall_back(name, f"ascend_lower: {reason}")
             kept += 1
         if kept:

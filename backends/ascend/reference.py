@@ -23,33 +23,23 @@ are what the formulas do not model (see docs/ascend.md).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-from onnxscript import rewriter
-from onnxscript.rewriter import RewriteRuleClassBase
-from onnxscript.rewriter._basics import MatchResult
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
 from . import formulas
-from .rules import const, unique_init_name
+from .rules import OPTIONS, LoweringOptions, const, unique_init_name
 
 ASCEND_OPS = ("AscendQuant", "AscendDequant", "AscendAntiQuant", "AscendRequant", "AscendRequantS16",
               "AscendDequantS16")
 
 
-class _RefRule(RewriteRuleClassBase):
-    def __init__(self, holder: dict[str, Any]):
-        super().__init__(name=type(self).__name__, remove_nodes=True)
-        self.holder = holder
-
-    def _init(self, op, array: np.ndarray, base: str) -> ir.Value:
-        name = unique_init_name(self.holder["graph"], base, self.holder.setdefault("reserved", set()))
-        return op.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
-
-    def _bind(self, context) -> None:
-        self.holder["graph"] = context.graph_or_function
+def _init(op, node: ir.Node, array: np.ndarray, base: str) -> ir.Value:
+    """A fresh initializer for a rewrite of `node` (bases are distinct within one rewrite; the
+    rewriter registers them after it, before the next)."""
+    name = unique_init_name(node.graph, base)
+    return op.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -57,14 +47,13 @@ def _attr(node: ir.Node, name: str, default):
     return default if attr is None else attr.value
 
 
-class RefIntConv(_RefRule):
+class RefIntConv(RewriteRuleClassBase):
     """Conv on int8 input and int8 weights -> ConvInteger (+ int32 bias along C)."""
 
     def pattern(self, op, q, w):
         return op.Conv(q, w, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["y"])
 
     def check(self, context, q, w, y, **_) -> MatchResult:
-        self._bind(context)
         result = MatchResult()
         if q.dtype != ir.DataType.INT8 or w.dtype != ir.DataType.INT8 or const(w) is None:
             return result.fail("not an int8 Conv")
@@ -79,18 +68,17 @@ class RefIntConv(_RefRule):
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             b = const(node.inputs[2]).astype(np.int32).reshape(-1)
             spatial = const(w).ndim - 2
-            acc = op.Add(acc, self._init(op, b.reshape([b.size] + [1] * spatial), f"{node.inputs[2].name}_ref"))
+            acc = op.Add(acc, _init(op, node, b.reshape([b.size] + [1] * spatial), f"{node.inputs[2].name}_ref"))
         return acc
 
 
-class RefIntGemm(_RefRule):
+class RefIntGemm(RewriteRuleClassBase):
     """Gemm on int8 A and int8 constant B (+ int32 C) -> MatMulInteger (+ Add)."""
 
     def pattern(self, op, q, w):
         return op.Gemm(q, w, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["y"])
 
     def check(self, context, q, w, y, **_) -> MatchResult:
-        self._bind(context)
         result = MatchResult()
         node = y.producer()
         if q.dtype != ir.DataType.INT8 or w.dtype != ir.DataType.INT8 or const(w) is None:
@@ -104,21 +92,20 @@ class RefIntGemm(_RefRule):
         node = y.producer()
         wv = w
         if node.attributes.get_int("transB", 0):
-            wv = self._init(op, np.ascontiguousarray(const(w).T), f"{w.name}_ref_t")
+            wv = _init(op, node, np.ascontiguousarray(const(w).T), f"{w.name}_ref_t")
         acc = op.MatMulInteger(q, wv)
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             acc = op.Add(acc, node.inputs[2])
         return acc
 
 
-class RefIntMatMul(_RefRule):
+class RefIntMatMul(RewriteRuleClassBase):
     """MatMul of int8 activations by an int8 constant -> MatMulInteger."""
 
     def pattern(self, op, q, w):
         return op.MatMul(q, w, _outputs=["y"])
 
     def check(self, context, q, w, y, **_) -> MatchResult:
-        self._bind(context)
         result = MatchResult()
         if q.dtype != ir.DataType.INT8 or w.dtype != ir.DataType.INT8:
             return result.fail("not an int8 MatMul")
@@ -128,14 +115,13 @@ class RefIntMatMul(_RefRule):
         return op.MatMulInteger(q, w)
 
 
-class RefDequant(_RefRule):
+class RefDequant(RewriteRuleClassBase):
     """AscendDequant -> Cast(float) -> Mul(float32 unpacked from deq_scale along NCHW's C)."""
 
     def pattern(self, op, x, deq):
         return op.AscendDequant(x, deq, _allow_other_attributes=True, _outputs=["y"])
 
     def check(self, context, x, deq, y, **_) -> MatchResult:
-        self._bind(context)
         result = MatchResult()
         d = const(deq)
         if d is None or deq.dtype != ir.DataType.UINT64:
@@ -157,7 +143,7 @@ class RefDequant(_RefRule):
             f = f.reshape(shape)
         else:
             f = f.reshape(())
-        scale = self._init(op, f.astype(np.float32), f"{deq.name}_unpacked")
+        scale = _init(op, node, f.astype(np.float32), f"{deq.name}_unpacked")
         out = op.Mul(op.Cast(x, to=ir.DataType.FLOAT), scale)
         if _attr(node, "sqrt_mode", 0):
             out = op.Mul(out, scale)
@@ -168,18 +154,13 @@ class RefDequant(_RefRule):
         return out
 
 
-class RefQuant(_RefRule):
+class RefQuant(RewriteRuleClassBase):
     """AscendQuant -> the float16 (or float32) arithmetic, rounding mode, saturation, int8."""
-
-    def __init__(self, holder, compute_dtype: str = "float16"):
-        super().__init__(holder)
-        self.compute_dtype = compute_dtype
 
     def pattern(self, op, x):
         return op.AscendQuant(x, _allow_other_attributes=True, _outputs=["y"])
 
     def check(self, context, x, y, **_) -> MatchResult:
-        self._bind(context)
         result = MatchResult()
         node = y.producer()
         mode = _attr(node, "round_mode", "Round")
@@ -192,7 +173,7 @@ class RefQuant(_RefRule):
 
     def rewrite(self, op, x, y, **_):
         node = y.producer()
-        fp16 = self.compute_dtype == "float16"
+        fp16 = node.graph.meta[OPTIONS].compute_dtype == "float16"
         base = f"{node.name or 'AscendQuant'}_ref"
         scale = float(_attr(node, "scale", 1.0))
         offset = float(_attr(node, "offset", 0.0))
@@ -202,12 +183,12 @@ class RefQuant(_RefRule):
         r16 = (lambda v: op.Cast(op.Cast(v, to=ir.DataType.FLOAT16), to=ir.DataType.FLOAT)) if fp16 else (lambda v: v)
         as_dt = (lambda c: float(np.float16(c))) if fp16 else (lambda c: float(np.float32(c)))
         v = r16(op.Cast(x, to=ir.DataType.FLOAT))
-        s = self._init(op, np.asarray(as_dt(scale), np.float32), f"{base}_scale")
+        s = _init(op, node, np.asarray(as_dt(scale), np.float32), f"{base}_scale")
         v = r16(op.Mul(v, s))
         if _attr(node, "sqrt_mode", 0):
             v = r16(op.Mul(v, s))
         if offset:
-            v = r16(op.Add(v, self._init(op, np.asarray(as_dt(offset), np.float32), f"{base}_offset")))
+            v = r16(op.Add(v, _init(op, node, np.asarray(as_dt(offset), np.float32), f"{base}_offset")))
         mode = _attr(node, "round_mode", "Round")
         if mode == "Round":
             v = op.Round(v)
@@ -216,21 +197,20 @@ class RefQuant(_RefRule):
         elif mode == "Ceil":
             v = op.Ceil(v)
         else:  # Trunc: toward zero
-            zero = self._init(op, np.asarray(0, np.float32), f"{base}_zero")
+            zero = _init(op, node, np.asarray(0, np.float32), f"{base}_zero")
             v = op.Where(op.Less(v, zero), op.Ceil(v), op.Floor(v))
-        v = op.Clip(v, self._init(op, np.asarray(formulas.INT8_MIN, np.float32), f"{base}_min"),
-                    self._init(op, np.asarray(formulas.INT8_MAX, np.float32), f"{base}_max"))
+        v = op.Clip(v, _init(op, node, np.asarray(formulas.INT8_MIN, np.float32), f"{base}_min"),
+                    _init(op, node, np.asarray(formulas.INT8_MAX, np.float32), f"{base}_max"))
         return op.Cast(v, to=ir.DataType.INT8)
 
 
-class RefAntiQuant(_RefRule):
+class RefAntiQuant(RewriteRuleClassBase):
     """AscendAntiQuant -> Cast(fp16) [-> Add(offset)] -> Mul(scale) [-> Mul(scale)] (fp16 output)."""
 
     def pattern(self, op, x):
         return op.AscendAntiQuant(x, _allow_other_attributes=True, _outputs=["y"])
 
     def check(self, context, x, y, **_) -> MatchResult:
-        self._bind(context)
         return MatchResult()
 
     def rewrite(self, op, x, y, **_):
@@ -241,26 +221,27 @@ class RefAntiQuant(_RefRule):
         r16 = lambda v: op.Cast(op.Cast(v, to=ir.DataType.FLOAT16), to=ir.DataType.FLOAT)  # noqa: E731
         v = op.Cast(x, to=ir.DataType.FLOAT)  # int8 -> float: exact (and exact in float16)
         if offset:
-            v = r16(op.Add(v, self._init(op, np.asarray(offset, np.float32), f"{base}_offset")))
-        s = self._init(op, np.asarray(scale, np.float32), f"{base}_scale")
+            v = r16(op.Add(v, _init(op, node, np.asarray(offset, np.float32), f"{base}_offset")))
+        s = _init(op, node, np.asarray(scale, np.float32), f"{base}_scale")
         v = op.Mul(v, s)
         if _attr(node, "sqrt_mode", 0):
             v = op.Mul(r16(v), s)
         return op.Cast(v, to=ir.DataType.FLOAT16)
 
 
-def reference_rule_sets(compute_dtype: str = "float16") -> list[list]:
-    holder: dict[str, Any] = {}
-    return [
-        [RefIntConv.rule(holder), RefIntGemm.rule(holder), RefIntMatMul.rule(holder)],
-        [RefDequant.rule(holder), RefQuant.rule(holder, compute_dtype), RefAntiQuant.rule(holder)],
-    ]
+# Applied in order: the int8 layers while their inputs are still the Ascend ops' int8 outputs,
+# then the Ascend ops themselves.
+REFERENCE_RULE_SETS = (
+    RewriteRuleSet([RefIntConv.rule(), RefIntGemm.rule(), RefIntMatMul.rule()]),
+    RewriteRuleSet([RefDequant.rule(), RefQuant.rule(), RefAntiQuant.rule()]),
+)
 
 
 def lower_to_reference(model: ir.Model, compute_dtype: str = "float16") -> ir.Model:
     """Rewrite `model` in place into standard ONNX; raises if an Ascend op is left."""
-    for rules in reference_rule_sets(compute_dtype):
-        rewriter.RewriteRuleSet(rules).apply_to_model(model)
+    model.graph.meta[OPTIONS] = LoweringOptions(compute_dtype=compute_dtype)
+    for rules in REFERENCE_RULE_SETS:
+        rules.apply_to_model(model)
     common_passes.RemoveUnusedNodesPass()(model)
     model.graph.sort()
     left = sorted({n.op_type for n in model.graph if n.op_type in ASCEND_OPS}

@@ -1,5 +1,4 @@
-"""QDQ -> Ascend rewrite rules (onnxscript patterns), and the decompositions the opset
-down-conversion needs.
+"""QDQ -> Ascend rewrite rules (onnxscript patterns, module-level rule sets).
 
 A quantized layer in the QDQ mid-level form
 
@@ -14,39 +13,50 @@ becomes what ATC fuses into its int8 cube kernels
 
 Weight-only layers keep a float activation: int8 W ─> AscendAntiQuant ─> Cast ─> Mul(scale).
 
-The rules share a `LoweringState`: one AscendQuant per quantized tensor (a cache), the
-layers lowered, and why a quantized layer could not be (it then stays float).
+The rules hold no state: what they need from the compile travels on the graph. Before
+applying them, `annotate` marks each layer node with the quantize pass's decision
+(`w8a8` / `weight_only`) and the graph with the lowering options (round mode, AscendQuant's
+compute dtype); each rewrite marks the node it builds with what it became (`lowered_as`).
+A check that refuses a quantized layer fails with that layer as its failure source, so a
+`Refusals` tracer run over the rules after rewriting says why each layer stayed float. One
+AscendQuant serves every consumer of a quantized tensor: a rewrite reuses an existing one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import RewriteRuleClassBase
-from onnxscript.rewriter._basics import MatchResult
+from onnxscript.rewriter import MatchingTracer, MatchResult, MatchStatus, RewriteRuleClassBase, RewriteRuleSet
 
 from . import formulas
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
+DECISION = "qcompile.quantized"          # node meta: "w8a8" | "weight_only"
+OPTIONS = "qcompile.ascend.options"      # graph meta: LoweringOptions
+LOWERED = "qcompile.ascend.lowered"      # node meta: what a rule made of the layer
 
 
-@dataclasses.dataclass
-class LoweringState:
-    layers: object                        # the compile's LayerTable: which layers the quantize pass quantized
+@dataclasses.dataclass(frozen=True)
+class LoweringOptions:
     round_mode: str = "Round"
     compute_dtype: str = "float16"        # AscendQuant arithmetic (descriptor: quant_compute_dtype)
-    lowered: dict[str, dict] = dataclasses.field(default_factory=dict)
-    refused: dict[str, str] = dataclasses.field(default_factory=dict)
-    quant_cache: dict[tuple, ir.Value] = dataclasses.field(default_factory=dict)
-    reserved: set[str] = dataclasses.field(default_factory=set)  # initializer names handed out
-    graph: ir.Graph | None = None
 
-    def refuse(self, layer: str, reason: str) -> None:
-        self.refused.setdefault(layer, reason)
+
+def annotate(graph: ir.Graph, layers, options: LoweringOptions) -> None:
+    """Mark the quantize pass's decisions on the layer nodes and the options on the graph."""
+    graph.meta[OPTIONS] = options
+    decided = {r.name: r for r in layers.quantized()}
+    for node in graph:
+        record = decided.get(node.name or "")
+        if record is not None:
+            node.meta[DECISION] = "weight_only" if record.weight_only else "w8a8"
+
+
+def lowered_as(node: ir.Node) -> dict | None:
+    """What a lowering rule made of this layer node (None: it was not lowered)."""
+    return node.meta.get(LOWERED)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -56,26 +66,22 @@ def const(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
-def is_quantized_layer(state: LoweringState, node: ir.Node, *, weight_only: bool = False) -> bool:
-    """A layer the quantize pass quantized (W8A8, or weight-only) and no rule has refused."""
-    record = state.layers.get(node.name or "")
-    if record is None or not record.is_quantized or (node.name or "") in state.refused:
-        return False
-    return record.weight_only == weight_only
+def is_quantized_layer(node: ir.Node, *, weight_only: bool = False) -> bool:
+    """A layer the quantize pass quantized (W8A8, or weight-only)."""
+    return node.meta.get(DECISION) == ("weight_only" if weight_only else "w8a8")
 
 
-def unique_init_name(graph: ir.Graph, base: str, reserved: set[str]) -> str:
-    """A fresh initializer name (the rewriter registers new initializers after the rewrite)."""
+def unique_init_name(graph: ir.Graph, base: str, reserved: set[str] = frozenset()) -> str:
+    """A fresh initializer name (the rewriter registers a rewrite's initializers after it)."""
     name, i = base, 0
     while name in graph.initializers or name in reserved:
         i += 1
         name = f"{base}_{i}"
-    reserved.add(name)
     return name
 
 
-def _initializer(op, state: LoweringState, array: np.ndarray, base: str) -> ir.Value:
-    name = unique_init_name(state.graph, base, state.reserved)
+def initializer(op, graph: ir.Graph, array: np.ndarray, base: str) -> ir.Value:
+    name = unique_init_name(graph, base)
     return op.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
 
 
@@ -123,8 +129,7 @@ def _dq_axis(dq_out: ir.Value, ndim: int) -> int | None:
     scale = const(node.inputs[1])
     if scale is None or scale.size == 1:
         return None
-    axis = node.attributes.get_int("axis", 1)
-    return axis % ndim
+    return node.attributes.get_int("axis", 1) % ndim
 
 
 def _deq(x_scale: ir.Value, w_scale: np.ndarray, bias_scale: ir.Value | None) -> np.ndarray:
@@ -145,253 +150,229 @@ def _deq_matches_bias(x_scale, w_scale, b_scale) -> bool:
     return got.shape == expected.shape and np.allclose(got, expected, rtol=1e-6, atol=0)
 
 
-class _AscendRule(RewriteRuleClassBase):
-    """Base: keeps matched nodes (shared Q/DQ pairs die once unused), shares the state."""
-
-    def __init__(self, state: LoweringState, name: str | None = None):
-        super().__init__(name=name or type(self).__name__, remove_nodes=False)
-        self.state = state
-
-    def _fail(self, result: MatchResult, layer: str | None, reason: str) -> MatchResult:
-        if layer:
-            self.state.refuse(layer, reason)
-        return result.fail(reason)
-
-    def quant(self, op, x: ir.Value, x_scale: ir.Value, x_zp: ir.Value) -> ir.Value:
-        """One AscendQuant per quantized tensor, shared by all its consumers."""
-        attrs = formulas.quant_attributes(float(const(x_scale).reshape(())), int(const(x_zp).reshape(())),
-                                          round_mode=self.state.round_mode,
-                                          compute_dtype=self.state.compute_dtype)
-        key = (id(x), tuple(sorted(attrs.items())))
-        cached = self.state.quant_cache.get(key)
-        if cached is not None and cached.producer() is not None and cached.producer().graph is not None:
-            return cached
-        q = op.AscendQuant(x, **attrs)
-        _typed(q, ir.DataType.INT8, x.shape, f"{x.name}_ascend_int8")
-        _name_producer(q, f"{x.name}_AscendQuant")
-        self.state.quant_cache[key] = q
-        return q
-
-    def layer_check(self, result: MatchResult, node: ir.Node, x, x_scale, x_zp, w_q, w_scale, w_zp
-                    ) -> MatchResult | tuple[np.ndarray, np.ndarray]:
-        """What every lowered layer needs: a quantized layer, a lowerable activation Q/DQ and
-        int8 weights. Returns (weights, weight scales) or the failed match."""
-        if not is_quantized_layer(self.state, node):
-            return result.fail("not a quantized layer")
-        problem = _check_activation_qdq(x, x_scale, x_zp)
-        if problem:
-            return self._fail(result, node.name, problem)
-        params = _weight_params(w_q, w_scale, w_zp)
-        return self._fail(result, node.name, params) if isinstance(params, str) else params
-
-    def bias_check(self, result: MatchResult, node: ir.Node, x_scale, s: np.ndarray, b_q, b_scale, b_zp
-                   ) -> MatchResult | None:
-        """A DequantizeLinear bias must be int32, zero point 0, at scale s_x·s_w (else the failed match)."""
-        if const(b_q) is None or b_q.dtype != ir.DataType.INT32 or np.any(const(b_zp) != 0):
-            return self._fail(result, node.name, "bias is not a constant int32 with zero point 0")
-        if not _deq_matches_bias(x_scale, s, b_scale):
-            return self._fail(result, node.name, "bias scale is not s_x*s_w")
+def _dequantized_bias(node: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value | None] | None:
+    """(int32 values, scale, zero point) of the DequantizeLinear feeding `node`'s bias input, if any."""
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    dq = b.producer() if b is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
         return None
+    return dq.inputs[0], dq.inputs[1], dq.inputs[2] if len(dq.inputs) > 2 else None
 
-    def lowered(self, op, node: ir.Node, acc: ir.Value, deq: np.ndarray, like: ir.Value, ascend: str,
-                bias: str | None) -> ir.Value:
-        """Record the layer's lowering in the report and close it with AscendDequant."""
-        self.state.lowered[node.name] = {"ascend": ascend,
-                                         "deq_scale": f"per_channel [{deq.size}]" if deq.size > 1 else "per_tensor",
-                                         "bias": bias}
-        return self.dequant(op, acc, deq, node.name, like)
 
-    def dequant(self, op, acc: ir.Value, deq: np.ndarray, layer: str, like: ir.Value) -> ir.Value:
-        packed = formulas.pack_deq_scale(deq)
-        deq_v = _initializer(op, self.state, packed, f"{layer}_deq_scale")
-        out = op.AscendDequant(acc, deq_v, dtype=0, sqrt_mode=0, relu_flag=0)
-        _typed(out, ir.DataType.FLOAT, like.shape)
-        return _name_producer(out, f"{layer}_AscendDequant")
+# -- the shared checks and the shared tail ----------------------------------------------------------
+def _refuse(result: MatchResult, layer: ir.Node, reason: str) -> MatchResult:
+    """Fail the match for a quantized layer this rule cannot lower (the layer is the failure source)."""
+    return result.fail(reason, failure_source=layer)
+
+
+def _layer_check(result: MatchResult, node: ir.Node, x, x_scale, x_zp, w_q, w_scale, w_zp
+                 ) -> MatchResult | tuple[np.ndarray, np.ndarray]:
+    """What every lowered layer needs: a quantized layer, a lowerable activation Q/DQ and int8
+    weights. Returns (weights, weight scales) or the failed match."""
+    if not is_quantized_layer(node):
+        return result.fail("not a quantized layer")
+    problem = _check_activation_qdq(x, x_scale, x_zp)
+    if problem:
+        return _refuse(result, node, problem)
+    params = _weight_params(w_q, w_scale, w_zp)
+    return _refuse(result, node, params) if isinstance(params, str) else params
+
+
+def _bias_check(result: MatchResult, node: ir.Node, x_scale, s: np.ndarray) -> MatchResult | None:
+    """A bias input, if the layer has one, must be DQ(int32, zero point 0) at scale s_x·s_w."""
+    if len(node.inputs) <= 2 or node.inputs[2] is None:
+        return None
+    bias = _dequantized_bias(node)
+    if bias is None:  # quantize kept it float (its note says why)
+        return result.fail("bias is not dequantized from int32")
+    b_q, b_scale, b_zp = bias
+    if const(b_q) is None or b_q.dtype != ir.DataType.INT32 or np.any(const(b_zp) != 0):
+        return _refuse(result, node, "bias is not a constant int32 with zero point 0")
+    if not _deq_matches_bias(x_scale, s, b_scale):
+        return _refuse(result, node, "bias scale is not s_x*s_w")
+    return None
+
+
+def _quant(op, x: ir.Value, x_scale: ir.Value, x_zp: ir.Value, options: LoweringOptions) -> ir.Value:
+    """The AscendQuant of `x`: the one already in the graph for these attributes, else a new one."""
+    attrs = formulas.quant_attributes(float(const(x_scale).reshape(())), int(const(x_zp).reshape(())),
+                                      round_mode=options.round_mode, compute_dtype=options.compute_dtype)
+    for use in x.uses():
+        user = use.node
+        if user.op_type == "AscendQuant" and user.graph is not None and \
+                {k: a.value for k, a in user.attributes.items()} == attrs:
+            return user.outputs[0]
+    q = op.AscendQuant(x, **attrs)
+    _typed(q, ir.DataType.INT8, x.shape, f"{x.name}_ascend_int8")
+    return _name_producer(q, f"{x.name}_AscendQuant")
+
+
+def _close(op, graph: ir.Graph, layer: ir.Node, acc: ir.Value, deq: np.ndarray, like: ir.Value, ascend: str,
+           bias: str | None, **extra) -> ir.Value:
+    """Mark what the layer became and close it with AscendDequant."""
+    packed = formulas.pack_deq_scale(deq)
+    deq_v = initializer(op, graph, packed, f"{layer.name}_deq_scale")
+    out = op.AscendDequant(acc, deq_v, dtype=0, sqrt_mode=0, relu_flag=0)
+    _typed(out, ir.DataType.FLOAT, like.shape)
+    acc.producer().meta[LOWERED] = {"ascend": ascend,
+                                    "deq_scale": f"per_channel [{deq.size}]" if deq.size > 1 else "per_tensor",
+                                    "bias": bias, **extra}
+    return _name_producer(out, f"{layer.name}_AscendDequant")
+
+
+def _int8_layer(op, node: ir.Node, inputs: list, attrs: dict, y: ir.Value) -> ir.Value:
+    """The layer's op on int8 inputs, accumulating int32, under the layer's own name."""
+    acc = getattr(op, node.op_type)(*inputs, **attrs)
+    _typed(acc, ir.DataType.INT32, y.shape, f"{y.name}_int32")
+    return _name_producer(acc, node.name)
+
+
+def _activation_pattern(op, x, x_scale, x_zp, w_q, w_scale, w_zp):
+    xdq = op.DequantizeLinear(op.QuantizeLinear(x, x_scale, x_zp), x_scale, x_zp)
+    wdq = op.DequantizeLinear(w_q, w_scale, w_zp, _allow_other_attributes=True, _outputs=["wdq"])
+    return xdq, wdq
 
 
 # -- Conv -----------------------------------------------------------------------------------------
-class LowerConv(_AscendRule):
-    """Conv(DQ(Q(x)), DQ(W int8), [DQ(b int32)]) -> AscendDequant(Conv(AscendQuant(x), W, b))."""
+class LowerConv(RewriteRuleClassBase):
+    """Conv(DQ(Q(x)), DQ(W int8) [, DQ(b int32)]) -> AscendDequant(Conv(AscendQuant(x), W [, b]))."""
 
-    with_bias = False
+    def __init__(self):
+        super().__init__(remove_nodes=False)  # shared Q/DQ pairs die once unused
 
     def pattern(self, op, x, x_scale, x_zp, w_q, w_scale, w_zp):
-        xdq = op.DequantizeLinear(op.QuantizeLinear(x, x_scale, x_zp), x_scale, x_zp)
-        wdq = op.DequantizeLinear(w_q, w_scale, w_zp, _allow_other_attributes=True, _outputs=["wdq"])
-        return op.Conv(xdq, wdq, _allow_other_attributes=True, _outputs=["y"])
+        xdq, wdq = _activation_pattern(op, x, x_scale, x_zp, w_q, w_scale, w_zp)
+        return op.Conv(xdq, wdq, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["y"])
 
-    def check(self, context, x, x_scale, x_zp, w_q, w_scale, w_zp, wdq, y, b_q=None, b_scale=None, b_zp=None,
-              **_) -> MatchResult:
+    def check(self, context, x, x_scale, x_zp, w_q, w_scale, w_zp, wdq, y, **_) -> MatchResult:
         result = MatchResult()
         node = y.producer()
-        self.state.graph = context.graph_or_function
-        checked = self.layer_check(result, node, x, x_scale, x_zp, w_q, w_scale, w_zp)
+        checked = _layer_check(result, node, x, x_scale, x_zp, w_q, w_scale, w_zp)
         if isinstance(checked, MatchResult):
             return checked
         w, s = checked
         if w.ndim != 4:
-            return self._fail(result, node.name, f"{w.ndim - 2}-D Conv: only 2-D Conv (NCHW) is lowered to "
-                                                 "Ascend's int8 convolution")
+            return _refuse(result, node, f"{w.ndim - 2}-D Conv: only 2-D Conv (NCHW) is lowered to "
+                                         "Ascend's int8 convolution")
         axis = _dq_axis(wdq, w.ndim)
         if axis not in (None, 0):
-            return self._fail(result, node.name, f"Conv weight quantized along axis {axis}, not the output channels")
-        if self.with_bias:
-            return self.bias_check(result, node, x_scale, s, b_q, b_scale, b_zp) or result
-        return result
+            return _refuse(result, node, f"Conv weight quantized along axis {axis}, not the output channels")
+        return _bias_check(result, node, x_scale, s) or result
 
-    def rewrite(self, op, x, x_scale, x_zp, w_q, w_scale, y, b_q=None, b_scale=None, **_):
+    def rewrite(self, op, x, x_scale, x_zp, w_q, w_scale, y, **_):
         node = y.producer()
-        xq = self.quant(op, x, x_scale, x_zp)
-        inputs = [xq, w_q] + ([b_q] if self.with_bias else [])
-        acc = op.Conv(*inputs, **dict(node.attributes))
-        _typed(acc, ir.DataType.INT32, y.shape, f"{y.name}_int32")
-        _name_producer(acc, node.name)
+        graph = node.graph
+        bias = _dequantized_bias(node)
+        xq = _quant(op, x, x_scale, x_zp, graph.meta[OPTIONS])
+        acc = _int8_layer(op, node, [xq, w_q] + ([bias[0]] if bias else []), dict(node.attributes), y)
         w_scale_np = const(w_scale).astype(np.float32).reshape(-1)
-        deq = _deq(x_scale, w_scale_np, b_scale if self.with_bias else None)
-        return self.lowered(op, node, acc, deq, y, "AscendQuant -> Conv(int8) -> AscendDequant",
-                            "int32" if self.with_bias else None)
-
-
-class LowerConvBias(LowerConv):
-    with_bias = True
-
-    def pattern(self, op, x, x_scale, x_zp, w_q, w_scale, w_zp, b_q, b_scale, b_zp):
-        xdq = op.DequantizeLinear(op.QuantizeLinear(x, x_scale, x_zp), x_scale, x_zp)
-        wdq = op.DequantizeLinear(w_q, w_scale, w_zp, _allow_other_attributes=True, _outputs=["wdq"])
-        bdq = op.DequantizeLinear(b_q, b_scale, b_zp, _allow_other_attributes=True)
-        return op.Conv(xdq, wdq, bdq, _allow_other_attributes=True, _outputs=["y"])
+        deq = _deq(x_scale, w_scale_np, bias[1] if bias else None)
+        return _close(op, graph, node, acc, deq, y, "AscendQuant -> Conv(int8) -> AscendDequant",
+                      "int32" if bias else None)
 
 
 # -- Gemm -----------------------------------------------------------------------------------------
-class LowerGemm(_AscendRule):
-    """Gemm(DQ(Q(x)), DQ(W int8), [DQ(c int32)]) -> AscendDequant(Gemm(AscendQuant(x), W', c)),
+class LowerGemm(RewriteRuleClassBase):
+    """Gemm(DQ(Q(x)), DQ(W int8) [, DQ(c int32)]) -> AscendDequant(Gemm(AscendQuant(x), W' [, c])),
     with transB folded into the stored int8 weights."""
 
-    with_bias = False
+    def __init__(self):
+        super().__init__(remove_nodes=False)
 
     def pattern(self, op, x, x_scale, x_zp, w_q, w_scale, w_zp):
-        xdq = op.DequantizeLinear(op.QuantizeLinear(x, x_scale, x_zp), x_scale, x_zp)
-        wdq = op.DequantizeLinear(w_q, w_scale, w_zp, _allow_other_attributes=True, _outputs=["wdq"])
-        return op.Gemm(xdq, wdq, _allow_other_attributes=True, _outputs=["y"])
+        xdq, wdq = _activation_pattern(op, x, x_scale, x_zp, w_q, w_scale, w_zp)
+        return op.Gemm(xdq, wdq, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["y"])
 
-    def check(self, context, x, x_scale, x_zp, w_q, w_scale, w_zp, wdq, y, b_q=None, b_scale=None, b_zp=None,
-              **_) -> MatchResult:
+    def check(self, context, x, x_scale, x_zp, w_q, w_scale, w_zp, wdq, y, **_) -> MatchResult:
         result = MatchResult()
         node = y.producer()
-        self.state.graph = context.graph_or_function
-        if not is_quantized_layer(self.state, node):
+        if not is_quantized_layer(node):
             return result.fail("not a quantized layer")
         attrs = node.attributes
         if attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0 or attrs.get_int("transA", 0):
-            return self._fail(result, node.name, "Gemm with alpha/beta != 1 or transA")
-        checked = self.layer_check(result, node, x, x_scale, x_zp, w_q, w_scale, w_zp)
+            return _refuse(result, node, "Gemm with alpha/beta != 1 or transA")
+        checked = _layer_check(result, node, x, x_scale, x_zp, w_q, w_scale, w_zp)
         if isinstance(checked, MatchResult):
             return checked
         w, s = checked
         if w.ndim != 2:
-            return self._fail(result, node.name, "Gemm weight is not 2-D")
-        if self.with_bias:
-            return self.bias_check(result, node, x_scale, s, b_q, b_scale, b_zp) or result
-        return result
+            return _refuse(result, node, "Gemm weight is not 2-D")
+        return _bias_check(result, node, x_scale, s) or result
 
-    def rewrite(self, op, x, x_scale, x_zp, w_q, w_scale, wdq, y, b_q=None, b_scale=None, **_):
+    def rewrite(self, op, x, x_scale, x_zp, w_q, w_scale, wdq, y, **_):
         node = y.producer()
-        xq = self.quant(op, x, x_scale, x_zp)
+        graph = node.graph
+        bias = _dequantized_bias(node)
+        xq = _quant(op, x, x_scale, x_zp, graph.meta[OPTIONS])
         trans_b = node.attributes.get_int("transB", 0)
         w_stored = w_q
         if trans_b:  # fold transB into the stored weights: [N, K] -> [K, N]
-            w_stored = _initializer(op, self.state, np.ascontiguousarray(const(w_q).T), f"{w_q.name}_transposed")
+            w_stored = initializer(op, graph, np.ascontiguousarray(const(w_q).T), f"{w_q.name}_transposed")
         attrs = {k: v for k, v in node.attributes.items() if k not in ("transB", "alpha", "beta", "transA")}
-        inputs = [xq, w_stored] + ([b_q] if self.with_bias else [])
-        acc = op.Gemm(*inputs, **attrs)
-        _typed(acc, ir.DataType.INT32, y.shape, f"{y.name}_int32")
-        _name_producer(acc, node.name)
+        acc = _int8_layer(op, node, [xq, w_stored] + ([bias[0]] if bias else []), attrs, y)
         w_scale_np = const(w_scale).astype(np.float32).reshape(-1)
-        deq = _deq(x_scale, w_scale_np, b_scale if self.with_bias else None)
+        deq = _deq(x_scale, w_scale_np, bias[1] if bias else None)
         if deq.size > 1 and np.all(deq == deq[0]) and w_scale_np.size == 1:
             deq = deq[:1]  # per-tensor weights: the bias DQ repeats one scale
-        return self.lowered(op, node, acc, deq, y,
-                            "AscendQuant -> Gemm(int8" + (", transB folded" if trans_b else "") + ") -> AscendDequant",
-                            "int32" if self.with_bias else None)
-
-
-class LowerGemmBias(LowerGemm):
-    with_bias = True
-
-    def pattern(self, op, x, x_scale, x_zp, w_q, w_scale, w_zp, b_q, b_scale, b_zp):
-        xdq = op.DequantizeLinear(op.QuantizeLinear(x, x_scale, x_zp), x_scale, x_zp)
-        wdq = op.DequantizeLinear(w_q, w_scale, w_zp, _allow_other_attributes=True, _outputs=["wdq"])
-        bdq = op.DequantizeLinear(b_q, b_scale, b_zp, _allow_other_attributes=True)
-        return op.Gemm(xdq, wdq, bdq, _allow_other_attributes=True, _outputs=["y"])
+        return _close(op, graph, node, acc, deq, y,
+                      "AscendQuant -> Gemm(int8" + (", transB folded" if trans_b else "") + ") -> AscendDequant",
+                      "int32" if bias else None)
 
 
 # -- MatMul (+ bias) ------------------------------------------------------------------------------
-def _matmul_check(rule: _AscendRule, result, x, x_scale, x_zp, w_q, w_scale, w_zp, wdq, mm) -> MatchResult | tuple:
+def _matmul_check(result, x, x_scale, x_zp, w_q, w_scale, w_zp, mm) -> MatchResult | tuple:
     node = mm.producer()
-    if w_q.producer() is not None and w_q.producer().op_type == "QuantizeLinear" \
-            and is_quantized_layer(rule.state, node):
-        return rule._fail(result, node.name,
-                          "MatMul of two activations (e.g. attention scores): ATC's quantized MatMul needs a "
-                          "constant 2-D int8 weight (AMCT adapts single-input MatMul only)")
-    checked = rule.layer_check(result, node, x, x_scale, x_zp, w_q, w_scale, w_zp)
+    if w_q.producer() is not None and w_q.producer().op_type == "QuantizeLinear" and is_quantized_layer(node):
+        return _refuse(result, node, "MatMul of two activations (e.g. attention scores): ATC's quantized MatMul "
+                                     "needs a constant 2-D int8 weight (AMCT adapts single-input MatMul only)")
+    checked = _layer_check(result, node, x, x_scale, x_zp, w_q, w_scale, w_zp)
     if isinstance(checked, MatchResult):
         return checked
     w, s = checked
     if w.ndim != 2:
-        return rule._fail(result, node.name, f"MatMul weight is {w.ndim}-D; ATC's quantized MatMul takes a 2-D weight")
+        return _refuse(result, node, f"MatMul weight is {w.ndim}-D; ATC's quantized MatMul takes a 2-D weight")
     out_rank = len(mm.shape) if mm.shape is not None else None
     if s.size > 1 and out_rank != 2:
-        return rule._fail(result, node.name,
-                          "per-channel MatMul weights with a rank-" + str(out_rank) + " output: AscendDequant's "
-                          "deq_scale runs along NCHW's C (axis 1), not the last axis; use per-tensor weights")
+        return _refuse(result, node, "per-channel MatMul weights with a rank-" + str(out_rank) + " output: "
+                                     "AscendDequant's deq_scale runs along NCHW's C (axis 1), not the last axis; "
+                                     "use per-tensor weights")
     return w, s
 
 
-class LowerMatMul(_AscendRule):
-    """MatMul(DQ(Q(x)), DQ(W int8)) -> AscendDequant(MatMul(AscendQuant(x), W))."""
-
-    def pattern(self, op, x, x_scale, x_zp, w_q, w_scale, w_zp):
-        xdq = op.DequantizeLinear(op.QuantizeLinear(x, x_scale, x_zp), x_scale, x_zp)
-        wdq = op.DequantizeLinear(w_q, w_scale, w_zp, _allow_other_attributes=True, _outputs=["wdq"])
-        return op.MatMul(xdq, wdq, _outputs=["mm"])
-
-    def check(self, context, x, x_scale, x_zp, w_q, w_scale, w_zp, wdq, mm, **_) -> MatchResult:
-        result = MatchResult()
-        self.state.graph = context.graph_or_function
-        checked = _matmul_check(self, result, x, x_scale, x_zp, w_q, w_scale, w_zp, wdq, mm)
-        return checked if isinstance(checked, MatchResult) else result
-
-    def rewrite(self, op, x, x_scale, x_zp, w_q, w_scale, mm, **_):
-        node = mm.producer()
-        xq = self.quant(op, x, x_scale, x_zp)
-        acc = op.MatMul(xq, w_q)
-        _typed(acc, ir.DataType.INT32, mm.shape, f"{mm.name}_int32")
-        _name_producer(acc, node.name)
-        deq = _deq(x_scale, const(w_scale).astype(np.float32).reshape(-1), None)
-        return self.lowered(op, node, acc, deq, mm, "AscendQuant -> MatMul(int8) -> AscendDequant", None)
+def _bias_add(mm: ir.Value, n: int) -> tuple[ir.Node, np.ndarray] | None:
+    """The Add that adds a constant per-output-channel bias to the MatMul output `mm` (its only
+    consumer), with that bias; None when there is none."""
+    uses = mm.uses()
+    if len(uses) != 1 or uses[0].node.op_type != "Add":
+        return None
+    add = uses[0].node
+    bias = const(add.inputs[1 - uses[0].idx])
+    if bias is None or bias.size not in (1, n) or (bias.ndim > 1 and int(np.prod(bias.shape[:-1])) != 1):
+        return None
+    return add, bias
 
 
-class LowerMatMulBias(_AscendRule):
+def _int32_bias(bias: np.ndarray, deq: np.ndarray, n: int):
+    return formulas.bias_to_int32(np.broadcast_to(bias.reshape(-1), (n,)), deq)
+
+
+class LowerMatMulBias(RewriteRuleClassBase):
     """Add(MatMul(DQ(Q(x)), DQ(W)), b) -> AscendDequant(Add(MatMul(AscendQuant(x), W), int32 b)):
-    the bias moves before the dequantization, at scale s_x·s_w."""
+    the bias moves before the dequantization, at scale s_x·s_w (both orders of the Add: commute)."""
 
-    def __init__(self, state: LoweringState, bias_first: bool):
-        super().__init__(state, name=f"LowerMatMulBias{'First' if bias_first else ''}")
-        self.bias_first = bias_first
+    def __init__(self):
+        super().__init__(remove_nodes=False)
 
     def pattern(self, op, x, x_scale, x_zp, w_q, w_scale, w_zp, b):
-        xdq = op.DequantizeLinear(op.QuantizeLinear(x, x_scale, x_zp), x_scale, x_zp)
-        wdq = op.DequantizeLinear(w_q, w_scale, w_zp, _allow_other_attributes=True, _outputs=["wdq"])
-        mm = op.MatMul(xdq, wdq, _outputs=["mm"])
-        return op.Add(b, mm, _outputs=["y"]) if self.bias_first else op.Add(mm, b, _outputs=["y"])
+        xdq, wdq = _activation_pattern(op, x, x_scale, x_zp, w_q, w_scale, w_zp)
+        return op.Add(op.MatMul(xdq, wdq, _outputs=["mm"]), b, _outputs=["y"])
 
-    def check(self, context, x, x_scale, x_zp, w_q, w_scale, w_zp, wdq, mm, b, y, **_) -> MatchResult:
+    def check(self, context, x, x_scale, x_zp, w_q, w_scale, w_zp, mm, b, y, **_) -> MatchResult:
         result = MatchResult()
-        self.state.graph = context.graph_or_function
         bias = const(b)
         if bias is None:
             return result.fail("Add operand is not a constant bias")
-        checked = _matmul_check(self, result, x, x_scale, x_zp, w_q, w_scale, w_zp, wdq, mm)
+        checked = _matmul_check(result, x, x_scale, x_zp, w_q, w_scale, w_zp, mm)
         if isinstance(checked, MatchResult):
             return checked
         w, s = checked
@@ -400,62 +381,89 @@ class LowerMatMulBias(_AscendRule):
             return result.fail(f"Add operand of shape {list(bias.shape)} is not a per-output-channel bias")
         if len(mm.uses()) != 1:
             return result.fail("the MatMul output has other consumers than the bias Add")
-        deq = _deq(x_scale, s, None)
-        q, worst = formulas.bias_to_int32(np.broadcast_to(bias.reshape(-1), (n,)), deq)
+        q, worst = _int32_bias(bias, _deq(x_scale, s, None), n)
         if q is None:
-            return self._fail(result, mm.producer().name,
-                              f"bias overflows int32 at scale s_x*s_w (|b/(s_x*s_w)| up to {worst:.3g}); kept float")
+            return _refuse(result, mm.producer(),
+                           f"bias overflows int32 at scale s_x*s_w (|b/(s_x*s_w)| up to {worst:.3g}); kept float")
         return result
 
     def rewrite(self, op, x, x_scale, x_zp, w_q, w_scale, mm, b, y, **_):
-        node = mm.producer()
-        add_node = y.producer()
-        xq = self.quant(op, x, x_scale, x_zp)
-        w_scale_np = const(w_scale).astype(np.float32).reshape(-1)
-        deq = _deq(x_scale, w_scale_np, None)
-        n = const(w_q).shape[1]
-        q, _ = formulas.bias_to_int32(np.broadcast_to(const(b).reshape(-1), (n,)), deq)
-        acc = op.MatMul(xq, w_q)
-        _typed(acc, ir.DataType.INT32, mm.shape, f"{mm.name}_int32")
-        _name_producer(acc, node.name)
-        b32 = _initializer(op, self.state, q, f"{b.name}_int32")
-        acc_b = op.Add(acc, b32)
+        node, add_node = mm.producer(), y.producer()
+        graph = node.graph
+        xq = _quant(op, x, x_scale, x_zp, graph.meta[OPTIONS])
+        deq = _deq(x_scale, const(w_scale).astype(np.float32).reshape(-1), None)
+        q, _ = _int32_bias(const(b), deq, const(w_q).shape[1])
+        acc = _int8_layer(op, node, [xq, w_q], {}, mm)
+        acc_b = op.Add(acc, initializer(op, graph, q, f"{b.name}_int32"))
         _typed(acc_b, ir.DataType.INT32, y.shape, f"{y.name}_int32")
         _name_producer(acc_b, add_node.name or f"{node.name}_bias")
-        out = self.lowered(op, node, acc_b, deq, y, "AscendQuant -> MatMul(int8) -> Add(int32 bias) -> AscendDequant",
-                           "int32")
-        self.state.lowered[node.name]["output_tensor"] = y.name
+        out = _close(op, graph, node, acc_b, deq, y,
+                     "AscendQuant -> MatMul(int8) -> Add(int32 bias) -> AscendDequant", "int32", output_tensor=y.name)
+        acc.producer().meta[LOWERED] = acc_b.producer().meta.pop(LOWERED)   # the record belongs to the MatMul
         return out
 
 
+class LowerMatMul(RewriteRuleClassBase):
+    """MatMul(DQ(Q(x)), DQ(W int8)) -> AscendDequant(MatMul(AscendQuant(x), W))."""
+
+    def __init__(self):
+        super().__init__(remove_nodes=False)
+
+    def pattern(self, op, x, x_scale, x_zp, w_q, w_scale, w_zp):
+        xdq, wdq = _activation_pattern(op, x, x_scale, x_zp, w_q, w_scale, w_zp)
+        return op.MatMul(xdq, wdq, _outputs=["mm"])
+
+    def check(self, context, x, x_scale, x_zp, w_q, w_scale, w_zp, mm, **_) -> MatchResult:
+        result = MatchResult()
+        checked = _matmul_check(result, x, x_scale, x_zp, w_q, w_scale, w_zp, mm)
+        if isinstance(checked, MatchResult):
+            return checked
+        w, s = checked
+        found = _bias_add(mm, w.shape[1])
+        if found is not None:  # its bias Add could not move before the dequantization: the layer stays float
+            q, worst = _int32_bias(found[1], _deq(x_scale, s, None), w.shape[1])
+            if q is None:
+                return _refuse(result, mm.producer(), f"bias overflows int32 at scale s_x*s_w (|b/(s_x*s_w)| up "
+                                                      f"to {worst:.3g}); kept float")
+        return result
+
+    def rewrite(self, op, x, x_scale, x_zp, w_q, w_scale, mm, **_):
+        node = mm.producer()
+        graph = node.graph
+        xq = _quant(op, x, x_scale, x_zp, graph.meta[OPTIONS])
+        acc = _int8_layer(op, node, [xq, w_q], {}, mm)
+        deq = _deq(x_scale, const(w_scale).astype(np.float32).reshape(-1), None)
+        return _close(op, graph, node, acc, deq, mm, "AscendQuant -> MatMul(int8) -> AscendDequant", None)
+
+
 # -- weight-only ----------------------------------------------------------------------------------
-class LowerWeightOnly(_AscendRule):
-    """DQ(W int8) feeding weight-only layers -> Mul(Cast(AscendAntiQuant(W, scale=1, offset=-zp)), s).
+class LowerWeightOnly(RewriteRuleClassBase):
+    """DQ(W int8) feeding weight-only layers -> Mul(Cast(AscendAntiQuant(W, scale=1, offset=0)), s).
 
     AscendAntiQuant's scale/offset are scalar attributes; the int8 -> float16 conversion is exact,
     so the per-channel (or per-tensor) scale is applied by a float32 Mul: the weights keep the exact
     values the QDQ graph had, whatever the granularity."""
+
+    def __init__(self):
+        super().__init__(remove_nodes=False)
 
     def pattern(self, op, w_q, w_scale, w_zp):
         return op.DequantizeLinear(w_q, w_scale, w_zp, _allow_other_attributes=True, _outputs=["w"])
 
     def check(self, context, w_q, w_scale, w_zp, w, **_) -> MatchResult:
         result = MatchResult()
-        self.state.graph = context.graph_or_function
         uses = w.uses()
         layers = [u for u, i in uses if u.op_type in LAYER_OPS and i == 1]
-        if not uses or len(layers) != len(uses) or not all(is_quantized_layer(self.state, u, weight_only=True)
-                                                           for u in layers):
+        if not uses or len(layers) != len(uses) or not all(is_quantized_layer(u, weight_only=True) for u in layers):
             return result.fail("not the weight of weight-only layers")
         params = _weight_params(w_q, w_scale, w_zp)
         if isinstance(params, str):
-            for u in layers:
-                self.state.refuse(u.name, params)
-            return result.fail(params)
+            return result.fail(params, failure_source=layers)
         return result
 
     def rewrite(self, op, w_q, w_scale, w, **_):
         wq = const(w_q)
+        graph = w.producer().graph
         s = const(w_scale).astype(np.float32).reshape(-1)
         axis = _dq_axis(w, wq.ndim)
         aq = op.AscendAntiQuant(w_q, scale=1.0, offset=0.0, sqrt_mode=0)
@@ -466,108 +474,45 @@ class LowerWeightOnly(_AscendRule):
         shape = [1] * wq.ndim
         if axis is not None:
             shape[axis] = s.size
-        scale = _initializer(op, self.state, s.reshape(shape) if axis is not None else s.reshape(()),
-                             f"{w_q.name}_antiquant_scale")
+        scale = initializer(op, graph, s.reshape(shape) if axis is not None else s.reshape(()),
+                            f"{w_q.name}_antiquant_scale")
         out = op.Mul(f, scale)
         _typed(out, ir.DataType.FLOAT, ir.Shape(wq.shape))
         for user, _ in w.uses():
-            self.state.lowered[user.name] = {
+            user.meta[LOWERED] = {
                 "ascend": "int8 weight -> AscendAntiQuant -> Cast -> Mul(scale) -> float " + user.op_type,
                 "weight_scale": f"per_channel [{s.size}] (float32 Mul: AscendAntiQuant's scale is a scalar)"
                 if axis is not None else "per_tensor (float32 Mul)"}
         return out
 
 
-def lowering_rule_sets(state: LoweringState) -> list[list]:
-    """Applied in order: layers with a bias first (so a MatMul is matched with its Add), then
-    the rest, then the weight-only layers."""
-    return [
-        [LowerConvBias.rule(state), LowerGemmBias.rule(state),
-         LowerMatMulBias.rule(state, False), LowerMatMulBias.rule(state, True)],
-        [LowerConv.rule(state), LowerGemm.rule(state), LowerMatMul.rule(state)],
-        [LowerWeightOnly.rule(state)],
-    ]
+# Applied in order: Conv, Gemm and a MatMul with its bias Add first (so a MatMul is matched with
+# its Add), then MatMuls without one, then the weight-only layers.
+LOWERING_RULE_SETS = (
+    RewriteRuleSet([LowerConv.rule(), LowerGemm.rule(), *LowerMatMulBias.rule().commute()]),
+    RewriteRuleSet([LowerMatMul.rule()]),
+    RewriteRuleSet([LowerWeightOnly.rule()]),
+)
 
 
-# -- decompositions for opset down-conversion ------------------------------------------------------
-class _DecomposeBase(RewriteRuleClassBase):
-    def __init__(self, graph_holder: dict[str, Any]):
-        super().__init__(name=type(self).__name__, remove_nodes=True)
-        self.holder = graph_holder
+class Refusals(MatchingTracer):
+    """Why each quantized layer a rule could not lower stays float: the first refusing check's
+    reason, from a tracing run of the rule sets (tracing applies no rewrite)."""
 
-    def _const(self, op, value: float, base: str) -> ir.Value:
-        name = unique_init_name(self.holder["graph"], base, self.holder.setdefault("reserved", set()))
-        return op.initializer(ir.tensor(np.asarray(value, dtype=np.float32), name=name), name=name)
+    def __init__(self):
+        super().__init__()
+        self.reasons: dict[str, str] = {}
 
+    def log(self, rule, container, node, match_result: MatchResult, status: MatchStatus) -> None:
+        if status != MatchStatus.CONDITION_FAILED or not match_result.reason:
+            return
+        for source in match_result.failure_nodes_and_values:
+            if isinstance(source, ir.Node) and source.name:
+                self.reasons.setdefault(source.name, match_result.reason)
 
-class DecomposeLayerNorm(_DecomposeBase):
-    """LayerNormalization (opset 17) -> ReduceMean/Sub/Mul/Add/Sqrt/Div (opset 13..17 forms)."""
-
-    def pattern(self, op, x, scale):
-        return op.LayerNormalization(x, scale, _allow_other_inputs=True, _allow_other_attributes=True,
-                                     _outputs=["y"])
-
-    def check(self, context, x, scale, y, **_) -> MatchResult:
-        result = MatchResult()
-        self.holder["graph"] = context.graph_or_function
-        node = y.producer()
-        if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
-            return result.fail("Mean/InvStdDev outputs are used")
-        if x.shape is None:
-            return result.fail("input rank unknown")
-        if x.dtype not in (None, ir.DataType.FLOAT):
-            return result.fail("only float32 LayerNormalization is decomposed")
-        return result
-
-    def rewrite(self, op, x, scale, y, **_):
-        node = y.producer()
-        rank = len(x.shape)
-        axis = node.attributes.get_int("axis", -1) % rank
-        eps = node.attributes.get_float("epsilon", 1e-5)
-        axes = list(range(axis, rank))
-        base = node.name or "LayerNormalization"
-        mean = op.ReduceMean(x, axes=axes, keepdims=1)
-        d = op.Sub(x, mean)
-        var = op.ReduceMean(op.Mul(d, d), axes=axes, keepdims=1)
-        std = op.Sqrt(op.Add(var, self._const(op, eps, f"{base}_epsilon")))
-        out = op.Mul(op.Div(d, std), scale)
-        bias = node.inputs[2] if len(node.inputs) > 2 else None
-        if bias is not None:
-            out = op.Add(out, bias)
-        return out
-
-
-class DecomposeGelu(_DecomposeBase):
-    """Gelu (opset 20) -> Erf form (approximate='none') or Tanh form (approximate='tanh')."""
-
-    def pattern(self, op, x):
-        return op.Gelu(x, _allow_other_attributes=True, _outputs=["y"])
-
-    def check(self, context, x, y, **_) -> MatchResult:
-        self.holder["graph"] = context.graph_or_function
-        return MatchResult()
-
-    def rewrite(self, op, x, y, **_):
-        node = y.producer()
-        base = node.name or "Gelu"
-        approx = node.attributes.get_string("approximate", "none")
-        half = self._const(op, 0.5, f"{base}_half")
-        one = self._const(op, 1.0, f"{base}_one")
-        if approx == "tanh":
-            c = self._const(op, math.sqrt(2.0 / math.pi), f"{base}_sqrt_2_over_pi")
-            k = self._const(op, 0.044715, f"{base}_k")
-            inner = op.Mul(c, op.Add(x, op.Mul(k, op.Mul(x, op.Mul(x, x)))))
-            t = op.Tanh(inner)
-        else:
-            t = op.Erf(op.Div(x, self._const(op, math.sqrt(2.0), f"{base}_sqrt2")))
-        return op.Mul(op.Mul(half, x), op.Add(one, t))
-
-
-# op -> the opset it was born in; decomposed when converting below that opset
-DECOMPOSED_OPS = {"LayerNormalization": 17, "Gelu": 20}
-
-
-def decomposition_rules(holder: dict[str, Any], below_opset: int) -> list:
-    """Rules decomposing the ops of DECOMPOSED_OPS that do not exist at `below_opset`."""
-    rules = {"LayerNormalization": DecomposeLayerNorm, "Gelu": DecomposeGelu}
-    return [rules[op].rule(holder) for op, born in DECOMPOSED_OPS.items() if born > below_opset]
+    @classmethod
+    def of(cls, model: ir.Model) -> dict[str, str]:
+        tracer = cls()
+        for rules in LOWERING_RULE_SETS:
+            rules.apply_to_model(model, tracer=tracer)
+        return tracer.reasons
