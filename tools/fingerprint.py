@@ -133,10 +133,10 @@ def real_cases(cpu: str) -> list[tuple[str, Path, list[str]]]:
     cases += [(f"ppocr_det/{r}/ascend310b", det, ["--target", "ascend310b", "--recipe", r, *shape, *data])
               for r in ("w8a8", "w8a8-cnn", "w8a16")]
     try:
-        bench = load("qc_bench", ROOT / "tools" / "bench.py")
+        from benchlib.setups import export_minilm
         minilm_data = load("qc_minilm_data", ROOT / "tools" / "minilm_data.py")
         ckpt = zoo.fetch("minilm")
-        model = bench.export_minilm(ckpt, sys.executable)
+        model = export_minilm(ckpt, sys.executable)
         msets = minilm_data.make_sets(ckpt, zoo.cache_root() / "data", n_calib=64, n_eval=200, seq=64)
         mdata = ["--calib", str(msets["calib"]), "--verify-data", str(msets["eval"]), "--verify-samples", "64"]
         for r in ("w8a8", "w8a8-smooth", "w8a8-fa3", "w4a16-gptq"):

@@ -1,6 +1,6 @@
 """Import a sibling script by path: models/ and tools/ are folders of scripts, not packages.
 
-Module names are fixed per file (qc_zoo, qc_peers, ...) so every tool that loads the same
+Module names are fixed per file (qc_zoo, qc_ppocr_data, ...) so every tool that loads the same
 script shares one module object.
 """
 

@@ -1,0 +1,119 @@
+"""The models the model bench measures and the data it uses: PP-OCR det/cls from their PyPI
+wheel (rendered text pages), all-MiniLM-L6-v2 exported once from its wheel (sentences), and
+the seeded builders (small_cnn, bert_block)."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODELS = ("ppocr_det", "ppocr_cls", "minilm", "small_cnn", "bert_block")
+for _p in (str(ROOT), str(ROOT / "tools")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+
+# ---------------------------------------------------------------------- models
+@dataclass
+class ModelSetup:
+    name: str
+    model: Path                     # fp32 ONNX (as shipped / exported / built)
+    calib: Path
+    eval: Path
+    shapes: dict                    # batch-1 input shapes
+    family: str                     # cnn | transformer
+    metric: str                     # det_iou | class_agreement | embedding_cosine
+    notes: list = field(default_factory=list)
+
+
+def npz_len(path) -> int:
+    with np.load(path) as z:
+        return len(z[z.files[0]])
+
+
+def export_minilm(checkpoint: Path, python: str, timeout: float = 1800) -> Path:
+    """Export the MiniLM checkpoint once (models/export_hf.py in a subprocess, so torch never
+    enters this process) to ``$QCOMPILE_CACHE/models/minilm/export/minilm.onnx``; reused while
+    the sidecar's checkpoint hash and exporter settings match."""
+    from models import zoo
+    entry = zoo.get("minilm")
+    out_dir = zoo.model_dir("minilm") / "export"
+    out, side = out_dir / "minilm.onnx", out_dir / "minilm.onnx.json"
+    want = {"checkpoint_sha256": entry.sha256, "exporter": "models/export_hf.py", "opset": 17, "dynamo": False}
+    if out.is_file() and side.is_file():
+        try:
+            if json.loads(side.read_text()) == want:
+                return out
+        except (OSError, ValueError):
+            pass
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".minilm.{os.getpid()}.onnx"
+    cmd = [python, str(ROOT / "models" / "export_hf.py"), str(checkpoint), str(tmp), "--opset", "17"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    if p.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"MiniLM export failed (rc={p.returncode}): {(p.stderr or p.stdout).strip()[-600:]}")
+    os.replace(tmp, out)
+    side.write_text(json.dumps(want, indent=1))
+    return out
+
+
+def _builder(name: str):
+    """A seeded builder, imported as ``models.<name>`` (they import ``models.graph_builder``)."""
+    return importlib.import_module(f"models.{name}")
+
+
+def _shapes_from(npz) -> dict:
+    """Batch-1 input shapes of a builder's calibration set (the builders own their sizes)."""
+    with np.load(npz) as z:
+        return {k: [1, *z[k].shape[1:]] for k in z.files}
+
+
+def setup_model(name: str, work: Path, args) -> ModelSetup:
+    work.mkdir(parents=True, exist_ok=True)
+    if name == "small_cnn":
+        p = _builder("small_cnn").write(work / "src")
+        return ModelSetup(name, p["model"], p["calib"], p["eval"], _shapes_from(p["calib"]), "cnn",
+                          "class_agreement", ["seeded builder models/small_cnn.py (random weights)"])
+    if name == "bert_block":
+        p = _builder("bert_block").write(work / "src")
+        return ModelSetup(name, p["model"], p["calib"], p["eval"], _shapes_from(p["calib"]), "transformer",
+                          "embedding_cosine", ["seeded builder models/bert_block.py (2 layers, hidden 64, "
+                                               "random weights, -3.4e38 additive mask)"])
+    from models import zoo
+    if name in ("ppocr_det", "ppocr_cls"):
+        import ppocr_data
+        model = zoo.fetch(name)
+        sets = ppocr_data.make_sets(name, args.data_dir)
+        entry = zoo.get(name)
+        return ModelSetup(name, model, sets["calib"], sets["eval"],
+                          {k: list(v) for k, v in entry.input_shape.items()}, "cnn",
+                          "det_iou" if name == "ppocr_det" else "class_agreement",
+                          [f"{entry.package}=={entry.version} {entry.filename}; rendered-text data "
+                           f"(tools/ppocr_data.py)"])
+    if name == "minilm":
+        import minilm_data
+        ckpt = zoo.fetch("minilm")
+        model = export_minilm(ckpt, args.python)
+        sets = minilm_data.make_sets(ckpt, Path(args.data_dir), n_calib=64, n_eval=200, seq=64)
+        entry = zoo.get("minilm")
+        return ModelSetup(name, model, sets["calib"], sets["eval"],
+                          {k: list(v) for k, v in entry.input_shape.items()}, "transformer",
+                          "embedding_cosine", ["all-MiniLM-L6-v2 exported by models/export_hf.py (opset 17, "
+                                               "TorchScript); sentences from tools/minilm_data.py, seq 64"])
+    raise KeyError(f"unknown model {name!r}; known: {', '.join(DEFAULT_MODELS)}")
+
+
+def has_const_matmul(model_path) -> bool:
+    """Whether MatMulNBits has anything to do: a MatMul whose B is a 2-D initializer."""
+    import onnx
+    m = onnx.load(str(model_path), load_external_data=False)
+    inits = {t.name: len(t.dims) for t in m.graph.initializer}
+    return any(n.op_type == "MatMul" and len(n.input) > 1 and inits.get(n.input[1]) == 2 for n in m.graph.node)
