@@ -114,25 +114,24 @@ def _cmd_targets(argv: list[str]) -> int:
 def _cmd_recipes(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="qcompile recipes", description="List built-in recipes.").parse_args(argv)
     from .recipe_files import builtin_recipes, description
-    table = Table(title="built-in recipes")
-    table.add_column("recipe")
-    table.add_column("description")
-    for name, path in sorted(builtin_recipes().items()):
-        table.add_row(name, description(path))
-    Console().print(table)
+    _print_names("built-in recipes", "recipe", ((n, description(p)) for n, p in sorted(builtin_recipes().items())))
     return 0
 
 
 def _cmd_passes(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="qcompile passes", description="List registered passes.").parse_args(argv)
     from .pass_catalog import all_passes
-    table = Table(title="passes")
-    table.add_column("pass")
-    table.add_column("description")
-    for name, spec in all_passes().items():
-        table.add_row(name, spec.summary)
-    Console().print(table)
+    _print_names("passes", "pass", ((name, spec.summary) for name, spec in all_passes().items()))
     return 0
+
+
+def _print_names(title: str, column: str, rows) -> None:
+    table = Table(title=title)
+    table.add_column(column)
+    table.add_column("description")
+    for name, text in rows:
+        table.add_row(name, text)
+    Console().print(table)
 
 
 def _cmd_verify(argv: list[str]) -> int:

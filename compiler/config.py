@@ -119,6 +119,14 @@ def build_config(cls: type, options: dict, *, file: str | None = None, pass_name
     return cfg
 
 
+def at_least(config: Any, **minimums: int) -> tuple[str, str] | None:
+    """For a config's `validate`: the first of the named fields below its minimum, as (key, message)."""
+    for key, low in minimums.items():
+        if getattr(config, key) < low:
+            return key, f"must be at least {low}"
+    return None
+
+
 def config_to_dict(cfg: Any) -> Any:
     """Plain YAML-able form of a config (for the resolved recipe)."""
     if dataclasses.is_dataclass(cfg):

@@ -274,28 +274,6 @@ def reduce_absmax(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarr
         return np.asarray(w.min()), np.asarray(w.max())
     other = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
     return w.min(axis=other), w.max(axis=other)
-def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB (inf when identical)."""
-    ref = np.asarray(reference, dtype=np.float64).ravel()
-    err = ref - np.asarray(approx, dtype=np.float64).ravel()
-    noise = float(np.dot(err, err))
-    signal = float(np.dot(ref, ref))
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0:
-        return float("-inf")
-    return 10.0 * np.log10(signal / noise)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0.0 or nb == 0.0:
-        return 1.0 if na == nb else 0.0
-    return float(np.dot(a, b) / (na * nb))
-
-
 def full_range_qparams(lo, hi, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric scales that map each range's largest-magnitude end to qmin (-8 for int4),
     the sign carried by the scale (so scales may be negative), zero point 0: all 2^bits

@@ -34,6 +34,10 @@ class QPass(onnx_ir.passes.InPlacePass):
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    # the contract as data; a pass whose contract depends on its config overrides the method
+    NEEDS: ClassVar[frozenset[Fact]] = frozenset()
+    GIVES: ClassVar[frozenset[Fact]] = frozenset()
+    INVALIDATES: ClassVar[frozenset[Fact]] = frozenset()
 
     def __init__(self, config: Any, ctx: Any):
         super().__init__()
@@ -43,17 +47,17 @@ class QPass(onnx_ir.passes.InPlacePass):
     # -- contract (class-level: checked before any model is loaded) -----------------------
     @classmethod
     def needs(cls, config: Any) -> frozenset[Fact]:
-        return frozenset()
+        return cls.NEEDS
 
     @classmethod
     def gives(cls, config: Any) -> frozenset[Fact]:
-        return frozenset()
+        return cls.GIVES
 
     @classmethod
     def invalidates(cls, config: Any) -> frozenset[Fact]:
         """Facts this pass makes stale: a pass that changes the float model's values
         invalidates facts.FLOAT_MODEL_CHANGED."""
-        return frozenset()
+        return cls.INVALIDATES
 
     @classmethod
     def wants_ranges(cls, model: ir.Model, config: Any, target: Any) -> RangeRequest:

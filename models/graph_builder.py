@@ -9,6 +9,27 @@ import onnx
 from onnx import helper, numpy_helper
 
 
+def write_with_data(out_dir, filename: str, model: onnx.ModelProto, sample_inputs, seed: int) -> dict:
+    """`filename` in `out_dir` with calib.npz (32 samples, seed + 1) and eval.npz (64, seed + 2)
+    from `sample_inputs(n, seed)`: what every seeded builder's `write` ships."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"model": out / filename, "calib": out / "calib.npz", "eval": out / "eval.npz"}
+    onnx.save(model, paths["model"])
+    np.savez(paths["calib"], **sample_inputs(32, seed + 1))
+    np.savez(paths["eval"], **sample_inputs(64, seed + 2))
+    return paths
+
+
+def plant_outliers(rng: np.random.Generator, hidden: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` hidden channels and a 10-20x gain for each: where a builder plants activation
+    outliers (what SmoothQuant-style passes must handle)."""
+    outliers = rng.choice(hidden, size=min(count, hidden), replace=False)
+    return outliers, rng.uniform(10.0, 20.0, size=outliers.size)
+
+
 class GraphBuilder:
     """Nodes named like the exporter's (`/scope/Op`, `/scope/Op_1`, ...), outputs `<node>_output_0`."""
 

@@ -41,7 +41,7 @@ import onnx
 from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script, or loaded by path
-from graph_builder import GraphBuilder  # noqa: E402
+from graph_builder import GraphBuilder, plant_outliers, write_with_data  # noqa: E402
 
 OPSET = 17
 PAD_ID = 0
@@ -73,8 +73,7 @@ def build(seed: int = 0, *, vocab: int = 512, hidden: int = 64, heads: int = 4, 
     n_rep = heads // kv_heads
     rng = np.random.default_rng(seed)
     b = _Builder()
-    outliers = rng.choice(hidden, size=min(outlier_channels, hidden), replace=False)
-    outlier_gain = rng.uniform(10.0, 20.0, size=outliers.size)
+    outliers, outlier_gain = plant_outliers(rng, hidden, outlier_channels)
 
     def rms_norm(x, scope, prefix, output=None, big=True):
         w = rng.uniform(0.8, 1.2, hidden)
@@ -216,13 +215,7 @@ def sample_inputs(n: int, seed: int, seq: int = 16, vocab: int = 512, layers: in
 
 
 def write(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"model": out / "llama_block.onnx", "calib": out / "calib.npz", "eval": out / "eval.npz"}
-    onnx.save(build(seed), paths["model"])
-    np.savez(paths["calib"], **sample_inputs(32, seed + 1))
-    np.savez(paths["eval"], **sample_inputs(64, seed + 2))
-    return paths
+    return write_with_data(out_dir, "llama_block.onnx", build(seed), sample_inputs, seed)
 
 
 def _session(source):

@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.config import at_least
 from qcompile.facts import FLOAT_MODEL_CHANGED, Fact
 from qcompile.numerics import compute_qparams, full_range_qparams, qrange
 from qcompile.qdq import set_constant_input
@@ -48,23 +49,17 @@ class AWQ(QPass):
         rows: int = 1024
 
         def validate(self):
-            if self.alpha_steps < 1:
-                return "alpha_steps", "must be at least 1"
+            problem = at_least(self, alpha_steps=1)
+            if problem:
+                return problem
             if not 0.0 < self.min_clip <= 1.0:
                 return "min_clip", f"must be in (0, 1], got {self.min_clip}"
             if self.weight.granularity != "per_group" or self.weight.dtype not in ("int4", "int8"):
                 return "weight", "AWQ searches per-group int4/int8 weight scales (weight.granularity: per_group)"
-            if self.rows < 16:
-                return "rows", "must be at least 16"
-            return None
+            return at_least(self, rows=16)
 
-    @classmethod
-    def gives(cls, config) -> frozenset[Fact]:
-        return frozenset({Fact.WEIGHTS_ROUNDED})
-
-    @classmethod
-    def invalidates(cls, config) -> frozenset[Fact]:
-        return FLOAT_MODEL_CHANGED
+    GIVES = frozenset({Fact.WEIGHTS_ROUNDED})
+    INVALIDATES = FLOAT_MODEL_CHANGED
 
     def run(self, model: ir.Model) -> bool:
         cfg, ctx = self.config, self.ctx

@@ -14,6 +14,7 @@ import onnx_ir as ir
 
 from qcompile.analyses import RangeMethod
 from qcompile.calib_data import model_input_specs, open_dataset
+from qcompile.config import at_least
 from qcompile.facts import Fact
 from qcompile.observers import HistogramObserver
 from qcompile.registry import QPass, register_pass
@@ -37,17 +38,9 @@ class Calibrate(QPass):
         def validate(self):
             if not 50.0 < self.percentile <= 100.0:
                 return "percentile", f"must be in (50, 100], got {self.percentile}"
-            if self.samples < 1:
-                return "samples", "must be at least 1"
-            if self.batch_size < 1:
-                return "batch_size", "must be at least 1"
-            if self.bins < 128:
-                return "bins", "must be at least 128"
-            return None
+            return at_least(self, samples=1, batch_size=1, bins=128)
 
-    @classmethod
-    def gives(cls, config) -> frozenset[Fact]:
-        return frozenset({Fact.RANGES})
+    GIVES = frozenset({Fact.RANGES})
 
     def run(self, model: ir.Model) -> bool:
         """Observes; the graph is not changed (modified: False)."""

@@ -38,9 +38,7 @@ class Canonicalize(QPass):
         # Gemm/MatMul normal form: keep what the exporter wrote, or rewrite one into the other.
         gemm: Literal["keep", "to_matmul_add", "from_matmul_add"] = "keep"
 
-    @classmethod
-    def gives(cls, config) -> frozenset[Fact]:
-        return frozenset({Fact.CANONICAL})
+    GIVES = frozenset({Fact.CANONICAL})
 
     def run(self, model: ir.Model) -> bool:
         start = signature(model)

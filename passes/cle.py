@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.config import at_least
 from qcompile.facts import FLOAT_MODEL_CHANGED, Fact
 from qcompile.registry import QPass, register_pass
 
@@ -48,17 +49,10 @@ class CrossLayerEqualization(QPass):
         iterations: int = 4
 
         def validate(self):
-            if self.iterations < 1:
-                return "iterations", "must be at least 1"
-            return None
+            return at_least(self, iterations=1)
 
-    @classmethod
-    def gives(cls, config) -> frozenset[Fact]:
-        return frozenset({Fact.EQUALIZED})
-
-    @classmethod
-    def invalidates(cls, config) -> frozenset[Fact]:
-        return FLOAT_MODEL_CHANGED
+    GIVES = frozenset({Fact.EQUALIZED})
+    INVALIDATES = FLOAT_MODEL_CHANGED
 
     @staticmethod
     def pairs(model: ir.Model) -> tuple[list[Pair], dict[str, str]]:

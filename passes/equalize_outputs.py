@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.config import at_least
 from qcompile.errors import DataError
 from qcompile.facts import FLOAT_MODEL_CHANGED, Fact
 from qcompile.qdq import set_constant_input
@@ -67,17 +68,10 @@ class EqualizeOutputs(QPass):
         def validate(self):
             if not 0.0 < self.strength <= 1.0:
                 return "strength", f"must be in (0, 1], got {self.strength}"
-            if self.samples < 1:
-                return "samples", "must be at least 1"
-            return None
+            return at_least(self, samples=1)
 
-    @classmethod
-    def gives(cls, config) -> frozenset[Fact]:
-        return frozenset({Fact.EQUALIZED})
-
-    @classmethod
-    def invalidates(cls, config) -> frozenset[Fact]:
-        return FLOAT_MODEL_CHANGED
+    GIVES = frozenset({Fact.EQUALIZED})
+    INVALIDATES = FLOAT_MODEL_CHANGED
 
     @classmethod
     def candidates(cls, model: ir.Model, config) -> tuple[list[Candidate], dict[str, str]]:

@@ -55,9 +55,7 @@ class Fuse(QPass):
                 return "rules", f"unknown fusion group(s) {unknown}; known: {', '.join(fusions.GROUPS)}"
             return None
 
-    @classmethod
-    def gives(cls, config) -> frozenset[Fact]:
-        return frozenset({Fact.FUSED})
+    GIVES = frozenset({Fact.FUSED})
 
     @classmethod
     def min_opset(cls, config, target=None) -> int:

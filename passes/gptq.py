@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.analyses import PrecomputedWeight
+from qcompile.config import at_least
 from qcompile.errors import DataError, RecipeError
 from qcompile.facts import FLOAT_MODEL_CHANGED, Fact
 from qcompile.numerics import compute_qparams, full_range_qparams, qrange
@@ -55,23 +56,17 @@ class GPTQ(QPass):
         def validate(self):
             if not 0.0 < self.damp < 1.0:
                 return "damp", f"must be in (0, 1), got {self.damp}"
-            if self.block_size < 1:
-                return "block_size", "must be at least 1"
-            if self.conv_positions < 1:
-                return "conv_positions", "must be at least 1"
+            problem = at_least(self, block_size=1, conv_positions=1)
+            if problem:
+                return problem
             if self.weight.dtype not in ("int4", "int8", "uint4", "uint8"):
                 return "weight.dtype", f"GPTQ rounds integer weights, not {self.weight.dtype}"
             if self.weight.rounding != "half_even":
                 return "weight.rounding", "GPTQ chooses the rounding itself; leave rounding at half_even"
             return None
 
-    @classmethod
-    def gives(cls, config) -> frozenset[Fact]:
-        return frozenset({Fact.WEIGHTS_ROUNDED})
-
-    @classmethod
-    def invalidates(cls, config) -> frozenset[Fact]:
-        return FLOAT_MODEL_CHANGED
+    GIVES = frozenset({Fact.WEIGHTS_ROUNDED})
+    INVALIDATES = FLOAT_MODEL_CHANGED
 
     def run(self, model: ir.Model) -> bool:
         cfg, ctx = self.config, self.ctx

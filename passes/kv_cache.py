@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.config import at_least
 from qcompile.errors import DataError, RecipeError
 from qcompile.qdq import add_initializer
 from qcompile.registry import QPass, register_pass
@@ -83,9 +84,7 @@ class KVCache(QPass):
         head_axis: int = 1  # [batch, kv_heads, sequence, head_dim], as Hugging Face exports it
 
         def validate(self):
-            if self.samples < 1:
-                return "samples", "must be at least 1"
-            return None
+            return at_least(self, samples=1)
 
     @classmethod
     def keeps_dynamic_shapes(cls, config) -> bool:

@@ -70,9 +70,7 @@ class QuantizeAttention(QPass):
                 return "inputs", "name at least one of query, key, value"
             return None
 
-    @classmethod
-    def needs(cls, config) -> frozenset[Fact]:
-        return frozenset({Fact.FUSED, Fact.RANGES})
+    NEEDS = frozenset({Fact.FUSED, Fact.RANGES})
 
     @classmethod
     def check_target(cls, config, target) -> str | None:
@@ -86,9 +84,7 @@ class QuantizeAttention(QPass):
                     "stay as they are) or compile for cpu")
         return None
 
-    @classmethod
-    def gives(cls, config) -> frozenset[Fact]:
-        return frozenset({Fact.QDQ})
+    GIVES = frozenset({Fact.QDQ})
 
     @classmethod
     def wants_ranges(cls, model: ir.Model, config, target) -> RangeRequest:

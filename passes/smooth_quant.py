@@ -35,6 +35,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.config import at_least
 from qcompile.facts import FLOAT_MODEL_CHANGED, Fact
 from qcompile.numerics import compute_qparams, dequantize, quantize, reduce_absmax
 from qcompile.qdq import set_constant_input
@@ -69,19 +70,10 @@ class SmoothQuant(QPass):
                 bad = [a for a in values if not 0.0 < a < 1.0]
                 if bad:
                     return key, f"alpha must be in (0, 1), got {bad[0]}"
-            if self.samples < 1:
-                return "samples", "must be at least 1"
-            if self.rows < 16:
-                return "rows", "must be at least 16"
-            return None
+            return at_least(self, samples=1, rows=16)
 
-    @classmethod
-    def gives(cls, config) -> frozenset[Fact]:
-        return frozenset({Fact.SMOOTHED})
-
-    @classmethod
-    def invalidates(cls, config) -> frozenset[Fact]:
-        return FLOAT_MODEL_CHANGED
+    GIVES = frozenset({Fact.SMOOTHED})
+    INVALIDATES = FLOAT_MODEL_CHANGED
 
     @classmethod
     def groups(cls, model: ir.Model, config) -> list[Group]:

@@ -185,6 +185,16 @@ def tiny() -> TinyModels:
     return TinyModels()
 
 
+def compile_tiny_mlp(run_cli, tmp_path: Path, recipe_text: str) -> tuple[CliResult, Path]:
+    """The CLI on the tiny MLP (4 calibration samples) with a recipe given as YAML text:
+    (the result, the output folder it was asked to write)."""
+    path, npz = TinyModels.save(TinyModels().mlp(), tmp_path, "m", TinyModels.data((16,), 4))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text)
+    out = tmp_path / "out"
+    return run_cli([path, "--target", "cpu", "--recipe", recipe, "--calib", npz, "-o", out]), out
+
+
 # -- running passes directly -----------------------------------------------------------------
 @pytest.fixture
 def pipeline(tmp_path):

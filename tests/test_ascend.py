@@ -509,16 +509,21 @@ def test_variant_picks_the_soc_version(run_cli, small_cnn_files, tmp_path):
     assert "--soc_version=Ascend910B3" in (out / "atc.sh").read_text()
 
 
+def matmul_then(node, w: np.ndarray, y_shape: list[int], *, opset: int, ir_version: int):
+    """x [1, 8] -> MatMul(w) as /fc/MatMul -> `node` (reading h, writing y of `y_shape`)."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="/fc/MatMul"), node]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                              initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model
+
+
 def test_operators_outside_the_atc_list_are_reported(run_cli, tmp_path):
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((8, 8)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="/fc/MatMul"),
-             helper.make_node("Einsum", ["h"], ["y"], name="/swap/Einsum", equation="ij->ji")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 1])],
-                              initializer=[numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
-    model.ir_version = 8
+    model = matmul_then(helper.make_node("Einsum", ["h"], ["y"], name="/swap/Einsum", equation="ij->ji"),
+                        rng.standard_normal((8, 8)).astype(np.float32), [8, 1], opset=16, ir_version=8)
     path, npz = TinyModels.save(model, tmp_path, "einsum", rng.standard_normal((8, 8)).astype(np.float32))
     out = tmp_path / "out"
     res = run_cli([path, "--target", "ascend310p", "--calib", npz, "-o", out, "-q"])
@@ -673,14 +678,8 @@ def test_conv_feeding_a_graph_output_keeps_the_output_name(tmp_path):
 def test_gelu_is_decomposed_when_converting_down(tmp_path, approximate):
     from qcompile.driver import compile_model
     rng = np.random.default_rng(0)
-    w = (rng.standard_normal((8, 8)) * 0.5).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="/fc/MatMul"),
-             helper.make_node("Gelu", ["h"], ["y"], name="/act/Gelu", approximate=approximate)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
-                              initializer=[numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    model.ir_version = 9
+    model = matmul_then(helper.make_node("Gelu", ["h"], ["y"], name="/act/Gelu", approximate=approximate),
+                        (rng.standard_normal((8, 8)) * 0.5).astype(np.float32), [1, 8], opset=20, ir_version=9)
     path, npz = TinyModels.save(model, tmp_path, "gelu", rng.standard_normal((16, 8)).astype(np.float32))
     res = compile_model(path, target="ascend910b", calib=npz, output_dir=tmp_path / "out", progress=False)
     assert res.report["ascend"]["decomposed"] == {"Gelu": 1}

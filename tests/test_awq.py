@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import TinyModels, to_proto
+from conftest import TinyModels, compile_tiny_mlp, to_proto
 from test_smooth_quant import block_model, outlier_data, smooth_recipe
 
 
@@ -45,10 +45,6 @@ def test_awq_beats_round_to_nearest_w4a16(tmp_path):
 
 @pytest.mark.parametrize("option,key", [("min_clip: 0", "min_clip"), ("weight: {granularity: per_channel}", "weight"),
                                         ("alpha_steps: 0", "alpha_steps")])
-def test_bad_awq_options_are_recipe_errors(tmp_path, run_cli, tiny, option, key):
-    path, npz = TinyModels.save(tiny.mlp(), tmp_path, "m", TinyModels.data((16,), 4))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(awq_recipe() + f"      {option}\n")
-    out = tmp_path / "out"
-    res = run_cli([path, "--target", "cpu", "--recipe", recipe, "--calib", npz, "-o", out])
+def test_bad_awq_options_are_recipe_errors(tmp_path, run_cli, option, key):
+    res, out = compile_tiny_mlp(run_cli, tmp_path, awq_recipe() + f"      {option}\n")
     assert res.code == 4 and f"key '{key}'" in res.err and not out.exists(), res.err

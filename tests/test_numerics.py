@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompile.numerics import (DTYPES, FLOAT8_TYPES, INT_TYPES, bits, block_minmax, compute_qparams, cosine,
+from qcompile.numerics import (DTYPES, FLOAT8_TYPES, INT_TYPES, bits, block_minmax, compute_qparams,
                                dequantize, dynamic_quantize_per_tensor_uint8, dynamic_quantize_per_token,
-                               is_float8, onnx_dtype, qrange, quantize, round_values, sqnr_db, to_storage)
+                               is_float8, onnx_dtype, qrange, quantize, round_values, to_storage)
 
 RANGES = {"int4": (-8, 7), "uint4": (0, 15), "int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
 NP_TYPES = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16}
@@ -599,29 +599,3 @@ def test_blocked_quantize_and_dequantize_match_onnxruntime(dtype, onnx_type):
     ort_q, ort_y = _ort_run(nodes, [], out, {}, consts)
     np.testing.assert_array_equal(q, ort_q)
     np.testing.assert_array_equal(dequantize(q, scale, zp, axis=0, block_size=16), ort_y)
-
-
-# -- error metrics ----------------------------------------------------------------------------------
-def test_sqnr_db_matches_formula():
-    rng = np.random.default_rng(2)
-    ref = rng.standard_normal((4, 50))
-    approx = ref + rng.standard_normal((4, 50)) * 0.01
-    expected = 10 * math.log10(float(np.sum(ref ** 2)) / float(np.sum((ref - approx) ** 2)))
-    assert sqnr_db(ref, approx) == pytest.approx(expected, rel=1e-12)
-    assert sqnr_db(ref, ref) == math.inf
-    assert sqnr_db(np.zeros(5), np.ones(5)) == -math.inf
-    # noise power equal to signal power -> 0 dB; 10x smaller amplitude noise -> 20 dB
-    x = np.array([1.0, -1.0, 1.0, -1.0])
-    assert sqnr_db(x, np.zeros(4)) == pytest.approx(0.0, abs=1e-12)
-    assert sqnr_db(x, x * 0.9) == pytest.approx(20.0, abs=1e-9)
-
-
-def test_cosine_matches_formula():
-    rng = np.random.default_rng(4)
-    a, b = rng.standard_normal(300), rng.standard_normal(300)
-    expected = float(a @ b) / math.sqrt(float(a @ a) * float(b @ b))
-    assert cosine(a, b) == pytest.approx(expected, rel=1e-12)
-    assert cosine(a, 3 * a) == pytest.approx(1.0, abs=1e-12)
-    assert cosine(a, -a) == pytest.approx(-1.0, abs=1e-12)
-    assert cosine(np.zeros(3), np.zeros(3)) == 1.0
-    assert cosine(np.zeros(3), np.ones(3)) == 0.0

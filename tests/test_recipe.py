@@ -87,6 +87,11 @@ def test_unknown_pass(tmp_path):
     ("- type: quantize\n  activation: null\n  excludes: ['/head/*']", "quantize", "excludes"),
 ])
 def test_unknown_key(tmp_path, pass_yaml, pass_name, key):
+    assert_located(tmp_path, pass_yaml, pass_name, key)
+
+
+def assert_located(tmp_path, pass_yaml: str, pass_name: str, key: str) -> None:
+    """The recipe error names the file, the pass and the key, in its text and its fields."""
     path = write_recipe(tmp_path, pass_yaml)
     err = load_error(path)
     text = str(err)
@@ -105,11 +110,7 @@ def test_unknown_key(tmp_path, pass_yaml, pass_name, key):
     ("- type: quantize\n  activation: null\n  weight: int8", "quantize", "weight"),
 ])
 def test_wrong_type(tmp_path, pass_yaml, pass_name, key):
-    path = write_recipe(tmp_path, pass_yaml)
-    err = load_error(path)
-    text = str(err)
-    assert str(path) in text and f"pass '{pass_name}'" in text and f"key '{key}'" in text
-    assert err.key == key and err.pass_name == pass_name
+    assert_located(tmp_path, pass_yaml, pass_name, key)
 
 
 @pytest.mark.parametrize("pass_yaml,key", [
@@ -147,6 +148,48 @@ def test_pass_ordered_before_what_it_needs(tmp_path):
     assert str(path) in text and "pass 'quantize'" in text
     assert "ranges" in text  # what is missing
     assert err.hint and "calibrate" in err.hint  # what to put before it
+
+
+@pytest.mark.parametrize("equalizer", ["smooth_quant", "equalize_outputs", "gptq", "cle", "awq"])
+def test_a_pass_changing_the_float_model_after_calibrate_is_an_order_error(tmp_path, run_cli, equalizer):
+    """It would leave quantize with stale ranges: refused before any work, both passes named."""
+    path = write_recipe(tmp_path, f"""
+        - type: canonicalize
+        - type: calibrate
+        - type: {equalizer}
+        - type: quantize
+    """)
+    err = load_error(path)
+    text = str(err)
+    assert f"pass '{equalizer}'" in text and "'calibrate'" in text and "ranges" in text
+    assert err.pass_name == equalizer and err.hint == f"put {equalizer} before calibrate"
+    out = tmp_path / "out"
+    res = run_cli([tmp_path / "none.onnx", "--recipe", path, "-o", out])   # no model needed: refused first
+    assert res.code == EXIT_RECIPE and f"pass '{equalizer}'" in res.err and not out.exists()
+
+
+def test_a_weight_algorithm_after_quantize_is_an_order_error(tmp_path):
+    path = write_recipe(tmp_path, """
+        - type: canonicalize
+        - type: quantize
+          activation: null
+        - type: gptq
+    """)
+    err = load_error(path)
+    assert err.pass_name == "gptq" and "'quantize'" in str(err) and "qdq" in str(err)
+
+
+def test_every_builtin_recipe_is_in_contract_order():
+    """The facts each step needs are given by an earlier step, none is invalidated after it is given."""
+    from qcompile.facts import Fact
+
+    for name in builtin_recipes():
+        given: set = set()
+        for step in load_recipe(name).steps:
+            assert step.spec.cls.needs(step.config) <= given, (name, step.spec.name)
+            assert not step.spec.cls.invalidates(step.config) & given, (name, step.spec.name)
+            given |= step.spec.cls.gives(step.config)
+        assert Fact.CANONICAL in given, name
 
 
 def test_weight_only_quantize_needs_no_calibrate(tmp_path):

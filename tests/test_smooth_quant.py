@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import TinyModels, ort_run_batched, to_proto
+from conftest import TinyModels, compile_tiny_mlp, ort_run_batched, to_proto
 
 D, H = 16, 24
 
@@ -126,12 +126,8 @@ def test_smoothing_an_outlier_channel_lowers_w8a8_error(pipeline):
 
 @pytest.mark.parametrize("option,key", [("alpha: 1.5", "alpha"), ("alpha_search: [0.5, 0.0]", "alpha_search"),
                                         ("rows: 2", "rows")])
-def test_bad_alpha_is_a_recipe_error(tmp_path, run_cli, tiny, option, key):
-    path, npz = TinyModels.save(tiny.mlp(), tmp_path, "m", TinyModels.data((16,), 4))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(smooth_recipe() + f"      {option}\n")
-    out = tmp_path / "out"
-    res = run_cli([path, "--target", "cpu", "--recipe", recipe, "--calib", npz, "-o", out])
+def test_bad_alpha_is_a_recipe_error(tmp_path, run_cli, option, key):
+    res, out = compile_tiny_mlp(run_cli, tmp_path, smooth_recipe() + f"      {option}\n")
     assert res.code == 4 and f"key '{key}'" in res.err and not out.exists(), res.err
 
 

@@ -168,7 +168,8 @@ def compare(old: dict, new: dict) -> list[str]:
         for field in ("exit", "files", "outputs", "checked", "layers", "layer_errors"):
             if a.get(field) != b.get(field):
                 if field == "files":
-                    names = sorted(set(a["files"]) | set(b["files"]))
+                    names = sorted(n for n in set(a["files"]) | set(b["files"])
+                                   if "#" not in n or (n in a["files"] and n in b["files"]))  # older runs lack '#'
                     changed = [n for n in names if a["files"].get(n) != b["files"].get(n)]
                     plain = [n for n in changed if "#" not in n]
                     rules_only = [n for n in plain if f"{n}#no-rule-names" in a["files"]

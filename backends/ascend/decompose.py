@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from .rules import unique_init_name
+from .qdq_form import unique_init_name
 
 # op -> the opset it was born in; decomposed when converting below that opset
 DECOMPOSED_OPS = {"LayerNormalization": 17, "Gelu": 20}

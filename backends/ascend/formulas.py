@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from qcompile.numerics import round_values
+
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 ROUND_MODES = ("Round", "Floor", "Ceil", "Trunc")  # Round = half to even
 INT8_MIN, INT8_MAX = -128, 127
@@ -59,16 +61,14 @@ def quant_attributes(x_scale: float, x_zero_point: int = 0, *, round_mode: str =
     return {"scale": scale, "offset": float(x_zero_point), "sqrt_mode": int(sqrt_mode), "round_mode": round_mode}
 
 
+# AscendQuant's round_mode -> compiler/numerics.py's rounding mode of the same arithmetic
+_NUMERICS_ROUNDING = {"Round": "half_even", "Floor": "floor", "Ceil": "ceil", "Trunc": "trunc"}
+
+
 def round_mode_values(v: np.ndarray, mode: str) -> np.ndarray:
-    if mode == "Round":
-        return np.rint(v)  # half to even
-    if mode == "Floor":
-        return np.floor(v)
-    if mode == "Ceil":
-        return np.ceil(v)
-    if mode == "Trunc":
-        return np.trunc(v)
-    raise ValueError(f"round_mode {mode!r} is not one of {', '.join(ROUND_MODES)}")
+    if mode not in _NUMERICS_ROUNDING:
+        raise ValueError(f"round_mode {mode!r} is not one of {', '.join(ROUND_MODES)}")
+    return round_values(v, _NUMERICS_ROUNDING[mode])
 
 
 def ascend_quant(x, scale: float, offset: float = 0.0, *, sqrt_mode: bool = False, round_mode: str = "Round",

@@ -37,7 +37,8 @@ from qcompile.registry import QPass, register_pass
 
 from . import capabilities, emit, reference
 from .decompose import DECOMPOSED_OPS, decomposition_rules
-from .rules import LAYER_OPS, LOWERING_RULE_SETS, LoweringOptions, Refusals, annotate, const, lowered_as
+from .qdq_form import const
+from .rules import LAYER_OPS, LOWERING_RULE_SETS, LoweringOptions, Refusals, annotate, lowered_as
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -55,9 +56,7 @@ class AscendLower(QPass):
         # write OUT/atc.sh
         atc_script: bool = True
 
-    @classmethod
-    def gives(cls, config) -> frozenset[Fact]:
-        return frozenset({Fact.LOWERED})
+    GIVES = frozenset({Fact.LOWERED})
 
     def run(self, model: ir.Model) -> bool:
         ctx, tgt, cfg = self.ctx, self.ctx.target, self.config

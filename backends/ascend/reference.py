@@ -29,7 +29,8 @@ import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
 from . import formulas
-from .rules import OPTIONS, LoweringOptions, const, unique_init_name
+from .qdq_form import const, unique_init_name
+from .rules import OPTIONS, LoweringOptions
 
 ASCEND_OPS = ("AscendQuant", "AscendDequant", "AscendAntiQuant", "AscendRequant", "AscendRequantS16",
               "AscendDequantS16")

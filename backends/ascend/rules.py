@@ -31,6 +31,8 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchingTracer, MatchResult, MatchStatus, RewriteRuleClassBase, RewriteRuleSet
 
 from . import formulas
+from .qdq_form import (activation_problem, bias_add, const, deq_matches_bias, deq_scales, dequantized_bias,
+                       dq_axis, initializer, int32_bias, weight_params)
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 DECISION = "qcompile.quantized"          # node meta: "w8a8" | "weight_only"
@@ -59,30 +61,9 @@ def lowered_as(node: ir.Node) -> dict | None:
     return node.meta.get(LOWERED)
 
 
-# -- helpers --------------------------------------------------------------------------------------
-def const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
-
-
 def is_quantized_layer(node: ir.Node, *, weight_only: bool = False) -> bool:
     """A layer the quantize pass quantized (W8A8, or weight-only)."""
     return node.meta.get(DECISION) == ("weight_only" if weight_only else "w8a8")
-
-
-def unique_init_name(graph: ir.Graph, base: str, reserved: set[str] = frozenset()) -> str:
-    """A fresh initializer name (the rewriter registers a rewrite's initializers after it)."""
-    name, i = base, 0
-    while name in graph.initializers or name in reserved:
-        i += 1
-        name = f"{base}_{i}"
-    return name
-
-
-def initializer(op, graph: ir.Graph, array: np.ndarray, base: str) -> ir.Value:
-    name = unique_init_name(graph, base)
-    return op.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
 
 
 def _typed(value: ir.Value, dtype: ir.DataType, shape: ir.Shape | None, name: str | None = None) -> ir.Value:
@@ -99,66 +80,6 @@ def _name_producer(value: ir.Value, name: str) -> ir.Value:
     return value
 
 
-def _check_activation_qdq(x: ir.Value, x_scale: ir.Value, x_zp: ir.Value) -> str | None:
-    s, z = const(x_scale), const(x_zp)
-    if s is None or z is None or s.size != 1 or z.size != 1:
-        return "activation scale/zero point are not constant scalars (AscendQuant takes scalar attributes)"
-    if x_zp.dtype != ir.DataType.INT8:
-        return f"activation quantized to {x_zp.dtype}, AscendQuant outputs int8"
-    if not (np.isfinite(s).all() and float(s.reshape(())) > 0):
-        return "activation scale is not positive"
-    if x.dtype not in (None, ir.DataType.FLOAT, ir.DataType.FLOAT16):
-        return f"activation of type {x.dtype} (AscendQuant takes float32/float16)"
-    return None
-
-
-def _weight_params(w_q: ir.Value, w_scale: ir.Value, w_zp: ir.Value | None) -> tuple[np.ndarray, np.ndarray] | str:
-    w, s = const(w_q), const(w_scale)
-    if w is None or s is None:
-        return "weight is not a constant int8 initializer"
-    if w_q.dtype != ir.DataType.INT8:
-        return f"weight stored as {w_q.dtype}, Ascend's int8 kernels take int8 weights"
-    z = const(w_zp) if w_zp is not None else np.zeros(1, np.int8)
-    if z is None or np.any(z != 0):
-        return "weight zero point is not 0 (Ascend's int8 kernels take symmetric weights)"
-    return w, s.astype(np.float32).reshape(-1)
-
-
-def _dq_axis(dq_out: ir.Value, ndim: int) -> int | None:
-    node = dq_out.producer()
-    scale = const(node.inputs[1])
-    if scale is None or scale.size == 1:
-        return None
-    return node.attributes.get_int("axis", 1) % ndim
-
-
-def _deq(x_scale: ir.Value, w_scale: np.ndarray, bias_scale: ir.Value | None) -> np.ndarray:
-    """float32 s_x·s_w per output channel (the bias DQ scale when there is one: what quantize used)."""
-    if bias_scale is not None and const(bias_scale) is not None:
-        return const(bias_scale).astype(np.float32).reshape(-1)
-    return (np.float32(const(x_scale).reshape(())) * w_scale.astype(np.float32)).astype(np.float32).reshape(-1)
-
-
-def _deq_matches_bias(x_scale, w_scale, b_scale) -> bool:
-    expected = (np.float32(const(x_scale).reshape(())) * w_scale.astype(np.float32)).reshape(-1)
-    got = const(b_scale)
-    if got is None:
-        return False
-    got = got.astype(np.float32).reshape(-1)
-    if expected.size == 1 and got.size > 1:
-        expected = np.full(got.shape, expected[0], np.float32)
-    return got.shape == expected.shape and np.allclose(got, expected, rtol=1e-6, atol=0)
-
-
-def _dequantized_bias(node: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value | None] | None:
-    """(int32 values, scale, zero point) of the DequantizeLinear feeding `node`'s bias input, if any."""
-    b = node.inputs[2] if len(node.inputs) > 2 else None
-    dq = b.producer() if b is not None else None
-    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
-        return None
-    return dq.inputs[0], dq.inputs[1], dq.inputs[2] if len(dq.inputs) > 2 else None
-
-
 # -- the shared checks and the shared tail ----------------------------------------------------------
 def _refuse(result: MatchResult, layer: ir.Node, reason: str) -> MatchResult:
     """Fail the match for a quantized layer this rule cannot lower (the layer is the failure source)."""
@@ -171,10 +92,10 @@ def _layer_check(result: MatchResult, node: ir.Node, x, x_scale, x_zp, w_q, w_sc
     weights. Returns (weights, weight scales) or the failed match."""
     if not is_quantized_layer(node):
         return result.fail("not a quantized layer")
-    problem = _check_activation_qdq(x, x_scale, x_zp)
+    problem = activation_problem(x, x_scale, x_zp)
     if problem:
         return _refuse(result, node, problem)
-    params = _weight_params(w_q, w_scale, w_zp)
+    params = weight_params(w_q, w_scale, w_zp)
     return _refuse(result, node, params) if isinstance(params, str) else params
 
 
@@ -182,13 +103,13 @@ def _bias_check(result: MatchResult, node: ir.Node, x_scale, s: np.ndarray) -> M
     """A bias input, if the layer has one, must be DQ(int32, zero point 0) at scale s_x·s_w."""
     if len(node.inputs) <= 2 or node.inputs[2] is None:
         return None
-    bias = _dequantized_bias(node)
+    bias = dequantized_bias(node)
     if bias is None:  # quantize kept it float (its note says why)
         return result.fail("bias is not dequantized from int32")
     b_q, b_scale, b_zp = bias
     if const(b_q) is None or b_q.dtype != ir.DataType.INT32 or np.any(const(b_zp) != 0):
         return _refuse(result, node, "bias is not a constant int32 with zero point 0")
-    if not _deq_matches_bias(x_scale, s, b_scale):
+    if not deq_matches_bias(x_scale, s, b_scale):
         return _refuse(result, node, "bias scale is not s_x*s_w")
     return None
 
@@ -227,22 +148,47 @@ def _int8_layer(op, node: ir.Node, inputs: list, attrs: dict, y: ir.Value) -> ir
     return _name_producer(acc, node.name)
 
 
+def _lower_layer(op, node: ir.Node, x, x_scale, x_zp, w_stored: ir.Value, w_scale, attrs: dict, y: ir.Value,
+                 ascend: str, *, one_scale_per_tensor: bool = False) -> ir.Value:
+    """Conv/Gemm with an optional DQ(int32) bias: AscendQuant -> the int8 layer -> AscendDequant;
+    `one_scale_per_tensor`: per-tensor weights get one deq_scale even where the bias repeats it."""
+    graph = node.graph
+    bias = dequantized_bias(node)
+    xq = _quant(op, x, x_scale, x_zp, graph.meta[OPTIONS])
+    acc = _int8_layer(op, node, [xq, w_stored] + ([bias[0]] if bias else []), attrs, y)
+    w_scale_np = const(w_scale).astype(np.float32).reshape(-1)
+    deq = deq_scales(x_scale, w_scale_np, bias[1] if bias else None)
+    if one_scale_per_tensor and deq.size > 1 and np.all(deq == deq[0]) and w_scale_np.size == 1:
+        deq = deq[:1]  # per-tensor weights: the bias DQ repeats one scale
+    return _close(op, graph, node, acc, deq, y, ascend, "int32" if bias else None)
+
+
 def _activation_pattern(op, x, x_scale, x_zp, w_q, w_scale, w_zp):
     xdq = op.DequantizeLinear(op.QuantizeLinear(x, x_scale, x_zp), x_scale, x_zp)
     wdq = op.DequantizeLinear(w_q, w_scale, w_zp, _allow_other_attributes=True, _outputs=["wdq"])
     return xdq, wdq
 
 
-# -- Conv -----------------------------------------------------------------------------------------
-class LowerConv(RewriteRuleClassBase):
-    """Conv(DQ(Q(x)), DQ(W int8) [, DQ(b int32)]) -> AscendDequant(Conv(AscendQuant(x), W [, b]))."""
+class _LayerRule(RewriteRuleClassBase):
+    """A rule rooted at a quantized layer `LAYER` (Conv, Gemm) reading DQ(Q(x)) and DQ(W int8),
+    with its other inputs (a bias) and attributes left to the check."""
+
+    LAYER = ""
 
     def __init__(self):
         super().__init__(remove_nodes=False)  # shared Q/DQ pairs die once unused
 
     def pattern(self, op, x, x_scale, x_zp, w_q, w_scale, w_zp):
         xdq, wdq = _activation_pattern(op, x, x_scale, x_zp, w_q, w_scale, w_zp)
-        return op.Conv(xdq, wdq, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["y"])
+        return getattr(op, self.LAYER)(xdq, wdq, _allow_other_inputs=True, _allow_other_attributes=True,
+                                       _outputs=["y"])
+
+
+# -- Conv -----------------------------------------------------------------------------------------
+class LowerConv(_LayerRule):
+    """Conv(DQ(Q(x)), DQ(W int8) [, DQ(b int32)]) -> AscendDequant(Conv(AscendQuant(x), W [, b]))."""
+
+    LAYER = "Conv"
 
     def check(self, context, x, x_scale, x_zp, w_q, w_scale, w_zp, wdq, y, **_) -> MatchResult:
         result = MatchResult()
@@ -254,34 +200,23 @@ class LowerConv(RewriteRuleClassBase):
         if w.ndim != 4:
             return _refuse(result, node, f"{w.ndim - 2}-D Conv: only 2-D Conv (NCHW) is lowered to "
                                          "Ascend's int8 convolution")
-        axis = _dq_axis(wdq, w.ndim)
+        axis = dq_axis(wdq, w.ndim)
         if axis not in (None, 0):
             return _refuse(result, node, f"Conv weight quantized along axis {axis}, not the output channels")
         return _bias_check(result, node, x_scale, s) or result
 
     def rewrite(self, op, x, x_scale, x_zp, w_q, w_scale, y, **_):
         node = y.producer()
-        graph = node.graph
-        bias = _dequantized_bias(node)
-        xq = _quant(op, x, x_scale, x_zp, graph.meta[OPTIONS])
-        acc = _int8_layer(op, node, [xq, w_q] + ([bias[0]] if bias else []), dict(node.attributes), y)
-        w_scale_np = const(w_scale).astype(np.float32).reshape(-1)
-        deq = _deq(x_scale, w_scale_np, bias[1] if bias else None)
-        return _close(op, graph, node, acc, deq, y, "AscendQuant -> Conv(int8) -> AscendDequant",
-                      "int32" if bias else None)
+        return _lower_layer(op, node, x, x_scale, x_zp, w_q, w_scale, dict(node.attributes), y,
+                            "AscendQuant -> Conv(int8) -> AscendDequant")
 
 
 # -- Gemm -----------------------------------------------------------------------------------------
-class LowerGemm(RewriteRuleClassBase):
+class LowerGemm(_LayerRule):
     """Gemm(DQ(Q(x)), DQ(W int8) [, DQ(c int32)]) -> AscendDequant(Gemm(AscendQuant(x), W' [, c])),
     with transB folded into the stored int8 weights."""
 
-    def __init__(self):
-        super().__init__(remove_nodes=False)
-
-    def pattern(self, op, x, x_scale, x_zp, w_q, w_scale, w_zp):
-        xdq, wdq = _activation_pattern(op, x, x_scale, x_zp, w_q, w_scale, w_zp)
-        return op.Gemm(xdq, wdq, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["y"])
+    LAYER = "Gemm"
 
     def check(self, context, x, x_scale, x_zp, w_q, w_scale, w_zp, wdq, y, **_) -> MatchResult:
         result = MatchResult()
@@ -301,22 +236,14 @@ class LowerGemm(RewriteRuleClassBase):
 
     def rewrite(self, op, x, x_scale, x_zp, w_q, w_scale, wdq, y, **_):
         node = y.producer()
-        graph = node.graph
-        bias = _dequantized_bias(node)
-        xq = _quant(op, x, x_scale, x_zp, graph.meta[OPTIONS])
         trans_b = node.attributes.get_int("transB", 0)
         w_stored = w_q
         if trans_b:  # fold transB into the stored weights: [N, K] -> [K, N]
-            w_stored = initializer(op, graph, np.ascontiguousarray(const(w_q).T), f"{w_q.name}_transposed")
+            w_stored = initializer(op, node.graph, np.ascontiguousarray(const(w_q).T), f"{w_q.name}_transposed")
         attrs = {k: v for k, v in node.attributes.items() if k not in ("transB", "alpha", "beta", "transA")}
-        acc = _int8_layer(op, node, [xq, w_stored] + ([bias[0]] if bias else []), attrs, y)
-        w_scale_np = const(w_scale).astype(np.float32).reshape(-1)
-        deq = _deq(x_scale, w_scale_np, bias[1] if bias else None)
-        if deq.size > 1 and np.all(deq == deq[0]) and w_scale_np.size == 1:
-            deq = deq[:1]  # per-tensor weights: the bias DQ repeats one scale
-        return _close(op, graph, node, acc, deq, y,
-                      "AscendQuant -> Gemm(int8" + (", transB folded" if trans_b else "") + ") -> AscendDequant",
-                      "int32" if bias else None)
+        return _lower_layer(op, node, x, x_scale, x_zp, w_stored, w_scale, attrs, y,
+                            "AscendQuant -> Gemm(int8" + (", transB folded" if trans_b else "") + ") -> AscendDequant",
+                            one_scale_per_tensor=True)
 
 
 # -- MatMul (+ bias) ------------------------------------------------------------------------------
@@ -337,23 +264,6 @@ def _matmul_check(result, x, x_scale, x_zp, w_q, w_scale, w_zp, mm) -> MatchResu
                                      "AscendDequant's deq_scale runs along NCHW's C (axis 1), not the last axis; "
                                      "use per-tensor weights")
     return w, s
-
-
-def _bias_add(mm: ir.Value, n: int) -> tuple[ir.Node, np.ndarray] | None:
-    """The Add that adds a constant per-output-channel bias to the MatMul output `mm` (its only
-    consumer), with that bias; None when there is none."""
-    uses = mm.uses()
-    if len(uses) != 1 or uses[0].node.op_type != "Add":
-        return None
-    add = uses[0].node
-    bias = const(add.inputs[1 - uses[0].idx])
-    if bias is None or bias.size not in (1, n) or (bias.ndim > 1 and int(np.prod(bias.shape[:-1])) != 1):
-        return None
-    return add, bias
-
-
-def _int32_bias(bias: np.ndarray, deq: np.ndarray, n: int):
-    return formulas.bias_to_int32(np.broadcast_to(bias.reshape(-1), (n,)), deq)
 
 
 class LowerMatMulBias(RewriteRuleClassBase):
@@ -381,7 +291,7 @@ class LowerMatMulBias(RewriteRuleClassBase):
             return result.fail(f"Add operand of shape {list(bias.shape)} is not a per-output-channel bias")
         if len(mm.uses()) != 1:
             return result.fail("the MatMul output has other consumers than the bias Add")
-        q, worst = _int32_bias(bias, _deq(x_scale, s, None), n)
+        q, worst = int32_bias(bias, deq_scales(x_scale, s, None), n)
         if q is None:
             return _refuse(result, mm.producer(),
                            f"bias overflows int32 at scale s_x*s_w (|b/(s_x*s_w)| up to {worst:.3g}); kept float")
@@ -391,8 +301,8 @@ class LowerMatMulBias(RewriteRuleClassBase):
         node, add_node = mm.producer(), y.producer()
         graph = node.graph
         xq = _quant(op, x, x_scale, x_zp, graph.meta[OPTIONS])
-        deq = _deq(x_scale, const(w_scale).astype(np.float32).reshape(-1), None)
-        q, _ = _int32_bias(const(b), deq, const(w_q).shape[1])
+        deq = deq_scales(x_scale, const(w_scale).astype(np.float32).reshape(-1), None)
+        q, _ = int32_bias(const(b), deq, const(w_q).shape[1])
         acc = _int8_layer(op, node, [xq, w_q], {}, mm)
         acc_b = op.Add(acc, initializer(op, graph, q, f"{b.name}_int32"))
         _typed(acc_b, ir.DataType.INT32, y.shape, f"{y.name}_int32")
@@ -419,9 +329,9 @@ class LowerMatMul(RewriteRuleClassBase):
         if isinstance(checked, MatchResult):
             return checked
         w, s = checked
-        found = _bias_add(mm, w.shape[1])
+        found = bias_add(mm, w.shape[1])
         if found is not None:  # its bias Add could not move before the dequantization: the layer stays float
-            q, worst = _int32_bias(found[1], _deq(x_scale, s, None), w.shape[1])
+            q, worst = int32_bias(found[1], deq_scales(x_scale, s, None), w.shape[1])
             if q is None:
                 return _refuse(result, mm.producer(), f"bias overflows int32 at scale s_x*s_w (|b/(s_x*s_w)| up "
                                                       f"to {worst:.3g}); kept float")
@@ -432,7 +342,7 @@ class LowerMatMul(RewriteRuleClassBase):
         graph = node.graph
         xq = _quant(op, x, x_scale, x_zp, graph.meta[OPTIONS])
         acc = _int8_layer(op, node, [xq, w_q], {}, mm)
-        deq = _deq(x_scale, const(w_scale).astype(np.float32).reshape(-1), None)
+        deq = deq_scales(x_scale, const(w_scale).astype(np.float32).reshape(-1), None)
         return _close(op, graph, node, acc, deq, mm, "AscendQuant -> MatMul(int8) -> AscendDequant", None)
 
 
@@ -456,7 +366,7 @@ class LowerWeightOnly(RewriteRuleClassBase):
         layers = [u for u, i in uses if u.op_type in LAYER_OPS and i == 1]
         if not uses or len(layers) != len(uses) or not all(is_quantized_layer(u, weight_only=True) for u in layers):
             return result.fail("not the weight of weight-only layers")
-        params = _weight_params(w_q, w_scale, w_zp)
+        params = weight_params(w_q, w_scale, w_zp)
         if isinstance(params, str):
             return result.fail(params, failure_source=layers)
         return result
@@ -465,7 +375,7 @@ class LowerWeightOnly(RewriteRuleClassBase):
         wq = const(w_q)
         graph = w.producer().graph
         s = const(w_scale).astype(np.float32).reshape(-1)
-        axis = _dq_axis(w, wq.ndim)
+        axis = dq_axis(w, wq.ndim)
         aq = op.AscendAntiQuant(w_q, scale=1.0, offset=0.0, sqrt_mode=0)
         _typed(aq, ir.DataType.FLOAT16, ir.Shape(wq.shape), f"{w_q.name}_fp16")
         _name_producer(aq, f"{w_q.name}_AscendAntiQuant")

@@ -59,9 +59,7 @@ class CpuLower(QPass):
         # static int8 MatMuls without output Q/DQ as MatMulInteger -> Cast -> Mul (forms.py says why)
         integer_matmul: bool = True
 
-    @classmethod
-    def gives(cls, config) -> frozenset[Fact]:
-        return frozenset({Fact.LOWERED})
+    GIVES = frozenset({Fact.LOWERED})
 
     def run(self, model: ir.Model) -> bool:
         changed = self._rewrite_forms(model)

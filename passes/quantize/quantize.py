@@ -39,9 +39,7 @@ class Quantize(QPass):
         static = any(s.activation is not None and not s.activation.is_dynamic for s in schemes(config))
         return frozenset({Fact.RANGES}) if static else frozenset()
 
-    @classmethod
-    def gives(cls, config) -> frozenset[Fact]:
-        return frozenset({Fact.QDQ})
+    GIVES = frozenset({Fact.QDQ})
 
     @classmethod
     def min_opset(cls, config, target=None) -> int:
