@@ -64,7 +64,7 @@ class WeightScheme:
 
     def label(self) -> str:
         gran = f"g{self.group_size}" if self.granularity == "per_group" else self.granularity
-        return f"{self.dtype} {gran}" + ("" if self.symmetric else " asym")
+        return f"{self.dtype} {gran}" + ("" if self.symmetric else " asym") + (" 7-bit" if self.reduce_range else "")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -212,7 +212,7 @@ def pipeline(tmp_path):
 
     counter = iter(range(10**6))
 
-    def run(model: onnx.ModelProto, recipe: str, data: np.ndarray | None = None, *, target: str = "cpu:avx2",
+    def run(model: onnx.ModelProto, recipe: str, data: np.ndarray | None = None, *, target: str = "cpu:avx512_vnni",
             input_name: str = "x"):
         i = next(counter)
         path, npz = TinyModels.save(model, tmp_path / f"pipe{i}", "model", data, input_name)

@@ -486,3 +486,22 @@ def test_conv_feeding_a_graph_output(tiny, pipeline, through):
     (conv,) = g.ops("Conv")
     assert ctx.layers.to_json()[conv.name]["status"] == "quantized"
     assert sqnr(ort_run_batched(model, "x", data), ort_run_batched(g.model, "x", data)) > 25
+
+
+def test_avx2_matmul_weights_get_7_bits_where_its_u8s8_kernels_saturate(tiny, pipeline):
+    """cpu:avx2's descriptor lists MatMul/Gemm as saturating 8-bit U8S8 weights (onnxruntime's
+    vpmaddubsw int16 pair sums): those weights are quantized to [-63, 63], with a note; Conv is not."""
+    model = tiny.mlp()
+    weights = tiny.weights(model)
+    ir_model, ctx = pipeline(model, quantize_recipe(), tiny.data((16,), n=32), target="cpu:avx2")
+    g = Graph(to_proto(ir_model))
+    for name, w_name in (("/fc1/MatMul", "W1"), ("/fc2/MatMul", "W2")):
+        q, scale, _, _ = g.dequantized_weight(g.node(name).input[1])
+        w = weights[w_name].astype(np.float32)
+        np.testing.assert_allclose(scale, np.abs(w).max(axis=0) / 63.0, rtol=1e-6)
+        assert np.abs(q).max() == 63
+        record = ctx.layers.to_json()[name]
+        assert "7-bit" in record["note"] and record["weight"] == "int8 per_channel 7-bit"
+    conv_model = tiny.conv_bn_relu()
+    _, ctx = pipeline(conv_model, quantize_recipe(), tiny.data((3, 8, 8), n=8), target="cpu:avx2")
+    assert "7-bit" not in ctx.layers.to_json()["/conv/Conv"]["weight"]

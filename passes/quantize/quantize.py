@@ -21,7 +21,7 @@ from .activations import StaticActivations, activation_dtype, fall_back_by_range
 from .config import QuantizeConfig, schemes
 from .plan import LayerPlan, const, plan_layers, wants_ranges
 from .weights import (initializer_bytes, layer_granularity, quantize_bias, quantize_weight, takes_int32_bias,
-                      why_granularity)
+                      u8s8_safe, why_granularity)
 
 
 @register_pass("quantize")
@@ -141,14 +141,19 @@ class Quantize(QPass):
         weight_bytes = None
         if p.weight_index is not None:
             w_val = node.inputs[p.weight_index]
-            granularity, block_axis = layer_granularity(node, p, scheme.weight, target)
-            if granularity != scheme.weight.granularity:
-                notes.append(f"{node.op_type} weights are {granularity}, not {scheme.weight.granularity}: "
+            weight = u8s8_safe(scheme.weight, node, p, act_dtype, target)
+            if weight is not scheme.weight:
+                notes.append(f"7-bit weights: {target.name}:{target.variant}'s U8S8 {node.op_type} kernels saturate "
+                             "8-bit ones (int16 pair sums)")
+                applied_weight = weight
+            granularity, block_axis = layer_granularity(node, p, weight, target)
+            if granularity != weight.granularity:
+                notes.append(f"{node.op_type} weights are {granularity}, not {weight.granularity}: "
                              f"{why_granularity(node, granularity)}")
-                applied_weight = dataclasses.replace(scheme.weight, granularity=granularity)
-            key = (w_val.name, scheme.weight, granularity, p.dynamic)
+                applied_weight = dataclasses.replace(weight, granularity=granularity)
+            key = (w_val.name, weight, granularity, p.dynamic)
             if key not in cache:
-                cache[key] = quantize_weight(graph, w_val, p, scheme.weight, granularity, block_axis,
+                cache[key] = quantize_weight(graph, w_val, p, weight, granularity, block_axis,
                                              self.ctx.weights.get(w_val.name), self.ctx.warn)
                 sizes["float"] += const(w_val).size * 4
                 sizes["quantized"] += cache[key].nbytes

@@ -43,6 +43,17 @@ def layer_granularity(node: ir.Node, plan: LayerPlan, weight: WeightScheme, targ
     return "per_group", const(node.inputs[plan.weight_index]).ndim - 2  # MatMul: the K axis
 
 
+def u8s8_safe(weight: WeightScheme, node: ir.Node, plan: LayerPlan, act_dtype: str | None, target) -> WeightScheme:
+    """The weight scheme with 7-bit ranges where the target's U8S8 kernels for this op saturate
+    (its `u8s8_saturating_ops`: onnxruntime on AVX2 without VNNI) and the layer multiplies uint8
+    activations (static uint8, or dynamic: both dynamic forms feed the kernel uint8)."""
+    ops = (target.setting("u8s8_saturating_ops") or ()) if target is not None else ()
+    uint8_input = plan.dynamic or act_dtype == "uint8"
+    if node.op_type in ops and uint8_input and weight.dtype == "int8" and not weight.reduce_range:
+        return dataclasses.replace(weight, reduce_range=True)
+    return weight
+
+
 def why_granularity(node: ir.Node, granularity: str) -> str:
     if granularity == "per_tensor":
         return "the target takes this op's weights per tensor"
