@@ -104,15 +104,21 @@ def test_bert_other_config_matches_numpy():
     assert_allclose(got, want, rtol=RTOL, atol=bert_atol(want))
 
 
+def assert_exporter_spelling(model, names: list[str]) -> None:
+    """Opset 17 / IR 8 as the exporters write, and nodes named as they name them."""
+    assert model.opset_import[0].version == 17 and model.ir_version == 8
+    present = {n.name for n in model.graph.node}
+    for name in names:
+        assert name in present, name
+
+
 def test_bert_graph_spelling(bert):
-    assert bert.opset_import[0].version == 17 and bert.ir_version == 8
-    names = {n.name for n in bert.graph.node}
-    for name in ["/embeddings/word_embeddings/Gather", "/embeddings/LayerNorm/LayerNormalization",
-                 "/encoder/layer.0/attention/self/query/MatMul", "/encoder/layer.0/attention/self/key/Add",
-                 "/encoder/layer.0/attention/self/Softmax", "/encoder/layer.0/attention/output/dense/MatMul",
-                 "/encoder/layer.0/intermediate/dense/MatMul", "/encoder/layer.0/intermediate/intermediate_act_fn/Erf",
-                 "/encoder/layer.1/output/dense/MatMul", "/encoder/layer.1/output/LayerNorm/LayerNormalization"]:
-        assert name in names, name
+    assert_exporter_spelling(bert, [
+        "/embeddings/word_embeddings/Gather", "/embeddings/LayerNorm/LayerNormalization",
+        "/encoder/layer.0/attention/self/query/MatMul", "/encoder/layer.0/attention/self/key/Add",
+        "/encoder/layer.0/attention/self/Softmax", "/encoder/layer.0/attention/output/dense/MatMul",
+        "/encoder/layer.0/intermediate/dense/MatMul", "/encoder/layer.0/intermediate/intermediate_act_fn/Erf",
+        "/encoder/layer.1/output/dense/MatMul", "/encoder/layer.1/output/LayerNorm/LayerNormalization"])
     ops = [n.op_type for n in bert.graph.node]
     assert ops.count("MatMul") == 2 * 8 and ops.count("Erf") == 2 and ops.count("Softmax") == 2
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
@@ -289,13 +295,11 @@ def test_llama_gqa_shapes(llama):
 
 
 def test_llama_graph_spelling(llama):
-    assert llama.opset_import[0].version == 17 and llama.ir_version == 8
-    names = {n.name for n in llama.graph.node}
-    for name in ["/model/embed_tokens/Gather", "/model/layers.0/input_layernorm/ReduceMean",
-                 "/model/layers.0/self_attn/q_proj/MatMul", "/model/layers.0/self_attn/Expand",
-                 "/model/layers.0/self_attn/Neg", "/model/layers.1/mlp/down_proj/MatMul",
-                 "/model/layers.1/mlp/act_fn/Sigmoid", "/model/norm/Sqrt", "/lm_head/MatMul"]:
-        assert name in names, name
+    assert_exporter_spelling(llama, [
+        "/model/embed_tokens/Gather", "/model/layers.0/input_layernorm/ReduceMean",
+        "/model/layers.0/self_attn/q_proj/MatMul", "/model/layers.0/self_attn/Expand",
+        "/model/layers.0/self_attn/Neg", "/model/layers.1/mlp/down_proj/MatMul",
+        "/model/layers.1/mlp/act_fn/Sigmoid", "/model/norm/Sqrt", "/lm_head/MatMul"])
     w = weights(llama)
     cos, sin = llama_block.rope_cache(256, 16, 10000.0)
     assert_allclose(w["model.rotary_emb.cos_cached"], cos) and assert_allclose(w["model.rotary_emb.sin_cached"], sin)

@@ -20,6 +20,9 @@ compute dtype); each rewrite marks the node it builds with what it became (`lowe
 A check that refuses a quantized layer fails with that layer as its failure source, so a
 `Refusals` tracer run over the rules after rewriting says why each layer stayed float. One
 AscendQuant serves every consumer of a quantized tensor: a rewrite reuses an existing one.
+
+(Over 400 lines on purpose: the five rules share their checks and their rewrite tail, and
+splitting them from those would put each rule's reasoning in two files.)
 """
 
 from __future__ import annotations
