@@ -33,7 +33,9 @@ class RangeMethod:
 class ActivationStats:
     """Observers by tensor name, plus the range method of the compile reading them."""
 
-    def __init__(self, observers: dict[str, HistogramObserver] | None = None):
+    def __init__(self, observers: "dict[str, HistogramObserver] | ActivationStats | None" = None):
+        if isinstance(observers, ActivationStats):  # an earlier compile's, as CompileResult.stats holds them
+            observers = observers.observers()
         self._observers: dict[str, HistogramObserver] = dict(observers or {})
         self.method: RangeMethod | None = None   # set by calibrate
 

@@ -20,8 +20,9 @@ from .plan import prepare_plan
 from .report import render, write_report
 
 
-def _staged(plan_output, run) -> CompileResult:
-    staged = StagedOutput(plan_output)  # fails now if the output cannot be written
+def _staged(output_dir, run) -> CompileResult:
+    """Stage `output_dir`, run the strategy into it, render report.json once, commit."""
+    staged = StagedOutput(output_dir)  # fails now if the output cannot be written
     try:
         result = run(staged)
         result.report = render(result)
@@ -46,8 +47,8 @@ def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str = 
     `external_data`: store weights in `model.onnx.data` (None: only when over 2 GB).
     `exclude_layers`: node names every quantize step keeps float; `overrides`: {pass name:
     {key: value}} replacing top-level config keys; `stats`: activation observers from an
-    earlier compile of the same model and data (tensor name -> observer): calibration then
-    only observes tensors missing from it. The result's `stats` are this compile's.
+    earlier compile of the same model and data (tensor name -> observer, or that compile's
+    `result.stats`): calibration then only observes tensors missing from it.
     """
     plan = prepare_plan(model_path, target=target, recipe=recipe, calib=calib, input_shapes=input_shapes,
                         verify=verify, verify_data=verify_data, verify_samples=verify_samples, dump_after=dump_after,
