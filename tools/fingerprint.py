@@ -11,7 +11,10 @@ and exits 1 if there is one.
     python tools/fingerprint.py --out build/fingerprint.json [--real] [--compare OLD.json]
 
 The cpu target is pinned to one ISA variant (`--cpu-variant`, default avx512_vnni) so two
-runs on different hosts compare the same compile.
+runs on different hosts compare the same compile. The run re-executes itself with
+PYTHONHASHSEED=0: onnxruntime's symbolic shape inference (run by `fuse`) names merged symbolic
+dimensions in an order that follows Python's string hashing, so w8a8-fa3 graphs differ in their
+`unk__N` dim names from one interpreter to the next (the same commit, seeds 0 and 1, 2026-12-02).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import re
 import sys
 import tempfile
@@ -189,6 +193,9 @@ def compare(old: dict, new: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("PYTHONHASHSEED") != "0":  # see the module docstring
+        os.execve(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)],
+                  {**os.environ, "PYTHONHASHSEED": "0"})
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="write the fingerprint JSON here")
     ap.add_argument("--real", action="store_true", help="also PP-OCRv4 det and MiniLM (minutes)")
