@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--oom-retry-stride", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=3600, help="per compile subprocess, seconds")
     ap.add_argument("--peers-see-torch", action="store_true",
-                    help="let peer subprocesses import torch (default hides it, as tools/peers.py does)")
+                    help="let peer subprocesses import torch (default hides it: onnxruntime.tools imports it merely because it is installed)")
     args = ap.parse_args(argv)
 
     if args.quick:

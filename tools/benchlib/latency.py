@@ -65,7 +65,7 @@ def latency_many(models: dict, shapes: dict, batch: int = 1, runs: int = 30, thr
     Why quiet passes: on a shared 2-core box another job's burst during a model's timed runs
     slows it by up to 3x (seen: two byte-identical PP-OCR det artifacts at 112 and 39 ms in
     the same run), and best-of-3 does not always catch a clean pass.  Each pass reports the
-    share of the box *other* processes used while it timed (``bench_spine.CpuWatch``); a pass
+    share of the box *other* processes used while it timed (``measure.CpuWatch``); a pass
     is quiet when that is < ``quiet``.  A model without a quiet pass after ``passes`` gets
     more passes, up to ``max_passes`` (default 3 x ``passes``); its best quiet pass is kept,
     or, if none came, its best pass, flagged with the contention it had.
