@@ -1,7 +1,9 @@
 """The accuracy budget: compile, verify, and fall layers back to float (or change the
 calibration method) until a metric holds — always returning the best model found.
 
-`--max-loss "cosine>=0.995"` (or `sqnr>=30`) turns one compile into a search:
+`--max-loss "cosine>=0.995"` (or `sqnr>=30`; for a causal LM `ppl<=+1%`, the perplexity
+increase over the original's in percent, or `top1>=0.9`, next-token agreement) turns one
+compile into a search:
 
 1. trial 0 is the recipe as written;
 2. if the recipe calibrates, the other range methods are tried (each a trial), and the best
@@ -35,8 +37,31 @@ from .output import keep_only
 from .pass_context import log
 from .plan import CompilePlan
 
-METRICS = {"cosine": "cosine_mean", "sqnr": "sqnr_db"}
 _RANGE_METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A verification number a budget can bound: where it is read, which way is better."""
+    op: str                     # ">=" (higher is better) or "<="
+    output_key: str | None      # worst over the outputs of this ErrorStats key, or
+    task_key: str | None        # this key of the task metrics (causal LMs)
+    causal_lm: bool = False     # only for causal LMs (input_ids -> logits)
+    unit: str = ""
+
+    def read(self, result: CompileResult) -> float | None:
+        if self.output_key is not None:
+            return result.worst_output(self.output_key)
+        value = ((result.verification or {}).get("task") or {}).get(self.task_key)
+        return float(value) if isinstance(value, (int, float)) else None
+
+
+METRICS = {
+    "cosine": Metric(">=", "cosine_mean", None),
+    "sqnr": Metric(">=", "sqnr_db", None, unit=" dB"),
+    "ppl": Metric("<=", None, "perplexity_delta_pct", causal_lm=True, unit="%"),
+    "top1": Metric(">=", None, "top1_agreement", causal_lm=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,32 +69,67 @@ class Budget:
     metric: str        # a METRICS key
     threshold: float
 
+    @property
+    def spec(self) -> Metric:
+        return METRICS[self.metric]
+
     def value(self, result: CompileResult) -> float | None:
-        """The metric over all outputs (their worst), or None when verification did not run."""
-        return result.worst_output(METRICS[self.metric])
+        """The metric (over all outputs, their worst; or the task metric), or None when
+        verification did not run."""
+        return self.spec.read(result)
 
     def met(self, value: float | None) -> bool:
-        return value is not None and value >= self.threshold
+        if value is None:
+            return False
+        return value >= self.threshold if self.spec.op == ">=" else value <= self.threshold
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether metric value `a` is better than `b`."""
+        return a > b if self.spec.op == ">=" else a < b
+
+    def check_model(self, model_path) -> None:
+        """Refuse, before any work, a task metric the model has no task for."""
+        if not self.spec.causal_lm:
+            return
+        import onnx
+
+        from .lm_metrics import is_causal_lm
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+        outputs = {o.name: tuple(o.type.tensor_type.shape.dim) for o in graph.output}
+        if not is_causal_lm([i.name for i in graph.input], outputs):
+            raise UsageError(f"--max-loss {self}: {self.metric} is a causal-LM metric, but {model_path} is not one "
+                             f"(it needs an input_ids input and a [batch, sequence, vocabulary] logits output)",
+                             hint="bound cosine or sqnr instead, e.g. --max-loss cosine>=0.995")
 
     def __str__(self) -> str:
-        return f"{self.metric}>={self.threshold:g}"
+        return f"{self.metric}{self.spec.op}{self.threshold:g}{self.spec.unit if self.spec.unit == '%' else ''}"
 
 
 def parse_budget(text: str) -> Budget:
-    """`cosine>=0.995` or `sqnr>=30` (dB); the metric is the worst over the model's outputs."""
-    m = re.fullmatch(r"\s*([a-z_]+)\s*>=\s*([-+0-9.eE]+)\s*", text or "")
+    """`cosine>=0.995`, `sqnr>=30` (dB; both the worst over the model's outputs), `ppl<=+1%`
+    (perplexity increase in percent) or `top1>=0.95` (next-token agreement)."""
+    m = re.fullmatch(r"\s*([a-z_0-9]+)\s*(>=|<=)\s*([-+0-9.eE]+)\s*(%?)\s*", text or "")
     if not m:
-        raise UsageError(f"--max-loss {text!r} is not METRIC>=VALUE",
-                         hint=f"e.g. --max-loss cosine>=0.995 or --max-loss sqnr>=30; metrics: {', '.join(METRICS)}")
-    name, value = m.group(1), m.group(2)
+        raise UsageError(f"--max-loss {text!r} is not METRIC>=VALUE (or ppl<=VALUE%)",
+                         hint=f"e.g. --max-loss cosine>=0.995, sqnr>=30, ppl<=+1%, top1>=0.95; "
+                              f"metrics: {', '.join(METRICS)}")
+    name, op, value, percent = m.groups()
     if name not in METRICS:
         raise UsageError(f"--max-loss: unknown metric {name!r}", hint=f"metrics: {', '.join(METRICS)}")
+    spec = METRICS[name]
+    if op != spec.op:
+        raise UsageError(f"--max-loss: {name} takes {spec.op}, not {op}",
+                         hint=f"e.g. {name}{spec.op}{'+1%' if name == 'ppl' else '0.995'}")
+    if percent and spec.unit != "%":
+        raise UsageError(f"--max-loss: {name} is not a percentage; drop the %")
     try:
         threshold = float(value)
     except ValueError:
         raise UsageError(f"--max-loss: {value!r} is not a number") from None
-    if name == "cosine" and not -1.0 <= threshold <= 1.0:
-        raise UsageError(f"--max-loss: a cosine threshold is in [-1, 1], got {threshold}")
+    if name in ("cosine", "top1") and not (-1.0 if name == "cosine" else 0.0) <= threshold <= 1.0:
+        raise UsageError(f"--max-loss: a {name} threshold is in [{-1 if name == 'cosine' else 0}, 1], got {threshold}")
+    if name == "ppl" and threshold < 0:
+        raise UsageError(f"--max-loss: a perplexity budget is an allowed increase (>= 0 %), got {threshold}")
     return Budget(name, threshold)
 
 
@@ -99,6 +159,7 @@ def search(plan: CompilePlan, folder: Path, budget: Budget, max_trials: int = 8,
         raise UsageError(f"--max-trials must be at least 1, got {max_trials}")
     if not plan.verify.enabled:
         raise UsageError("--max-loss needs verification", hint="drop --no-verify")
+    budget.check_model(plan.model)
     calibrate = next((s for s in plan.recipe.steps if s.spec.name == "calibrate"), None)
     scratch = folder / "trials"
     trials: list[Trial] = []
@@ -163,7 +224,7 @@ def search(plan: CompilePlan, folder: Path, budget: Budget, max_trials: int = 8,
     winner, result = best
     keep_only(folder, winner.folder)
     result.folder = folder
-    result.strategy["budget"] = {"metric": budget.metric, "threshold": budget.threshold,
+    result.strategy["budget"] = {"metric": budget.metric, "op": budget.spec.op, "threshold": budget.threshold,
                                  "met": budget.met(winner.value), "best_trial": winner.index, "value": winner.value,
                                  "judged_on": "verification data", "trials": [t.to_json() for t in trials]}
     if not budget.met(winner.value):
@@ -180,4 +241,4 @@ def _better(a: Trial, b: Trial, budget: Budget) -> bool:
         return True
     if budget.met(a.value) and budget.met(b.value):
         return a.quantized > b.quantized
-    return a.value > b.value
+    return budget.better(a.value, b.value)

@@ -66,6 +66,11 @@ def print_summary(report: dict, console: Console | None = None, *, header: bool 
         for name, m in ver["outputs"].items():
             table.add_row(name, f"{m['sqnr_db']}", f"{m['cosine_mean']}", f"{m['cosine_min']}", f"{m['max_abs']}")
         console.print(table)
+        task = ver.get("task")
+        if task and task.get("metric") == "perplexity":
+            console.print(f"perplexity over {task['tokens']} tokens: original {task['perplexity_original']}, "
+                          f"compiled {task['perplexity_compiled']} ({task['perplexity_delta_pct']:+.2f} %); "
+                          f"next-token top-1 agreement {task['top1_agreement']}")
         worst = sorted((v["added_sqnr_db"], k) for k, v in ver.get("layers", {}).items()  # inf: adds no error
                        if isinstance(v.get("added_sqnr_db"), (int, float)) and math.isfinite(v["added_sqnr_db"]))[:5]
         if worst:
@@ -73,7 +78,7 @@ def print_summary(report: dict, console: Console | None = None, *, header: bool 
                           ", ".join(f"{k} ({v} dB)" for v, k in worst))
     budget = report.get("budget")
     if budget:
-        table = Table(title=f"accuracy budget {budget['metric']} >= {budget['threshold']}: "
+        table = Table(title=f"accuracy budget {budget['metric']} {budget.get('op', '>=')} {budget['threshold']}: "
                             f"{'met' if budget['met'] else 'NOT met'}, kept trial {budget['best_trial']}")
         for col in ("trial", "change", budget["metric"], "quantized", "seconds"):
             table.add_column(col, justify="left" if col == "change" else "right")

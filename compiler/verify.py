@@ -2,7 +2,8 @@
 same held-out inputs and measure how far the compiled one drifts.
 
 Per output: SQNR (dB, over all samples), cosine (mean and minimum per sample),
-max-abs error. Per quantized layer: SQNR of its output against the original's
+max-abs error. For a causal LM (input_ids in, logits out): perplexity of both models over
+the same tokens and next-token top-1 agreement (compiler/lm_metrics.py). Per quantized layer: SQNR of its output against the original's
 same tensor, and the SQNR of the noise it adds on top of what reached its input
 (the error it introduces; lowest first is what fallback returns to float).
 """
@@ -17,6 +18,7 @@ import onnxruntime as ort
 
 from .analyses import Rescales
 from .calib_data import Dataset
+from .lm_metrics import IDS, LOGITS, MASK, TokenStats, is_causal_lm
 from .ort_session import session_options
 from .progress import progress_bar
 
@@ -121,6 +123,8 @@ def verify_models(original: Path, compiled: Path, dataset: Dataset, *, samples: 
     if missing:
         raise ValueError(f"compiled model lacks outputs {missing}")
     accs = {n: ErrorStats() for n in out_names}
+    lm = TokenStats() if is_causal_lm([i.name for i in ref_sess.get_inputs()],
+                                      {o.name: tuple(o.shape or ()) for o in ref_sess.get_outputs()}) else None
     batch = _fixed_batch(got_sess)
     total = min(samples, dataset.num_samples)
     if batch > 1:
@@ -132,9 +136,14 @@ def verify_models(original: Path, compiled: Path, dataset: Dataset, *, samples: 
             got = [_decode(name, g, codecs) for name, g in zip(out_names, got)]
             for name, r, g in zip(out_names, ref, got):
                 accs[name].update(r, g)
+            if lm is not None:
+                at = out_names.index(LOGITS)
+                lm.update(feed[IDS], feed.get(MASK), ref[at], got[at])
             advance(batch)
     result = {"samples": total, "data": dataset.description,
               "outputs": {n: a.summary() for n, a in accs.items()}}
+    if lm is not None:
+        result["task"] = lm.summary()
     if layers:
         result["layers"] = _per_layer(original, compiled, dataset, layers, layer_samples, codecs,
                                       rescales or Rescales())
