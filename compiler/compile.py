@@ -24,6 +24,7 @@ from .facts import Fact
 from .layers import LayerError, LayerTable
 from .model_io import (convert_opset, dynamic_inputs, file_sha256, fix_input_shapes, infer_shapes, load_model,
                        opset_of, save_model)
+from .model_kind import is_decoder
 from .pass_context import PassContext, Warnings, log
 from .pipeline import DumpAfter, PassTiming, run_pipeline
 from .plan import CompilePlan
@@ -77,7 +78,7 @@ def compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     specs = model_input_specs(model)
     dataset = open_dataset(plan.calib, specs) if plan.calib is not None else None
     input_shapes = dict(plan.input_shapes)
-    keep_dynamic = any(step.spec.cls.keeps_dynamic_shapes(step.config) for step in rec.steps)
+    keep_dynamic = keeps_dynamic_shapes(model, tgt, rec)
     if not input_shapes and dataset is not None and dynamic_inputs(model) and not keep_dynamic:
         input_shapes = shapes_from_data(dataset)
     if input_shapes:
@@ -152,6 +153,16 @@ def _verify(plan: CompilePlan, dataset, specs, ctx: PassContext, folder: Path, o
     for name, entry in result.get("layers", {}).items():
         ctx.layers[name].error = LayerError(entry["tensor"], entry["sqnr_db"], entry.get("added_sqnr_db"))
     return result
+
+
+def keeps_dynamic_shapes(model, tgt: Target, rec: Recipe) -> bool:
+    """Whether the compile leaves dynamic input dimensions dynamic instead of pinning them from
+    the first calibration sample: a pass asks for it (kv_cache), or the model is a decoder
+    (KV cache or causal-LM I/O: it must still decode, whatever length it was calibrated on)
+    and the target runs dynamic shapes (its descriptor's `static_shapes`)."""
+    if any(step.spec.cls.keeps_dynamic_shapes(step.config) for step in rec.steps):
+        return True
+    return not tgt.setting("static_shapes", False) and is_decoder(model)
 
 
 def required_opset(tgt: Target, rec: Recipe) -> int:

@@ -125,7 +125,7 @@ def parse_input_shapes(specs: list[str]) -> dict[str, list[int]]:
             if not sep or not name:
                 raise ValueError
             shapes[name] = [int(d) for d in dims.split(",")]
-            if any(d <= 0 for d in shapes[name]):
+            if any(d < 0 for d in shapes[name]):  # 0: an empty axis (a prefill's past length)
                 raise ValueError
         except ValueError:
             raise UsageError(f"bad --input-shape {spec!r}", hint="use NAME:D,D,... e.g. x:1,3,640,640") from None

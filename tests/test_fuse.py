@@ -46,15 +46,15 @@ def llama(tmp_path_factory):
     return llama_block.write(tmp_path_factory.mktemp("llama"))
 
 
-def _compile(run_cli, tmp_path, files, recipe_text, name, target="cpu", model=None, calib=True):
-    """Compile and verify on files["eval"]; without `calib` the input shapes stay dynamic
-    (calibration data would pin them), so a decoder can still decode."""
+def _compile(run_cli, tmp_path, files, recipe_text, name, target="cpu", model=None, calib=True, extra=()):
+    """Compile and verify on files["eval"]; a decoder keeps its dynamic input shapes on cpu (with
+    or without calibration data), so it can still decode, unless `extra` pins them."""
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(recipe_text)
     out = tmp_path / name
     res = run_cli([model or files["model"], "--target", target, "--recipe", recipe,
                    *(["--calib", files["calib"]] if calib else []),
-                   "--verify-data", files["eval"], "-o", out, "-q"])
+                   "--verify-data", files["eval"], "-o", out, "-q", *extra])
     assert res.code == 0, res.err
     return json.loads((out / "report.json").read_text()), out / "model.onnx"
 
@@ -129,9 +129,16 @@ def test_llama_fusion_after_quantization_fuses_the_same_subgraphs(run_cli, tmp_p
 
 
 def test_group_query_attention_is_opt_in_and_exact_where_the_mask_keeps(run_cli, tmp_path, llama):
+    """onnxscript's GQA rule takes the causal mask only in the form a graph pinned to a prefill
+    (past length 0) folds to: with the shapes pinned it fires; the dynamic decoder keeps MHA."""
     recipe = FUSE.replace("- type: fuse", "- type: fuse\n      rules: [rms_norm, skip_norm, rotary, attention, "
                                           "attention_gqa]")
-    report, model = _compile(run_cli, tmp_path, llama, recipe, "gqa")
+    shapes = ["input_ids:1,16", "attention_mask:1,16", "position_ids:1,16",
+              *[f"past_key_values.{i}.{k}:1,2,0,16" for i in range(2) for k in ("key", "value")]]
+    pinned = [arg for shape in shapes for arg in ("--input-shape", shape)]
+    dynamic, _ = _compile(run_cli, tmp_path, llama, recipe, "gqa-dynamic")
+    assert "com.microsoft::GroupQueryAttention" not in dynamic["fuse"]["fused_ops"]
+    report, model = _compile(run_cli, tmp_path, llama, recipe, "gqa", extra=pinned)
     assert report["fuse"]["fused_ops"].get("com.microsoft::GroupQueryAttention") == 2
     data = dict(np.load(llama["eval"]))
     ref_sess = ort.InferenceSession(str(llama["model"]), providers=["CPUExecutionProvider"])
