@@ -9,7 +9,9 @@
   that gives `ranges` runs;
 * `PrecomputedWeights` (gptq -> quantize): integers and scales a weight algorithm chose;
 * `Rescales` (smooth_quant, awq, equalize_outputs -> verify): tensors a float-exact
-  equalization divided per channel, so verify's per-layer table can multiply them back.
+  equalization divided per channel, so verify's per-layer table can multiply them back;
+* `SparseWeights` (sparsify -> a target's lowering): which weights were pruned to which
+  pattern, so a target that compresses a pattern (ATC's 2:4 `--sparsity=1`) can ask for it.
 """
 
 from __future__ import annotations
@@ -129,3 +131,19 @@ class Rescales:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._by_tensor)
+
+
+class SparseWeights:
+    """Weight initializer name -> the sparsity pattern it was pruned to ("2:4", "unstructured")."""
+
+    def __init__(self):
+        self._by_weight: dict[str, str] = {}
+
+    def put(self, weight: str, pattern: str) -> None:
+        self._by_weight[weight] = pattern
+
+    def patterns(self) -> set[str]:
+        return set(self._by_weight.values())
+
+    def __len__(self) -> int:
+        return len(self._by_weight)

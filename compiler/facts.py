@@ -30,6 +30,7 @@ class Fact(enum.Enum):
     SMOOTHED = "smoothed"                 # smooth_quant: outliers moved into weights
     EQUALIZED = "equalized"               # cle / equalize_outputs: channel ranges balanced
     WEIGHTS_ROUNDED = "weights_rounded"   # gptq / awq: weights chosen for a weight scheme
+    SPARSE = "sparse"                     # sparsify: weights pruned to a sparsity pattern
     QDQ = "qdq"                           # quantize / quantize_attention: Q/DQ in the graph
     LOWERED = "lowered"                   # a target's lowering ran
 

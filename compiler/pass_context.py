@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import onnx_ir as ir
 
-from .analyses import ActivationStats, PrecomputedWeights, RangeRequest, Rescales
+from .analyses import ActivationStats, PrecomputedWeights, RangeRequest, Rescales, SparseWeights
 from .calib_data import Dataset
 from .layers import LayerTable
 from .targets import Target
@@ -60,6 +60,7 @@ class PassContext:
     range_request: RangeRequest = RangeRequest()      # set by the pipeline before a pass giving ranges
     weights: PrecomputedWeights = dataclasses.field(default_factory=PrecomputedWeights)
     rescales: Rescales = dataclasses.field(default_factory=Rescales)
+    sparse: SparseWeights = dataclasses.field(default_factory=SparseWeights)
     layers: LayerTable = dataclasses.field(default_factory=LayerTable)
     reports: dict[str, Any] = dataclasses.field(default_factory=dict)   # pass name -> its report section
     warnings: Warnings = dataclasses.field(default_factory=Warnings)

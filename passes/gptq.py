@@ -26,14 +26,13 @@ import onnx_ir as ir
 
 from qcompile.analyses import PrecomputedWeight
 from qcompile.config import at_least
-from qcompile.errors import DataError, RecipeError
 from qcompile.facts import FLOAT_MODEL_CHANGED, Fact
 from qcompile.numerics import compute_qparams, full_range_qparams, qrange
 from qcompile.registry import QPass, register_pass
 from qcompile.schemes import WeightScheme
 
-from .activation_stream import stream_tensors
-from .conv_patches import ConvGeometry, grouped_gram, sampled_patches
+from .conv_patches import ConvGeometry
+from .hessians import is_conv, is_linear, layer_hessians
 from .scope import in_scope
 
 
@@ -66,14 +65,15 @@ class GPTQ(QPass):
             return None
 
     GIVES = frozenset({Fact.WEIGHTS_ROUNDED})
-    INVALIDATES = FLOAT_MODEL_CHANGED
+    # its error feedback moves every weight, pruned zeros included
+    INVALIDATES = FLOAT_MODEL_CHANGED | {Fact.SPARSE}
 
     def run(self, model: ir.Model) -> bool:
         cfg, ctx = self.config, self.ctx
-        linears = [n for n in model.graph if n.op_type in cfg.ops and _is_linear(n) and in_scope(n.name, cfg)]
+        linears = [n for n in model.graph if n.op_type in cfg.ops and is_linear(n) and in_scope(n.name, cfg)]
         convs, skipped = {}, {}
         for n in model.graph:
-            if "Conv" in cfg.ops and _is_conv(n) and in_scope(n.name, cfg):
+            if "Conv" in cfg.ops and is_conv(n) and in_scope(n.name, cfg):
                 geo = ConvGeometry.of(n, n.inputs[1].const_value.shape)
                 if geo is None:
                     skipped[n.name] = "not a 2-D Conv with explicit pads"
@@ -84,7 +84,8 @@ class GPTQ(QPass):
         if not linears and not convs:
             ctx.reports["gptq"] = {"layers": 0, "skipped": skipped}
             return False
-        hessians, rows = self._hessians(model, linears, convs)
+        hessians, rows = layer_hessians(model, linears, convs, ctx, samples=cfg.samples,
+                                        conv_positions=cfg.conv_positions, pass_name="gptq")
         records, deficient = {}, []
         for node in linears:
             w_val = node.inputs[1]
@@ -131,48 +132,6 @@ class GPTQ(QPass):
         w_val.const_value = ir.tensor(layout(deq).astype(np.float32), name=w_val.name)
         return {"reconstruction_error": min(gptq_error, rtn_error), "gptq_reconstruction_error": gptq_error,
                 "rtn_reconstruction_error": rtn_error, "kept": chosen}
-
-    def _hessians(self, model: ir.Model, linears: list[ir.Node], convs: dict):
-        """H = 2 XᵀX / rows over the calibration data (float64): per input tensor for MatMul/Gemm
-        (layers reading one tensor share it), per node and group ([G, K, K]) for Conv, whose rows
-        are input patches at up to `conv_positions` sampled output positions per sample."""
-        cfg, ctx = self.config, self.ctx
-        dataset = ctx.data
-        if dataset is None:
-            raise DataError("gptq needs calibration data (--calib): its Hessians come from real layer inputs")
-        xs = {n.inputs[0].name: n.inputs[0] for n in linears}
-        xs.update({node.inputs[0].name: node.inputs[0] for node, _ in convs.values()})
-        samples = min(cfg.samples, dataset.num_samples)
-        for n in linears:
-            x = n.inputs[0]
-            per_sample, width = _rows_per_sample(x), x.shape[-1] if x.shape is not None else None
-            if per_sample and isinstance(width, int) and samples * per_sample < width:
-                raise RecipeError(
-                    f"{samples} calibration samples give {samples * per_sample} rows of {x.name!r}, fewer than its "
-                    f"{width} channels: its Hessian would be rank-deficient",
-                    pass_name="gptq", key="samples",
-                    hint=f"GPTQ needs at least {-(-width // per_sample)} samples here (one row per input channel; "
-                         f"several times more is better): pass more --calib data or raise gptq.samples")
-        keys = [n.inputs[0].name for n in linears] + list(convs)
-        acc = dict.fromkeys(keys)
-        count = dict.fromkeys(keys, 0)
-        rng = np.random.default_rng(0)
-
-        def add(key, gram, n_rows):
-            acc[key] = gram if acc[key] is None else acc[key] + gram
-            count[key] += n_rows
-
-        linear_inputs = {n.inputs[0].name for n in linears}
-        for arrays, _ in stream_tensors(model, list(xs.values()), dataset, samples=cfg.samples, label="gptq",
-                                        progress=ctx.progress):
-            for name in linear_inputs:
-                x = np.asarray(arrays[name], dtype=np.float64).reshape(-1, arrays[name].shape[-1])
-                add(name, x.T @ x, x.shape[0])
-            for key, (node, geo) in convs.items():
-                patches = sampled_patches(np.asarray(arrays[node.inputs[0].name]), geo,
-                                          max_positions=cfg.conv_positions, rng=rng)
-                add(key, grouped_gram(patches), patches.shape[0])
-        return {k: 2.0 * acc[k] / max(count[k], 1) for k in keys}, count
 
 
 def gptq_conv(w: np.ndarray, h: np.ndarray | None, scheme: WeightScheme, *, block_size: int = 128,
@@ -307,28 +266,3 @@ def _conv_recon_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
     num = float(np.einsum("goi,gij,goj->", d, h, d))
     den = float(np.einsum("goi,gij,goj->", wg, h, wg))
     return round(num / den, 8) if den > 0 else 0.0
-
-
-def _rows_per_sample(x: ir.Value) -> int | None:
-    if x.shape is None or not all(isinstance(d, int) for d in x.shape):
-        return None
-    return int(np.prod(x.shape[:-1])) // max(int(x.shape[0]), 1) if len(x.shape) > 1 else 1
-
-
-def _is_linear(node: ir.Node) -> bool:
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
-        return False
-    w = node.inputs[1]
-    if w is None or w.const_value is None or len(w.const_value.shape) != 2 or node.inputs[0].const_value is not None:
-        return False
-    return not (node.op_type == "Gemm" and node.attributes.get_int("transA", 0))
-
-
-def _is_conv(node: ir.Node) -> bool:
-    if node.domain not in ("", "ai.onnx") or node.op_type != "Conv" or len(node.inputs) < 2:
-        return False
-    w = node.inputs[1]
-    return w is not None and w.const_value is not None and len(w.const_value.shape) == 4 and \
-        node.inputs[0].const_value is None
-
-

@@ -146,8 +146,13 @@ def check_recipe(target, recipe) -> str | None:
     """The family hook `qcompile.targets.check_capabilities` calls before any work.
 
     Every scheme a quantize step can give a layer is checked: the recipe's own and
-    each one its `mix` table names."""
+    each one its `mix` table names; a `sparsify` step's 2:4 pattern needs ATC's --sparsity."""
     for step in recipe.steps:
+        if step.spec.name == "sparsify":
+            problem = check_sparsity(step.config, target)
+            if problem:
+                return f"pass 'sparsify': {problem}"
+            continue
         if step.spec.name != "quantize":
             continue
         for scheme in step.spec.cls.schemes(step.config):
@@ -160,6 +165,30 @@ def check_recipe(target, recipe) -> str | None:
             if problem:
                 return f"pass 'quantize': {problem}"
     return None
+
+
+def check_sparsity(config, target) -> str | None:
+    """2:4 sparsity is only worth its accuracy where ATC compresses it (`sparsity_2_4`)."""
+    if getattr(config, "pattern", None) != "2:4":
+        return None
+    cap = capabilities(target).get("sparsity_2_4", {})
+    if cap.get("supported"):
+        return None
+    return (f"2:4 structured sparsity requested, but {target.name} ({soc_version(target)}) cannot compress it"
+            + (f" ({cap['note']})" if cap.get("note") else "") + "; the pruned zeros would be stored and computed "
+            "dense: use a target that has it (ascend310b, ascend910b) or drop the sparsify step")
+
+
+def sparsity_flags(target, patterns: set[str]) -> tuple[list[str], list[str]]:
+    """(extra atc flags, notes) for the sparsity patterns the compile's weights were pruned to."""
+    flags, notes = [], []
+    if "2:4" in patterns and capabilities(target).get("sparsity_2_4", {}).get("supported"):
+        flags.append("--sparsity=1")
+        notes.append("--sparsity=1: ATC stores the 2:4-pruned int8 weights of Conv2D/MatMulV2/FullyConnection as "
+                     "2 values + two 2-bit indexes per 4 (it cannot be combined with --compress_weight_conf)")
+    if "unstructured" in patterns:
+        notes.append("unstructured sparsity: ATC compresses only 2:4 along Cin, so these zeros are stored dense")
+    return flags, notes
 
 
 @dataclasses.dataclass(frozen=True)

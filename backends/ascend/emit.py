@@ -43,14 +43,14 @@ def input_shape_arg(model: ir.Model) -> str:
 
 
 def atc_script(*, soc_version: str, target: str, input_shape: str, model_file: str = "model.onnx",
-               opset: int | None = None, notes: list[str] = ()) -> str:
+               opset: int | None = None, notes: list[str] = (), flags: list[str] = ()) -> str:
     output = f"model_{soc_version}"
     try:
         version = importlib.metadata.version("qcompile")
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a checkout
         version = "unknown"
     cmd = ["atc", f"--framework={ATC_FRAMEWORK_ONNX}", f"--model={model_file}", f"--output={output}",
-           f"--soc_version={soc_version}", f"--input_shape={input_shape}"]
+           f"--soc_version={soc_version}", f"--input_shape={input_shape}", *flags]
     lines = [
         "#!/bin/sh",
         f"# ATC conversion written by qcompile {version} for target {target} (soc_version {soc_version}).",

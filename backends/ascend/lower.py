@@ -107,12 +107,19 @@ class AscendLower(QPass):
         ctx.outputs.reference_model = reference.reference_model(model, compute_dtype)
         info["verified_through"] = "reference lowering (reference.py): AscendQuant/AscendDequant/AscendAntiQuant " \
                                    "as standard ONNX, int8 layers as ConvInteger/MatMulInteger"
+        flags, sparse_notes = capabilities.sparsity_flags(tgt, ctx.sparse.patterns())
+        for note in sparse_notes:
+            if note.startswith("unstructured"):
+                ctx.warn(f"{tgt.name}: {note}")
+        if flags:
+            info["atc_flags"] = flags
         if cfg.atc_script:
             notes = []
             if outside:
                 notes.append("operators outside ATC's ONNX list: " + ", ".join(outside))
+            notes += sparse_notes
             script = emit.atc_script(soc_version=soc, target=tgt.name + (f":{tgt.variant}" if tgt.variant else ""),
-                                     input_shape=input_shape, opset=opset_of(model), notes=notes)
+                                     input_shape=input_shape, opset=opset_of(model), notes=notes, flags=flags)
             ctx.outputs.artifacts["atc.sh"] = emit.script_writer(script)
             info["atc_command"] = script.strip().splitlines()[-1]
         info["input_shape"] = input_shape

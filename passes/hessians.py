@@ -1,0 +1,94 @@
+"""Layer Hessians from calibration inputs, for the weight algorithms that minimise a layer's
+output error on real inputs (GPTQ rounding, SparseGPT pruning).
+
+For a linear y = x·W the error of a changed weight W + Δ on the calibration rows X is
+tr(ΔᵀHΔ) with H = 2·XᵀX / rows; layers reading one tensor share it. For a Conv, X is the
+input patches (passes/conv_patches.py) at up to `conv_positions` sampled output positions
+per sample, one H per group ([G, K, K]). One onnxruntime pass streams every input needed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.errors import DataError, RecipeError
+
+from .activation_stream import stream_tensors
+from .conv_patches import ConvGeometry, grouped_gram, sampled_patches
+
+
+def is_linear(node: ir.Node) -> bool:
+    """A MatMul/Gemm of an activation by a constant 2-D weight (no transA)."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+        return False
+    w = node.inputs[1]
+    if w is None or w.const_value is None or len(w.const_value.shape) != 2 or node.inputs[0].const_value is not None:
+        return False
+    return not (node.op_type == "Gemm" and node.attributes.get_int("transA", 0))
+
+
+def is_conv(node: ir.Node) -> bool:
+    """A Conv of an activation by a constant 4-D weight."""
+    if node.domain not in ("", "ai.onnx") or node.op_type != "Conv" or len(node.inputs) < 2:
+        return False
+    w = node.inputs[1]
+    return w is not None and w.const_value is not None and len(w.const_value.shape) == 4 and \
+        node.inputs[0].const_value is None
+
+
+def weight_kn(node: ir.Node) -> tuple[np.ndarray, bool]:
+    """A linear's weight as [K, N] float64, and whether it is stored transposed (Gemm transB)."""
+    transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
+    w = node.inputs[1].const_value.numpy().astype(np.float64)
+    return (w.T if transposed else w), transposed
+
+
+def rows_per_sample(x: ir.Value) -> int | None:
+    if x.shape is None or not all(isinstance(d, int) for d in x.shape):
+        return None
+    return int(np.prod(x.shape[:-1])) // max(int(x.shape[0]), 1) if len(x.shape) > 1 else 1
+
+
+def layer_hessians(model: ir.Model, linears: list[ir.Node], convs: dict[str, tuple[ir.Node, ConvGeometry]],
+                   ctx, *, samples: int, conv_positions: int, pass_name: str):
+    """({input tensor name (linears) or node name (Conv): H}, {same key: rows seen}), float64.
+
+    Refuses, before streaming, a linear whose calibration rows cannot reach its width (a
+    rank-deficient H); where the sequence length is dynamic that is only known afterwards."""
+    dataset = ctx.data
+    if dataset is None:
+        raise DataError(f"{pass_name} needs calibration data (--calib): its Hessians come from real layer inputs")
+    xs = {n.inputs[0].name: n.inputs[0] for n in linears}
+    xs.update({node.inputs[0].name: node.inputs[0] for node, _ in convs.values()})
+    used = min(samples, dataset.num_samples)
+    for n in linears:
+        x = n.inputs[0]
+        per_sample, width = rows_per_sample(x), x.shape[-1] if x.shape is not None else None
+        if per_sample and isinstance(width, int) and used * per_sample < width:
+            raise RecipeError(
+                f"{used} calibration samples give {used * per_sample} rows of {x.name!r}, fewer than its "
+                f"{width} channels: its Hessian would be rank-deficient",
+                pass_name=pass_name, key="samples",
+                hint=f"{pass_name} needs at least {-(-width // per_sample)} samples here (one row per input "
+                     f"channel; several times more is better): pass more --calib data or raise {pass_name}.samples")
+    keys = [n.inputs[0].name for n in linears] + list(convs)
+    acc = dict.fromkeys(keys)
+    count = dict.fromkeys(keys, 0)
+    rng = np.random.default_rng(0)
+
+    def add(key, gram, n_rows):
+        acc[key] = gram if acc[key] is None else acc[key] + gram
+        count[key] += n_rows
+
+    linear_inputs = {n.inputs[0].name for n in linears}
+    for arrays, _ in stream_tensors(model, list(xs.values()), dataset, samples=samples, label=pass_name,
+                                    progress=ctx.progress):
+        for name in linear_inputs:
+            x = np.asarray(arrays[name], dtype=np.float64).reshape(-1, arrays[name].shape[-1])
+            add(name, x.T @ x, x.shape[0])
+        for key, (node, geo) in convs.items():
+            patches = sampled_patches(np.asarray(arrays[node.inputs[0].name]), geo,
+                                      max_positions=conv_positions, rng=rng)
+            add(key, grouped_gram(patches), patches.shape[0])
+    return {k: 2.0 * acc[k] / max(count[k], 1) for k in keys}, count
