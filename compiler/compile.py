@@ -71,7 +71,7 @@ def compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     tgt, rec = plan.target, plan.recipe
     model = load_model(plan.model)
     original_opset = opset_of(model)
-    needed = required_opset(tgt, rec)
+    needed = required_opset(tgt, rec, model)
     if original_opset < needed:
         log.info("converting opset %d -> %d (needed: %d)", original_opset, tgt.opset_convert_to, needed)
         model = convert_opset(model, tgt.opset_convert_to)
@@ -165,11 +165,12 @@ def keeps_dynamic_shapes(model, tgt: Target, rec: Recipe) -> bool:
     return not tgt.setting("static_shapes", False) and is_decoder(model)
 
 
-def required_opset(tgt: Target, rec: Recipe) -> int:
-    """The target's minimum, raised by what the passes emit (FP8 Q/DQ: 19, int4/blocks: 21)."""
+def required_opset(tgt: Target, rec: Recipe, model=None) -> int:
+    """The target's minimum, raised by what the passes emit (FP8 Q/DQ: 19, int4/blocks: 21) or
+    match (fusion patterns: 18, where the model has something to fuse)."""
     need = tgt.opset_min
     for step in rec.steps:
-        need = max(need, step.spec.cls.min_opset(step.config, tgt))
+        need = max(need, step.spec.cls.min_opset(step.config, tgt, model))
     return need
 
 

@@ -71,8 +71,9 @@ class QPass(onnx_ir.passes.InPlacePass):
         return False
 
     @classmethod
-    def min_opset(cls, config: Any, target: Any = None) -> int:
-        """The lowest ONNX opset the graph must be at for this pass (0: any)."""
+    def min_opset(cls, config: Any, target: Any = None, model: ir.Model | None = None) -> int:
+        """The lowest ONNX opset the graph must be at for this pass (0: any); `model`, when
+        given, is the loaded input (a pass with nothing to do on it may need nothing)."""
         return 0
 
     @classmethod

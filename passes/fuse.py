@@ -13,7 +13,10 @@ adds is what makes them fire on real exports and stay honest:
 * the report counts every step's rewrites, and for each Softmax left outside a fused
   attention it records why onnxscript's SDPA rule did not take it (its matching tracer);
 * only the groups the target runs (`fusions` in its descriptor) are applied: Ascend's ATC
-  takes no com.microsoft operators.
+  takes no com.microsoft operators;
+* afterwards the shape arithmetic every layer repeats is merged into one copy
+  (passes/rules/shared_shapes.py, `share_shapes`), which a decode step feels;
+* a graph with nothing any group could fuse (a CNN) is left as it is.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from qcompile.graph_signature import signature
 from qcompile.model_io import infer_shapes, infer_symbolic_shapes
 from qcompile.registry import QPass, register_pass
 
-from .rules import fusions, qdq_see_through, spelling
+from .rules import fusions, qdq_see_through, shared_shapes, spelling
 
 _ATTENTION_TRACED = ("sdpa",)  # the step whose tracer explains an unfused attention
 
@@ -48,6 +51,9 @@ class Fuse(QPass):
         rules: tuple[str, ...] = fusions.DEFAULT_GROUPS
         # explain attention-shaped subgraphs (Softmax) that did not fuse, with the rule's reason
         explain: bool = True
+        # read each repeated shape from one Shape node and merge the arithmetic the layers repeat
+        # on it (passes/rules/shared_shapes.py)
+        share_shapes: bool = True
 
         def validate(self):
             unknown = [g for g in self.rules if g not in fusions.GROUPS]
@@ -58,11 +64,14 @@ class Fuse(QPass):
     GIVES = frozenset({Fact.FUSED})
 
     @classmethod
-    def min_opset(cls, config, target=None) -> int:
+    def min_opset(cls, config, target=None, model=None) -> int:
         """onnxscript's patterns spell ReduceMean/Slice as opset 18 does (axes as inputs); a
-        target that runs none of the groups (Ascend: ATC parses opset <= 16) needs nothing."""
+        target that runs none of the groups (Ascend: ATC parses opset <= 16), or a model with
+        nothing any of them could fuse (a CNN), needs nothing."""
         runs = set(target.setting("fusions") or ()) if target is not None else set(config.rules)
-        return 18 if runs & set(config.rules) else 0
+        if not runs & set(config.rules):
+            return 0
+        return 18 if model is None or fusion_candidates(model) else 0
 
     def run(self, model: ir.Model) -> bool:
         allowed = self._allowed_groups()
@@ -73,6 +82,9 @@ class Fuse(QPass):
                               for g in self.config.rules if g not in allowed}}
         self.ctx.reports["fuse"] = report
         if not groups:
+            return False
+        if not fusion_candidates(model):   # a CNN: leave its graph as it is (no spelling rules either)
+            report["nothing_to_fuse"] = True
             return False
         before = signature(model)
         graph = model.graph
@@ -112,6 +124,8 @@ class Fuse(QPass):
         for value, shape in known.items():  # where both give up (GroupQueryAttention without a past),
             if value.shape is None:         # a value the rules kept keeps the shape it had
                 value.shape = shape
+        if self.config.share_shapes:
+            report["shape_arithmetic"] = shared_shapes.merge_repeated_shape_arithmetic(model)
         if "attention" in groups:
             report["unfused_attention"] = self._explain(model) if self.config.explain else \
                 [n.name for n in model.graph if n.op_type == "Softmax"]
@@ -162,6 +176,19 @@ class Fuse(QPass):
                 entry["at"] = [getattr(x, "name", str(x)) for x in best.match_result.failure_nodes_and_values][:4]
             out.append(entry)
         return out
+
+
+def fusion_candidates(model: ir.Model) -> list[str]:
+    """Node names that a fusion group could start from: a Softmax read by a MatMul (attention),
+    a ReduceMean (a spelled-out LayerNorm/RMSNorm), Erf or Tanh (GELU), Sin/Cos (rotary tables).
+    Empty for a CNN: its compile then keeps its opset."""
+    found = []
+    for node in model.graph:
+        if node.op_type == "Softmax" and any(u.node.op_type == "MatMul" for u in node.outputs[0].uses()):
+            found.append(node.name)
+        elif node.op_type in ("ReduceMean", "Erf", "Tanh", "Sin", "Cos"):
+            found.append(node.name)
+    return found
 
 
 def _fused_op_counts(model: ir.Model) -> dict[str, int]:
