@@ -25,10 +25,11 @@ from qcompile.facts import FLOAT_MODEL_CHANGED, Fact
 from qcompile.numerics import compute_qparams, full_range_qparams, qrange
 from qcompile.qdq import set_constant_input
 from qcompile.registry import QPass, register_pass
-from qcompile.schemes import WeightScheme
+from qcompile.schemes import WeightScheme, builtin_scheme, mixable_schemes
 
 from .equalization.groups import find_groups, fold_division
 from .equalization.stats import channel_stats
+from .scope import feeds_model_output
 
 
 @register_pass("awq")
@@ -41,12 +42,16 @@ class AWQ(QPass):
         alpha_steps: int = 20              # alpha in {0, 1/n, ..., 1}
         clip: bool = True
         min_clip: float = 0.5              # smallest clipping ratio tried
-        kinds: tuple[Literal["norm-linear", "linear-linear"], ...] = ("norm-linear", "linear-linear")
+        kinds: tuple[Literal["norm-linear", "linear-linear", "gated-linear"], ...] = \
+            ("norm-linear", "linear-linear", "gated-linear")
         explicit_mul: bool = True          # where no producer absorbs 1/s: a Mul in front of the group
         include: tuple[str, ...] = ("*",)
         exclude: tuple[str, ...] = ()
         samples: int = 64
         rows: int = 1024
+        # the scheme the later quantize step gives the layers feeding a model output
+        # (`output_layers` there): their groups are left to it, not searched for this scheme
+        output_layers: str | None = None
 
         def validate(self):
             problem = at_least(self, alpha_steps=1)
@@ -54,6 +59,11 @@ class AWQ(QPass):
                 return problem
             if not 0.0 < self.min_clip <= 1.0:
                 return "min_clip", f"must be in (0, 1], got {self.min_clip}"
+            if self.output_layers is not None:
+                try:
+                    builtin_scheme(self.output_layers)
+                except KeyError:
+                    return "output_layers", f"unknown scheme {self.output_layers!r}; one of: {', '.join(mixable_schemes())}"
             if self.weight.granularity != "per_group" or self.weight.dtype not in ("int4", "int8"):
                 return "weight", "AWQ searches per-group int4/int8 weight scales (weight.granularity: per_group)"
             return at_least(self, rows=16)
@@ -66,6 +76,12 @@ class AWQ(QPass):
         groups = find_groups(model, cfg)
         records = {g.x.name: {"linears": [lin.node.name for lin in g.linears], "kind": g.kind,
                               "status": "skipped", "reason": g.reason} for g in groups}
+        outputs = set(model.graph.outputs)
+        if cfg.output_layers is not None:
+            for g in groups:
+                if g.kind is not None and any(feeds_model_output(lin.node, outputs) for lin in g.linears):
+                    g.kind = None
+                    records[g.x.name]["reason"] = f"an output layer: quantize gives it {cfg.output_layers} (output_layers)"
         usable = [g for g in groups if g.kind is not None]
         if not usable:
             ctx.reports["awq"] = {"groups": records, "scaled": 0}
@@ -93,7 +109,8 @@ class AWQ(QPass):
                     _store_kn(model.graph, lin, w * s[:, None])
                 fold_division(model.graph, g, s.astype(np.float32))
                 if g.kind != "explicit-mul":
-                    ctx.rescales.note(g.x.name, g.channel_axis, s)
+                    for tensor in g.rescaled():
+                        ctx.rescales.note(tensor.name, g.channel_axis, s)
                 rec.update({"status": "scaled", "reason": ""})
                 scaled += 1
             else:

@@ -29,11 +29,11 @@ from qcompile.config import at_least
 from qcompile.facts import FLOAT_MODEL_CHANGED, Fact
 from qcompile.numerics import compute_qparams, full_range_qparams, qrange
 from qcompile.registry import QPass, register_pass
-from qcompile.schemes import WeightScheme
+from qcompile.schemes import WeightScheme, builtin_scheme, mixable_schemes
 
 from .conv_patches import ConvGeometry
 from .hessians import is_conv, is_linear, layer_hessians
-from .scope import in_scope
+from .scope import feeds_model_output, in_scope
 
 
 @register_pass("gptq")
@@ -51,6 +51,9 @@ class GPTQ(QPass):
         exclude: tuple[str, ...] = ()
         samples: int = 128
         conv_positions: int = 4096   # Conv: output positions per sample whose input patches enter H
+        # the scheme of the layers feeding a model output, as the later quantize step's
+        # `output_layers` gives them (a built-in scheme name; float: left alone)
+        output_layers: str | None = None
 
         def validate(self):
             if not 0.0 < self.damp < 1.0:
@@ -62,6 +65,11 @@ class GPTQ(QPass):
                 return "weight.dtype", f"GPTQ rounds integer weights, not {self.weight.dtype}"
             if self.weight.rounding != "half_even":
                 return "weight.rounding", "GPTQ chooses the rounding itself; leave rounding at half_even"
+            if self.output_layers is not None:
+                try:
+                    builtin_scheme(self.output_layers)
+                except KeyError:
+                    return "output_layers", f"unknown scheme {self.output_layers!r}; one of: {', '.join(mixable_schemes())}"
             return None
 
     GIVES = frozenset({Fact.WEIGHTS_ROUNDED})
@@ -70,8 +78,17 @@ class GPTQ(QPass):
 
     def run(self, model: ir.Model) -> bool:
         cfg, ctx = self.config, self.ctx
-        linears = [n for n in model.graph if n.op_type in cfg.ops and is_linear(n) and in_scope(n.name, cfg)]
-        convs, skipped = {}, {}
+        outputs = set(model.graph.outputs)
+        schemes, skipped = {}, {}
+        for n in model.graph:
+            if n.op_type in cfg.ops and is_linear(n) and in_scope(n.name, cfg):
+                scheme = self._scheme(n, outputs)
+                if scheme is None:
+                    skipped[n.name] = "output_layers: float"
+                else:
+                    schemes[n.name] = scheme
+        linears = [n for n in model.graph if n.name in schemes]
+        convs = {}
         for n in model.graph:
             if "Conv" in cfg.ops and is_conv(n) and in_scope(n.name, cfg):
                 geo = ConvGeometry.of(n, n.inputs[1].const_value.shape)
@@ -93,7 +110,7 @@ class GPTQ(QPass):
             w = w_val.const_value.numpy().astype(np.float64)
             w_kn = w.T if transposed else w                      # [K, N]
             h, n_rows = hessians[node.inputs[0].name], rows[node.inputs[0].name]
-            quantize = lambda use_h: gptq_quantize(w_kn, h if use_h else None, cfg.weight,  # noqa: E731
+            quantize = lambda use_h: gptq_quantize(w_kn, h if use_h else None, schemes[node.name],  # noqa: E731
                                                    block_size=cfg.block_size, damp=cfg.damp,
                                                    act_order=cfg.act_order and use_h)
             error = lambda p: _recon_error(w_kn, _dequantized(p), h)  # noqa: E731
@@ -119,6 +136,13 @@ class GPTQ(QPass):
         ctx.reports["gptq"] = {"layers": len(records), "scheme": cfg.weight.label(), "act_order": cfg.act_order,
                               "per_layer": records, "skipped": skipped, "rank_deficient": deficient}
         return bool(records)
+
+    def _scheme(self, node: ir.Node, outputs: set) -> WeightScheme | None:
+        """The weight scheme GPTQ rounds this linear to: `output_layers`' for a layer feeding a
+        model output (None: it stays float), else the pass's."""
+        if self.config.output_layers is not None and feeds_model_output(node, outputs):
+            return builtin_scheme(self.config.output_layers).weight
+        return self.config.weight
 
     def _keep_better(self, w_val: ir.Value, quantize, error, layout, conv: bool = False) -> dict:
         """Quantize with GPTQ (`quantize(True)`) and plainly (`quantize(False)`); keep whichever has the lower

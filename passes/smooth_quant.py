@@ -16,10 +16,12 @@ Where the division goes, by subgraph kind (recipe `kinds`):
   MatMul/Gemm or by Conv layers (X's channel axis 1; grouped and depthwise Convs scale each
   group's own input channels): a/s and b/s. For a depthwise Conv the per-channel weight
   scales absorb s exactly, so its input's channels can be brought to one range for free;
+* `gated-linear`: X = a ⊙ L(z) (a gated MLP's down projection): L's output columns;
 * otherwise, with `explicit_mul: true`, a Mul(X, 1/s) is inserted in front of the group only
   (the other consumers of X — e.g. a residual Add after a post-LN BERT LayerNorm, whose
-  output also feeds the residual — keep X); without it the group is left alone and the
-  report says why.
+  output also feeds the residual — keep X), except after an activation function (a BERT
+  FFN's output dense after GELU: measured to hurt; passes/equalization/groups.py); without
+  it the group is left alone and the report says why.
 
 The per-channel |X| maxima come from one onnxruntime pass over the calibration data, which
 also keeps a sample of rows; with `alpha_search`, each group takes the α whose simulated
@@ -57,9 +59,12 @@ class SmoothQuant(QPass):
         alpha: float = 0.5
         # candidate alphas; each group takes the one with the lowest simulated int8 error
         alpha_search: tuple[float, ...] = ()
-        kinds: tuple[Literal["norm-linear", "linear-linear", "affine-linear", "affine-conv"], ...] = \
-            ("norm-linear", "linear-linear")
+        kinds: tuple[Literal["norm-linear", "linear-linear", "gated-linear", "affine-linear", "affine-conv"], ...] = \
+            ("norm-linear", "linear-linear", "gated-linear")
         explicit_mul: bool = False    # insert Mul(X, 1/s) where no producer can absorb the scale
+        # the activation granularity the later quantize step uses, which the alpha search
+        # simulates: per_tensor (static, the target's dtype) or per_token (dynamic int8 rows)
+        granularity: Literal["per_tensor", "per_token"] = "per_tensor"
         include: tuple[str, ...] = ("*",)
         exclude: tuple[str, ...] = ()
         samples: int = 64             # calibration samples for the channel maxima
@@ -77,7 +82,7 @@ class SmoothQuant(QPass):
 
     @classmethod
     def groups(cls, model: ir.Model, config) -> list[Group]:
-        return find_groups(model, config)
+        return find_groups(model, config, mul_after_activation=False)
 
     # -- running -----------------------------------------------------------------------
     def run(self, model: ir.Model) -> bool:
@@ -114,7 +119,8 @@ class SmoothQuant(QPass):
             per_tensor = [lin.node.op_type in per_tensor_ops for lin in g.linears]
             sim = _simulated_conv_error if g.convs else _simulated_error
             simulate = lambda scales: sim(sample, (xlo, xhi), weights, g.linears, scales,  # noqa: E731
-                                          act_dtype, act_symmetric, per_tensor)
+                                          act_dtype, act_symmetric, per_tensor,
+                                          per_token=cfg.granularity == "per_token")
             errors = {a: simulate(_scales(amax, wmax, a)) for a in alphas}
             baseline = simulate(np.ones_like(amax))
             alpha = min(errors, key=errors.get)
@@ -127,7 +133,8 @@ class SmoothQuant(QPass):
                 set_constant_input(model.graph, lin.node, 1, scale_input_channels(w, s, lin.k_axis, lin.groups).astype(np.float32))
             fold_division(model.graph, g, s)
             if g.kind != "explicit-mul":
-                ctx.rescales.note(g.x.name, g.channel_axis, s)
+                for tensor in g.rescaled():
+                    ctx.rescales.note(tensor.name, g.channel_axis, s)
             rec.update({"status": "smoothed", "alpha": alpha, "reason": "",
                         "max_channel_ratio": round(float(amax.max() / max(np.median(amax), 1e-12)), 2)})
             changed += 1
@@ -143,18 +150,24 @@ def _scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _simulated_error(x: np.ndarray, x_range, weights, linears, s: np.ndarray, act_dtype: str,
-                     act_symmetric: bool, per_tensor: list[bool] | None = None) -> float:
+                     act_symmetric: bool, per_tensor: list[bool] | None = None, per_token: bool = False) -> float:
     """Mean over the group's linears of the relative squared error of X·W with X/s quantized
     per tensor as the target will (its activation dtype and symmetry: an asymmetric uint8
     range fits a GELU output's short negative tail, a symmetric one does not) and W·s in
     int8 per output channel, or per tensor where the target quantizes that op's weights so
     (`per_tensor_weight_ops`, Ascend's MatMul: the outliers SmoothQuant moves into W then
     cost every output channel). X/s's range comes from the full-data channel extremes, not
-    just the sampled rows: the outlier tokens that set it are rare."""
+    just the sampled rows: the outlier tokens that set it are rare. With `per_token`, each row
+    of X/s gets its own symmetric int8 scale, as dynamic per-token quantization does."""
     xs = x / s
-    lo, hi = float(np.min(x_range[0] / s)), float(np.max(x_range[1] / s))
-    xscale, xzp = compute_qparams(lo, hi, act_dtype, symmetric=act_symmetric)
-    xq = dequantize(quantize(xs, xscale, xzp, act_dtype), xscale, xzp)
+    if per_token:
+        lo_t, hi_t = reduce_absmax(xs, 0)
+        xscale, xzp = compute_qparams(lo_t, hi_t, "int8", symmetric=True)
+        xq = dequantize(quantize(xs, xscale, xzp, "int8", axis=0), xscale, xzp, axis=0)
+    else:
+        lo, hi = float(np.min(x_range[0] / s)), float(np.max(x_range[1] / s))
+        xscale, xzp = compute_qparams(lo, hi, act_dtype, symmetric=act_symmetric)
+        xq = dequantize(quantize(xs, xscale, xzp, act_dtype), xscale, xzp)
     errors = []
     for i, (w, lin) in enumerate(zip(weights, linears)):
         w2 = w if lin.k_axis == 0 else w.T                    # [K, N]
@@ -171,7 +184,7 @@ def _simulated_error(x: np.ndarray, x_range, weights, linears, s: np.ndarray, ac
 
 
 def _simulated_conv_error(patches: list[np.ndarray], x_range, weights, linears, s: np.ndarray, act_dtype: str,
-                          act_symmetric: bool, per_tensor: list[bool] | None = None) -> float:
+                          act_symmetric: bool, per_tensor: list[bool] | None = None, per_token: bool = False) -> float:
     """_simulated_error for Conv consumers: each Conv's sampled input patches [rows, G, K]
     (K = Cin/g·kh·kw, channel-major) stand for X; X/s quantized per tensor, W·s in int8 per
     output channel (or per tensor), the relative squared error of the Conv's outputs."""

@@ -50,6 +50,11 @@ class QuantizeConfig:
     activation: ActivationScheme | None = ActivationScheme()
     # per-scope schemes, first matching glob wins: {"*attention*": w8a16, "*head*": float}
     mix: dict[str, str] = dataclasses.field(default_factory=dict)
+    # the scheme (a built-in scheme name, or float) of the layers whose output is a model output
+    # (an LM's logits projection, a classifier head), found from the graph; None: the recipe's.
+    # llama.cpp and onnxruntime-genai keep a decoder's output projection at 8 bits for int4
+    # models too; `mix` globs still win over it
+    output_layers: str | None = None
     fold_activations: bool = True
     # a Conv feeding a graph output gets Q/DQ on it too: onnxruntime fuses QLinearConv only then
     quantize_graph_outputs: bool = True
@@ -75,16 +80,29 @@ class QuantizeConfig:
             except KeyError:
                 return f"mix.{glob}", (f"unknown scheme {name!r}; a mix maps a layer-name glob to one of: "
                                        f"{', '.join(mixable_schemes())}")
+        if self.output_layers is not None:
+            try:
+                builtin_scheme(self.output_layers)
+            except KeyError:
+                return "output_layers", (f"unknown scheme {self.output_layers!r}; one of: "
+                                         f"{', '.join(mixable_schemes())}")
         return None
 
 
 def schemes(config: QuantizeConfig) -> list[Scheme]:
-    """Every scheme this config can give a layer (the recipe's and the mix table's)."""
-    return [Scheme("recipe", config.weight, config.activation)] + [builtin_scheme(name) for name in config.mix.values()]
+    """Every scheme this config can give a layer (the recipe's, the mix table's, the output layers')."""
+    extra = [config.output_layers] if config.output_layers is not None else []
+    return [Scheme("recipe", config.weight, config.activation)] + \
+        [builtin_scheme(name) for name in [*config.mix.values(), *extra]]
 
 
-def scheme_for(config: QuantizeConfig, layer: str) -> Scheme:
+def scheme_for(config: QuantizeConfig, layer: str, *, output_layer: bool = False) -> tuple[Scheme, str]:
+    """The layer's scheme and the key that chose it: the first `mix` glob matching its name
+    ("mix"), else `output_layers` for a layer feeding a model output ("output_layers"), else
+    the recipe's ("recipe")."""
     for glob, name in config.mix.items():
         if fnmatch.fnmatchcase(layer, glob):
-            return builtin_scheme(name)
-    return Scheme("recipe", config.weight, config.activation)
+            return builtin_scheme(name), "mix"
+    if output_layer and config.output_layers is not None:
+        return builtin_scheme(config.output_layers), "output_layers"
+    return Scheme("recipe", config.weight, config.activation), "recipe"

@@ -12,7 +12,7 @@ from qcompile.analyses import RangeRequest
 from qcompile.errors import RecipeError
 from qcompile.schemes import ActivationScheme, Scheme, WeightScheme
 
-from ..scope import matches
+from ..scope import feeds_model_output, matches
 from .config import QuantizeConfig, scheme_for
 
 LAYER_OPS = ("Conv", "MatMul", "Gemm")
@@ -36,8 +36,16 @@ class LayerPlan:
 
     @property
     def dynamic(self) -> bool:
+        """Activations quantized at run time by nodes in the graph (the integer-op path)."""
         act = self.scheme.activation
-        return act is not None and act.is_dynamic
+        return act is not None and act.is_dynamic and not act.in_kernel
+
+    @property
+    def in_kernel(self) -> bool:
+        """Activations quantized inside the target's matmul kernel: the graph holds only the
+        weight's DequantizeLinear (as weight-only), the lowering picks the int8-compute kernel."""
+        act = self.scheme.activation
+        return act is not None and act.in_kernel
 
 
 def const(value: ir.Value | None) -> np.ndarray | None:
@@ -64,9 +72,9 @@ def plan_layers(model: ir.Model, config: QuantizeConfig, target=None) -> tuple[l
         if matches(name, config.exclude):
             skipped[name] = "excluded by quantize.exclude"
             continue
-        scheme = scheme_for(config, name)
+        scheme, chosen_by = scheme_for(config, name, output_layer=feeds_model_output(node, outputs))
         if scheme.is_float:
-            skipped[name] = "mix: float"
+            skipped[name] = f"{chosen_by}: float"
             continue
         act = scheme.activation
         static = act is not None and not act.is_dynamic
