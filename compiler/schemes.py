@@ -21,7 +21,7 @@ ActivationDType = Literal["auto", "int8", "uint8", "int4", "uint4", "float8e4m3f
 Rounding = Literal["half_even", "half_away", "floor", "ceil", "trunc", "stochastic"]
 
 FLOAT8 = ("float8e4m3fn", "float8e5m2")
-_PLAIN_PASSES = {"canonicalize", "calibrate", "quantize"}
+_PLAIN_PASSES = {"canonicalize", "fuse", "calibrate", "quantize"}
 INT4 = ("int4", "uint4")
 
 # Lowest ONNX opset whose QuantizeLinear/DequantizeLinear carry each feature.
@@ -70,8 +70,10 @@ class WeightScheme:
 @dataclasses.dataclass(frozen=True)
 class ActivationScheme:
     dtype: ActivationDType = "auto"  # auto: what the target's int8 kernels want
-    # per_token: one scale per row (last axis), computed at run time
-    granularity: Literal["per_tensor", "per_token"] = "per_tensor"
+    # per_token: one scale per row (last axis), computed at run time; per_group: one per block
+    # of the weight's group_size along each row, computed at run time inside the matmul kernel
+    # (onnxruntime's MatMulNBits with int8 compute: no activation Q/DQ in the graph)
+    granularity: Literal["per_tensor", "per_token", "per_group"] = "per_tensor"
     symmetric: bool | Literal["auto"] = "auto"  # auto: the target's `activation_symmetric`
     dynamic: bool = False  # scales computed at run time instead of calibrated (per_token always is)
 
@@ -82,11 +84,12 @@ class ActivationScheme:
             if self.dtype in FLOAT8 or self.dtype in INT4:
                 return "dtype", (f"dynamic activations are 8-bit integers (DynamicQuantizeLinear, "
                                  f"MatMulInteger); {self.dtype} is static only")
-            if self.granularity == "per_token":
+            if self.granularity in ("per_token", "per_group"):
+                what = "one scale per row" if self.granularity == "per_token" else "one scale per block of a row"
                 if self.dtype not in ("auto", "int8"):
-                    return "dtype", "per_token activations are int8 (symmetric, one scale per row)"
+                    return "dtype", f"{self.granularity} activations are int8 (symmetric, {what})"
                 if self.symmetric is False:
-                    return "symmetric", "per_token activations are symmetric int8 (one scale per row, no offset)"
+                    return "symmetric", f"{self.granularity} activations are symmetric int8 ({what}, no offset)"
             else:
                 if self.dtype not in ("auto", "uint8"):
                     return "dtype", "dynamic per_tensor activations are uint8 (ONNX DynamicQuantizeLinear)"
@@ -96,7 +99,12 @@ class ActivationScheme:
 
     @property
     def is_dynamic(self) -> bool:
-        return self.dynamic or self.granularity == "per_token"
+        return self.dynamic or self.granularity in ("per_token", "per_group")
+
+    @property
+    def in_kernel(self) -> bool:
+        """Quantized inside the matmul kernel (per_group), not by nodes in the graph."""
+        return self.granularity == "per_group"
 
     def min_opset(self) -> int:
         # per-token: ReduceMax takes its axes as an input from opset 18
@@ -128,7 +136,11 @@ class Scheme:
 
 def scheme_compatibility(weight: WeightScheme, activation: ActivationScheme | None) -> tuple[str, str] | None:
     """Combinations of a weight and an activation scheme no lowering can run."""
-    if activation is not None and activation.is_dynamic:
+    if activation is not None and activation.in_kernel:
+        if weight.granularity != "per_group" or weight.dtype not in ("int8", "int4") or not weight.symmetric:
+            return "weight", ("per_group activations are quantized in the weight's groups inside the matmul "
+                              f"kernel: they need symmetric int8 or int4 per_group weights; got {weight.label()}")
+    elif activation is not None and activation.is_dynamic:
         if weight.dtype != "int8" or weight.granularity == "per_group":
             return "weight", ("dynamic activations multiply int8 per-channel or per-tensor weights "
                               f"(MatMulInteger/ConvInteger); got {weight.label()}")

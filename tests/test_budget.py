@@ -84,7 +84,8 @@ def test_parse_budget():
 
 def _fallback_recipe(tmp_path, rank_by: str, n: int) -> str:
     path = tmp_path / f"fb-{rank_by}-{n}.yaml"
-    path.write_text("apiversion: qcompile/v1\nspec:\n  passes:\n    - type: canonicalize\n    - type: calibrate\n"
+    path.write_text("apiversion: qcompile/v1\nspec:\n  passes:\n    - type: canonicalize\n    - type: fuse\n"
+                    "    - type: calibrate\n"
                     "      method: minmax\n    - type: quantize\n      speed_fallback: false\n"
                     f"      fallback: {{max_layers: {n}, rank_by: {rank_by}}}\n")
     return str(path)

@@ -326,3 +326,17 @@ def _bytes(model) -> bytes:
     proto = ir.to_proto(model)
     proto.ir_version = 8
     return proto.SerializeToString()
+
+
+def test_repeated_shape_arithmetic_is_merged_and_the_decoder_still_decodes_alike(run_cli, tmp_path, hf_llama):
+    """Every layer of a Hugging Face export recomputes the same shapes (repeat_kv's Expand);
+    after fusion one copy is left (fewer nodes than with share_shapes off) and prefill and
+    multi-step decode stay exact."""
+    files = {"model": hf_llama["torchscript"], "eval": hf_llama["eval"]}
+    off = FUSE.replace("- type: fuse", "- type: fuse\n      share_shapes: false")
+    _, plain_model = _compile(run_cli, tmp_path, files, off, "unshared", calib=False)
+    report, model = _compile(run_cli, tmp_path, files, FUSE, "shared", calib=False)
+    merged = report["fuse"]["shape_arithmetic"]
+    assert merged["shared_shapes"] > 0 and merged["nodes_removed"] > 0
+    assert sum(_ops(model).values()) == sum(_ops(plain_model).values()) - merged["nodes_removed"]
+    _assert_fused_llama_exact(report, model, files["model"])

@@ -39,8 +39,8 @@ def test_builtin_recipes_are_listed_and_load():
 
 def test_w8a8_builtin_contents():
     recipe = load_recipe("w8a8")
-    assert [s.spec.name for s in recipe.steps] == ["canonicalize", "calibrate", "quantize"]
-    cal, quant = recipe.steps[1].config, recipe.steps[2].config
+    assert [s.spec.name for s in recipe.steps] == ["canonicalize", "fuse", "calibrate", "quantize"]
+    cal, quant = recipe.steps[2].config, recipe.steps[3].config
     assert cal.method in RANGE_METHODS and 50.0 < cal.percentile <= 100.0
     assert quant.weight.dtype == "int8" and quant.weight.granularity == "per_channel" and quant.weight.symmetric
     assert quant.activation is not None and quant.activation.symmetric == "auto"  # cpu resolves it to asymmetric uint8
@@ -48,8 +48,8 @@ def test_w8a8_builtin_contents():
 
 def test_w8a16_is_weight_only():
     recipe = load_recipe("w8a16")
-    assert [s.spec.name for s in recipe.steps] == ["canonicalize", "quantize"]
-    quant = recipe.steps[1]
+    assert [s.spec.name for s in recipe.steps] == ["canonicalize", "fuse", "quantize"]
+    quant = recipe.steps[2]
     assert quant.config.activation is None
     assert quant.spec.cls.needs(quant.config) == set()
 

@@ -148,19 +148,41 @@ def test_w4a16_groups_match_numpy_and_lower_to_matmulnbits(tmp_path, d_in):
     q_ref, _ = ref_int_weight(w["W1"], 7, axis=1, block=32, full_range=True)
     assert q_ref.min() == -8
     np.testing.assert_array_equal(numpy_helper.to_array(inits[dq.input[0]]).astype(np.int64), q_ref)
-    # the shipped graph: MatMulNBits, same numbers as the QDQ graph and as numpy
+    # the shipped graph: MatMulNBits for both, float compute; fc2 feeds the model output, so
+    # w4a16's output_layers gives it int8 per-channel weights (an 8-bit MatMulNBits, its scale
+    # repeated over blocks of 32)
     assert ops(final).count("MatMulNBits") == 2 and "DequantizeLinear" not in ops(final)
+    levels = [a.i for n in final.graph.node for a in n.attribute if a.name == "accuracy_level"]
+    bits = [a.i for n in final.graph.node for a in n.attribute if a.name == "bits"]
+    assert levels == [0, 0] and bits == [4, 8]
     (got,) = run(final, {"x": x})
     # unoptimized: onnxruntime's load-time DQ->MatMul fusion would compute with int8 activations
     (via_qdq,) = run(qdq, {"x": x}, optimize=False)
     _, w1 = ref_int_weight(w["W1"], 7, axis=1, block=32, full_range=True)
-    _, w2 = ref_int_weight(w["W2"], 7, axis=1, block=32, full_range=True)
+    _, w2 = ref_int_weight(w["W2"], 127, axis=1)
     expect = np.maximum(x.astype(np.float64) @ w1 + w["b1"], 0) @ w2
     np.testing.assert_allclose(via_qdq, expect, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got, via_qdq, rtol=1e-4, atol=1e-4)
     layer = report["layers"]["/fc1/MatMul"]
     assert layer["scheme"] == "W[int4 g32] A[float]" and layer["kernel"] == "MatMulNBits"
     assert "MatMulNBits" in layer["lowered_to"] and layer["speed_note"]
+    assert report["layers"]["/fc2/MatMul"]["scheme"] == "w8a16: W[int8 per_channel] A[float]"
+
+
+def test_output_layers_scheme_and_mix_precedence(tmp_path):
+    """`output_layers` picks the layer feeding the model output from the graph; `float` keeps it
+    float with that reason; a `mix` glob naming the layer wins over it."""
+    model, _ = mlp(d_in=64)
+    x = TinyModels.data((64,), 8)
+    float_head = recipe_file(tmp_path, "weight: {dtype: int4, granularity: per_group, group_size: 32}\n"
+                                       "activation: null\noutput_layers: float", calibrate=False, name="head-float.yaml")
+    _, _, report = compile_tiny(tmp_path, model, float_head, x, name="a")
+    assert report["layers"]["/fc2/MatMul"] == {"op": "MatMul", "status": "float", "reason": "output_layers: float"}
+    assert report["layers"]["/fc1/MatMul"]["weight"] == "int4 g32"
+    mixed = recipe_file(tmp_path, "weight: {dtype: int4, granularity: per_group, group_size: 32}\n"
+                                  "activation: null\noutput_layers: float\nmix: {'/fc2/*': w4a16}", calibrate=False, name="head-mix.yaml")
+    _, _, report = compile_tiny(tmp_path, model, mixed, x, name="b")
+    assert report["layers"]["/fc2/MatMul"]["scheme"].startswith("w4a16: W[int4 g32]")
 
 
 def test_weight_bytes_and_compression_in_report(tmp_path):
@@ -171,7 +193,7 @@ def test_weight_bytes_and_compression_in_report(tmp_path):
     assert layer["weight_bytes"] == {"float": 64 * 32 * 4, "quantized": 64 * 32 // 2 + 2 * 32 * 4}
     total = report["quantize"]["weights"]
     floats = 64 * 32 * 4 + 32 * 8 * 4
-    quantized = (64 * 32 // 2 + 2 * 32 * 4) + (32 * 8 // 2 + 1 * 8 * 4)
+    quantized = (64 * 32 // 2 + 2 * 32 * 4) + (32 * 8 + 8 * 4)   # fc2, the output layer: int8 per channel
     assert (total["float_bytes"], total["quantized_bytes"]) == (floats, quantized)
     assert total["compression"] == round(floats / quantized, 3)
 
@@ -394,7 +416,8 @@ def test_conv_weights_in_groups_along_input_channels(tmp_path):
     w = (rng.standard_normal((8, 64, 3, 3)) * 0.2).astype(np.float32)
     w0 = (rng.standard_normal((64, 3, 3, 3)) * 0.2).astype(np.float32)
     nodes = [helper.make_node("Conv", ["x", "W0"], ["h"], name="/c0/Conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Conv", ["h", "W"], ["y"], name="/c1/Conv", pads=[1, 1, 1, 1])]
+             helper.make_node("Conv", ["h", "W"], ["c"], name="/c1/Conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"])]   # so c1 is not w4a16's output layer (int8)
     graph = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(w, "W"), numpy_helper.from_array(w0, "W0")])
@@ -420,3 +443,48 @@ def test_conv_weights_in_groups_along_input_channels(tmp_path):
     (got,) = run(final, {"x": x})
     (ref,) = run(model, {"x": x})
     assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)) > 15
+
+
+# -- per-group activations inside the kernel (w8a8-group, w4a8) -----------------------------------------
+def ref_per_group(x: np.ndarray, group: int) -> np.ndarray:
+    """Each row of x in blocks of `group` along the last axis, symmetric int8 with the block's
+    max|x| / 127, rounded half to even (what MatMulNBits' int8-compute path does)."""
+    x = x.astype(np.float32)
+    k = x.shape[-1]
+    out = np.empty_like(x)
+    for start in range(0, k, group):
+        seg = x[..., start:start + group]
+        s = np.abs(seg).max(axis=-1, keepdims=True) / np.float32(127)
+        s = np.where(s == 0, np.float32(1), s)
+        out[..., start:start + group] = np.clip(np.rint(seg / s), -127, 127) * s
+    return out
+
+
+@pytest.mark.parametrize("recipe,bits", [("w8a8-group", 8), ("w4a8", 4)])
+def test_per_group_activations_run_in_the_int8_kernel_and_match_numpy(tmp_path, recipe, bits):
+    """Weights in groups of 32 (int8, or int4 full range) and activations quantized per group of
+    32 at run time inside MatMulNBits (accuracy_level 4): no activation Q/DQ in the graph, the
+    output as numpy computes it with both quantized (the output layer keeps int8 weights)."""
+    model, w = mlp(d_in=64, d_hidden=64)
+    x = TinyModels.data((64,), 8) * np.linspace(0.1, 10, 64, dtype=np.float32)   # channels differ in range
+    final, _, report = compile_tiny(tmp_path, model, recipe, x)
+    assert ops(final) == ["MatMulNBits", "Add", "Relu", "MatMulNBits"]
+    assert [a.i for n in final.graph.node for a in n.attribute if a.name == "accuracy_level"] == [4, 4]
+    q1 = ref_int_weight(w["W1"], 127 if bits == 8 else 7, axis=1, block=32, full_range=bits == 4)[1]
+    q2 = ref_int_weight(w["W2"], 127, axis=1, block=32)[1]
+    h = np.maximum(ref_per_group(x, 32).astype(np.float64) @ q1 + w["b1"], 0)
+    expect = ref_per_group(h, 32).astype(np.float64) @ q2
+    (got,) = run(final, {"x": x})
+    np.testing.assert_allclose(got, expect, rtol=0, atol=1e-5 * np.abs(expect).max())
+    layer = report["layers"]["/fc1/MatMul"]
+    assert layer["activation"] == "int8 dynamic per_group" and layer["kernel"] == "MatMulNBits"
+
+
+def test_per_group_activations_need_per_group_weights_and_a_target_that_has_them(tmp_path, run_cli):
+    bad = recipe_file(tmp_path, "weight: {dtype: int8, granularity: per_channel}\n"
+                                "activation: {dtype: int8, granularity: per_group}", calibrate=False)
+    path, npz = TinyModels.save(mlp()[0], tmp_path, "m", TinyModels.data((64,), 4))
+    res = run_cli([path, "--recipe", bad, "-o", tmp_path / "o1"])
+    assert res.code == EXIT_RECIPE and "per_group activations" in res.err
+    res = run_cli([path, "--target", "ascend310b", "--recipe", "w8a8-group", "--calib", npz, "-o", tmp_path / "o2"])
+    assert res.code == EXIT_TARGET and "per_group" in res.err

@@ -1,10 +1,14 @@
 """Rewrites of the QDQ graph into the forms onnxruntime CPU runs fast, or runs at all.
 
 * Blocked int4/int8 weight DequantizeLinear → MatMul becomes one com.microsoft
-  MatMulNBits (onnxruntime's weight-only kernel; its packed layout: qcompile.packing).
-  onnxruntime's optimizer would fuse the DQ→MatMul itself at load time; writing the node
-  makes the shipped graph the kernel, picks its accuracy level (4 = int8 compute, for
-  layers whose input is already int8-quantized), and saves that work at every load.
+  MatMulNBits (onnxruntime's weight-only kernel; its packed layout: qcompile.packing), and
+  so does a weight-only layer's per-channel (or per-tensor) int8 weight, its scale repeated
+  over blocks of 32. onnxruntime's optimizer would fuse the DQ→MatMul itself at load time —
+  with int8 compute (its default `session.qdq_matmulnbits_accuracy_level` is 4), which
+  quantizes a weight-only layer's activations; writing the node makes the shipped graph the
+  kernel, picks its accuracy level (0 = float compute for weight-only layers; 4 = int8, for
+  layers whose input is already int8-quantized or whose scheme quantizes it per group), and
+  saves that work at every load.
 * FP8 and int4 QuantizeLinear→DequantizeLinear on an activation become float
   arithmetic with the same numbers (Cast to FP8 and back; Round/Clip for int4):
   onnxruntime 1.31's optimizer otherwise fuses FP8 QDQ into MatMulIntegerToFloat, which
@@ -36,8 +40,12 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
-def matmulnbits_candidate(matmul: ir.Node) -> tuple[ir.Node, str | None]:
-    """(the weight's DequantizeLinear, why it cannot become MatMulNBits or None)."""
+PER_CHANNEL_BLOCK = 32   # the block a per-channel weight's repeated scale is written in
+
+
+def matmulnbits_candidate(matmul: ir.Node, *, per_channel: bool = False) -> tuple[ir.Node, str | None]:
+    """(the weight's DequantizeLinear, why it cannot become MatMulNBits or None); with
+    `per_channel`, an unblocked weight (one scale per output channel, or one) qualifies too."""
     dq = matmul.inputs[1].producer() if len(matmul.inputs) > 1 and matmul.inputs[1] is not None else None
     if dq is None or dq.op_type != "DequantizeLinear":
         return dq, "weight is not dequantized"
@@ -46,7 +54,14 @@ def matmulnbits_candidate(matmul: ir.Node) -> tuple[ir.Node, str | None]:
     if q.const_value is None or q.dtype not in _NBITS or q.shape is None or len(q.shape) != 2:
         return dq, "weight is not a constant 2-D int4/int8 tensor"
     if not block:
-        return dq, "weight is not blocked (per-group)"
+        scale = _const(dq.inputs[1])
+        n = q.shape[1]
+        if not per_channel or scale is None or scale.size not in (1, n) or \
+                (scale.size == n > 1 and dq.attributes.get_int("axis", 1) % 2 != 1):
+            return dq, "weight is not blocked (per-group)"
+        if len(dq.outputs[0].uses()) != 1:
+            return dq, "weight shared with other nodes"
+        return dq, None
     if dq.attributes.get_int("axis", 1) % 2 != 0:
         return dq, "weight blocks do not run along K (axis 0)"
     if block < 16 or block & (block - 1):
@@ -65,8 +80,14 @@ def to_matmulnbits(graph: ir.Graph, matmul: ir.Node, dq: ir.Node, accuracy_level
     zp = _const(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
     zp = None if zp is None or (signed and not np.any(np.asarray(zp).astype(np.int16))) else \
         np.asarray(zp).astype(np.int16)
-    packed = matmulnbits_pack(q, scale, zp, bits=nbits, block_size=dq.attributes.get_int("block_size"),
-                              signed=signed)
+    block = dq.attributes.get_int("block_size", 0)
+    if not block:   # per channel (or per tensor): the same scale for every block of K
+        block = PER_CHANNEL_BLOCK
+        blocks = -(-q.shape[0] // block)
+        scale = np.broadcast_to(scale.reshape(1, -1), (blocks, q.shape[1])).copy()
+        if zp is not None:
+            zp = np.broadcast_to(zp.reshape(1, -1), (blocks, q.shape[1])).copy()
+    packed = matmulnbits_pack(q, scale, zp, bits=nbits, block_size=block, signed=signed)
     base = q_val.name.removesuffix("_quantized")
     inputs = [matmul.inputs[0], add_initializer(graph, f"{base}_nbits", packed["B"]),
               add_initializer(graph, f"{base}_nbits_scales", packed["scales"])]

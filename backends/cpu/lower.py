@@ -54,7 +54,8 @@ class CpuLower(QPass):
         matmulnbits: bool = True
         # MatMulNBits compute precision for weight-only layers: 0 = float (the W4A16 meaning),
         # 4 = int8 (faster, quantizes activations per block at run time). Layers whose input
-        # is already int8-quantized (W4A8) always use 4.
+        # is already int8-quantized (W4A8) or whose scheme quantizes activations per group in
+        # the kernel (w8a8-group) always use 4.
         weight_only_accuracy_level: Literal[0, 1, 2, 3, 4] = 0
         # static int8 MatMuls without output Q/DQ as MatMulInteger -> Cast -> Mul (forms.py says why)
         integer_matmul: bool = True
@@ -82,12 +83,18 @@ class CpuLower(QPass):
             for node in list(graph):
                 if node.op_type != "MatMul" or node.name not in quantized:
                     continue
-                dq, why_not = forms.matmulnbits_candidate(node)
+                record = quantized[node.name]
+                act = record.scheme.activation if record.scheme is not None else None
+                in_kernel = act is not None and act.in_kernel
+                dq, why_not = forms.matmulnbits_candidate(node, per_channel=record.weight_only)
                 if why_not:
+                    if in_kernel:
+                        record.notes.append(f"activations stay float: no MatMulNBits ({why_not}), so nothing "
+                                            "quantizes them per group")
                     continue
                 a = node.inputs[0].producer()
                 int8_input = a is not None and a.op_type == "DequantizeLinear"
-                level = 4 if int8_input else self.config.weight_only_accuracy_level
+                level = 4 if int8_input or in_kernel else self.config.weight_only_accuracy_level
                 forms.to_matmulnbits(graph, node, dq, level)
                 quantized[node.name].lowering["lowered_to"] = f"MatMulNBits (accuracy_level {level})"
                 quantized[node.name].lowering["speed_note"] = slow.get("matmulnbits_prefill")

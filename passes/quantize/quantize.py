@@ -42,7 +42,7 @@ class Quantize(QPass):
     GIVES = frozenset({Fact.QDQ})
 
     @classmethod
-    def min_opset(cls, config, target=None) -> int:
+    def min_opset(cls, config, target=None, model=None) -> int:
         """Lowest opset whose Q/DQ ops carry every dtype and granularity asked for."""
         need = 13
         for s in schemes(config):
@@ -187,6 +187,10 @@ class Quantize(QPass):
                     note = quantize_bias(graph, node, bias, acts.scale_of(p.activations[0]), qw.scale)
                     if note:
                         notes.append(note)
+        if p.in_kernel and node.op_type != "MatMul":
+            notes.append(f"per_group activations are quantized inside a MatMul kernel; this {node.op_type} "
+                         "computes in float behind its weight's DequantizeLinear")
+            applied_act = None
         folded = None
         if p.folded is not None:
             p.folded.outputs[0].replace_all_uses_with(node.outputs[0])
