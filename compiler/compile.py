@@ -70,6 +70,8 @@ def compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     folder.mkdir(parents=True, exist_ok=True)
     tgt, rec = plan.target, plan.recipe
     model = load_model(plan.model)
+    for step in rec.steps:             # refusals that need the model, before any other work
+        step.spec.cls.check_model(step.config, model)
     original_opset = opset_of(model)
     needed = required_opset(tgt, rec, model)
     if original_opset < needed:

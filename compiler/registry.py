@@ -81,6 +81,12 @@ class QPass(onnx_ir.passes.InPlacePass):
         """Why `target` cannot run what this config asks for (None: it can)."""
         return None
 
+    @classmethod
+    def check_model(cls, config: Any, model: ir.Model) -> None:
+        """Raise a user error when the loaded model cannot take this pass (a KV-cache pass on a
+        graph without a cache, a pattern its weights do not fit); called for every step before
+        the first pass runs, so the refusal comes before any work."""
+
     # -- running ---------------------------------------------------------------------------
     def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
         modified = self.run(model)

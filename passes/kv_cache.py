@@ -90,6 +90,10 @@ class KVCache(QPass):
     def keeps_dynamic_shapes(cls, config) -> bool:
         return True  # the past length grows every decoding step
 
+    @classmethod
+    def check_model(cls, config, model: ir.Model) -> None:
+        kv_pairs(model)   # a graph without a (paired) KV cache is refused before any work
+
     def run(self, model: ir.Model) -> bool:
         pairs = kv_pairs(model)
         if self.ctx.data is None:

@@ -77,16 +77,16 @@ class Sparsify(QPass):
     GIVES = frozenset({Fact.SPARSE})
     INVALIDATES = FLOAT_MODEL_CHANGED
 
+    @classmethod
+    def check_model(cls, config, model: ir.Model) -> None:
+        """A 2:4 pattern a layer's input channels cannot take is refused before any work."""
+        if config.pattern == "2:4" and not config.skip_unfit:
+            unfit_layers(config, *_layers(model, config))
+
     def run(self, model: ir.Model) -> bool:
         cfg, ctx = self.config, self.ctx
-        linears = [n for n in model.graph if n.op_type in cfg.ops and is_linear(n) and in_scope(n.name, cfg)]
-        convs = {}
-        for n in model.graph:
-            if "Conv" in cfg.ops and is_conv(n) and in_scope(n.name, cfg):
-                geo = ConvGeometry.of(n, n.inputs[1].const_value.shape)
-                if geo is not None:
-                    convs[n.name] = (n, geo)
-        unfit = self._unfit(linears, convs)
+        linears, convs = _layers(model, cfg)
+        unfit = unfit_layers(cfg, linears, convs)
         linears = [n for n in linears if n.name not in unfit]
         convs = {k: v for k, v in convs.items() if k not in unfit}
         if not linears and not convs:
@@ -128,30 +128,6 @@ class Sparsify(QPass):
             "per_layer": per_layer, "dense": unfit}
         return True
 
-    def _unfit(self, linears: list[ir.Node], convs: dict) -> dict[str, str]:
-        """2:4 groups 4 input channels: a layer whose input channels (Cin per group for a Conv)
-        are not a multiple of 4 is refused before any work, named — or, with `skip_unfit`,
-        left dense ({layer: why})."""
-        if self.config.pattern != "2:4":
-            return {}
-        unfit = {}
-        for node in linears:
-            k = weight_kn(node)[0].shape[0]
-            if k % GROUP:
-                unfit[node.name] = f"{k} input channels, not a multiple of {GROUP}"
-        for name, (node, _) in convs.items():
-            cin = node.inputs[1].const_value.shape[1]
-            if cin % GROUP:
-                unfit[name] = f"{cin} input channels per group, not a multiple of {GROUP}"
-        if unfit and not self.config.skip_unfit:
-            name, why = next(iter(unfit.items()))
-            more = f" (and {len(unfit) - 1} more)" if len(unfit) > 1 else ""
-            raise RecipeError(f"2:4 sparsity groups {GROUP} input channels, but layer {name!r} has {why}{more}",
-                              pass_name="sparsify", key="pattern",
-                              hint="sparsify.skip_unfit: true leaves such layers dense; or exclude them "
-                                   "(sparsify.exclude), or use pattern: unstructured")
-        return unfit
-
     def _prune(self, w_kn: np.ndarray, h: np.ndarray | None, *, taps: int) -> np.ndarray:
         """W [K, N] pruned; K is channel-major over `taps` kernel taps (1 for a linear), so the
         2:4 groups take 4 consecutive input channels at one tap."""
@@ -166,6 +142,43 @@ class Sparsify(QPass):
         back = np.empty_like(out)
         back[order] = out
         return back
+
+
+def unfit_layers(config, linears: list[ir.Node], convs: dict) -> dict[str, str]:
+    """2:4 groups 4 input channels: a layer whose input channels (Cin per group for a Conv)
+    are not a multiple of 4 is refused before any work, named — or, with `skip_unfit`,
+    left dense ({layer: why})."""
+    if config.pattern != "2:4":
+        return {}
+    unfit = {}
+    for node in linears:
+        k = weight_kn(node)[0].shape[0]
+        if k % GROUP:
+            unfit[node.name] = f"{k} input channels, not a multiple of {GROUP}"
+    for name, (node, _) in convs.items():
+        cin = node.inputs[1].const_value.shape[1]
+        if cin % GROUP:
+            unfit[name] = f"{cin} input channels per group, not a multiple of {GROUP}"
+    if unfit and not config.skip_unfit:
+        name, why = next(iter(unfit.items()))
+        more = f" (and {len(unfit) - 1} more)" if len(unfit) > 1 else ""
+        raise RecipeError(f"2:4 sparsity groups {GROUP} input channels, but layer {name!r} has {why}{more}",
+                          pass_name="sparsify", key="pattern",
+                          hint="sparsify.skip_unfit: true leaves such layers dense; or exclude them "
+                               "(sparsify.exclude), or use pattern: unstructured")
+    return unfit
+
+
+def _layers(model: ir.Model, cfg) -> tuple[list[ir.Node], dict]:
+    """The in-scope linears and 2-D Convs (with their geometry) this pass prunes."""
+    linears = [n for n in model.graph if n.op_type in cfg.ops and is_linear(n) and in_scope(n.name, cfg)]
+    convs = {}
+    for n in model.graph:
+        if "Conv" in cfg.ops and is_conv(n) and in_scope(n.name, cfg):
+            geo = ConvGeometry.of(n, n.inputs[1].const_value.shape)
+            if geo is not None:
+                convs[n.name] = (n, geo)
+    return linears, convs
 
 
 _FORMATS = {"2:4": "of every 4 int8 weights along Cin, 2 int8 values + two 2-bit indexes (ATC --sparsity=1)",

@@ -171,3 +171,13 @@ def test_fa3_qdq_on_the_head_view_equals_numpy_per_head_fake_quant(run_cli, tmp_
     heads = before.reshape(*before.shape[:-1], scale.size, -1)
     want = (np.clip(np.round(heads / scale[:, None]), -128, 127) * scale[:, None]).reshape(before.shape)
     np.testing.assert_allclose(after, want, rtol=0, atol=1e-6)
+
+
+def test_kv8_on_a_graph_without_a_kv_cache_is_refused_before_any_work(run_cli, tmp_path):
+    """The KV-cache check runs on the loaded model before the first pass: without --calib the
+    SmoothQuant step (which needs data) would otherwise fail first, with another error."""
+    from conftest import TinyModels
+    path, _ = TinyModels.save(TinyModels(0).mlp(), tmp_path, "m")
+    res = run_cli([path, "--recipe", "w8a8-kv8", "-o", tmp_path / "out"])
+    assert res.code == 4 and "no past/present key-value tensors" in res.err
+    assert not (tmp_path / "out").exists()
