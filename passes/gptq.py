@@ -46,6 +46,8 @@ class GPTQ(QPass):
         block_size: int = 128        # columns per lazy batch update
         damp: float = 0.01           # fraction of mean(diag H) added to the diagonal
         act_order: bool = False
+        # per group, shrink the max|w| scale where that lowers the Hessian-weighted rounding error
+        scale_search: bool = False
         ops: tuple[Literal["MatMul", "Gemm", "Conv"], ...] = ("MatMul", "Gemm", "Conv")
         include: tuple[str, ...] = ("*",)
         exclude: tuple[str, ...] = ()
@@ -112,7 +114,8 @@ class GPTQ(QPass):
             h, n_rows = hessians[node.inputs[0].name], rows[node.inputs[0].name]
             quantize = lambda use_h: gptq_quantize(w_kn, h if use_h else None, schemes[node.name],  # noqa: E731
                                                    block_size=cfg.block_size, damp=cfg.damp,
-                                                   act_order=cfg.act_order and use_h)
+                                                   act_order=cfg.act_order and use_h,
+                                                   scale_search=cfg.scale_search and use_h)
             error = lambda p: _recon_error(w_kn, _dequantized(p), h)  # noqa: E731
             layout = lambda deq: deq.T if transposed else deq  # noqa: E731
             records[node.name] = self._keep_better(w_val, quantize, error, layout)
@@ -182,8 +185,9 @@ def gptq_conv(w: np.ndarray, h: np.ndarray | None, scheme: WeightScheme, *, bloc
 
 
 def gptq_quantize(w: np.ndarray, h: np.ndarray | None, scheme: WeightScheme, *, block_size: int = 128,
-                  damp: float = 0.01, act_order: bool = False) -> PrecomputedWeight:
-    """Quantize W [K, N] with GPTQ error feedback (`h` None: plain rounding, for comparison)."""
+                  damp: float = 0.01, act_order: bool = False, scale_search: bool = False) -> PrecomputedWeight:
+    """Quantize W [K, N] with GPTQ error feedback (`h` None: plain rounding, for comparison);
+    `scale_search` picks each group's scale by its Hessian-diagonal-weighted rounding error."""
     w = np.array(w, dtype=np.float64)
     k, n = w.shape
     group = scheme.group_size if scheme.granularity == "per_group" else None
@@ -198,10 +202,12 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray | None, scheme: WeightScheme, *, 
             perm = np.argsort(-np.diag(h), kind="stable")
     # scales: per channel (from the original W), per group (fixed up front when columns are permuted)
     fixed_scales = None
+    hdiag = np.diag(h) if (h is not None and scale_search) else None
+    imp = (lambda s, e: None if hdiag is None else hdiag[s:e])  # noqa: E731
     if group is None:
-        fixed_scales = _scales(w, scheme)[None, :].repeat(k, axis=0)      # [K, N]
+        fixed_scales = _scales(w, scheme, imp(0, k))[None, :].repeat(k, axis=0)      # [K, N]
     elif act_order and h is not None:
-        g_scale = np.stack([_scales(w[s:s + group], scheme) for s in range(0, k, group)])
+        g_scale = np.stack([_scales(w[s:s + group], scheme, imp(s, s + group)) for s in range(0, k, group)])
         fixed_scales = np.repeat(g_scale, group, axis=0)[:k]
     q = np.zeros((k, n), dtype=np.int64)
     scale_rows = np.zeros((k, n), dtype=np.float64)
@@ -227,7 +233,7 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray | None, scheme: WeightScheme, *, 
             if fixed_scales is not None:
                 s = fixed_scales[perm[col]]
             elif col % group == 0:  # blocks hold whole groups: the group's rows, as updated so far
-                s = _scales(w1[i:i + group], scheme)
+                s = _scales(w1[i:i + group], scheme, None if hdiag is None else hdiag[perm[col:col + group]])
             qi = np.clip(np.rint(w1[i] / s), qmin, qmax)
             q[perm[col]] = qi
             scale_rows[perm[col]] = s
@@ -255,14 +261,34 @@ def _grid(scheme: WeightScheme) -> tuple[int, int]:
     return qrange(scheme.dtype, restricted=scheme.symmetric)
 
 
-def _scales(rows: np.ndarray, scheme: WeightScheme) -> np.ndarray:
-    """One scale per output channel over `rows` (a group of input channels), as quantize computes it."""
+_SHRINK = np.linspace(1.0, 0.7, 16)     # scale_search: the fractions of the max|w| scale tried
+
+
+def _scales(rows: np.ndarray, scheme: WeightScheme, importance: np.ndarray | None = None) -> np.ndarray:
+    """One scale per output channel over `rows` (a group of input channels), as quantize computes
+    it; with `importance` (the rows' Hessian diagonal), the scale shrunk by the fraction in
+    _SHRINK whose rounding error Σ_r importance_r (w - q·s)² is lowest, per column (clipping
+    the group's largest weights when that buys finer steps for the rest)."""
     lo, hi = rows.min(axis=0), rows.max(axis=0)
     if scheme.full_range:
         scale, _ = full_range_qparams(lo, hi, scheme.dtype)
     else:
         scale, _ = compute_qparams(lo, hi, scheme.dtype, symmetric=True, restricted=True)
-    return scale.astype(np.float64)
+    scale = scale.astype(np.float64)
+    if importance is None:
+        return scale
+    qmin, qmax = _grid(scheme)
+    best, best_err = scale, None
+    for f in _SHRINK:
+        s = np.where(scale != 0, scale * f, 1.0)
+        d = rows - np.clip(np.rint(rows / s), qmin, qmax) * s
+        err = (importance[:, None] * d * d).sum(axis=0)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best, best_err = np.where(better, s, best), np.where(better, err, best_err)
+    return best
 
 
 def _dequantized(p: PrecomputedWeight) -> np.ndarray:

@@ -19,13 +19,18 @@ from .conv_patches import ConvGeometry, grouped_gram, sampled_patches
 
 
 def is_linear(node: ir.Node) -> bool:
-    """A MatMul/Gemm of an activation by a constant 2-D weight (no transA)."""
+    """A MatMul/Gemm of an activation by a constant 2-D weight (no transA) that sums over more
+    than one input channel (K = 1 is an outer product, e.g. a rotary table, not a layer)."""
     if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
         return False
     w = node.inputs[1]
     if w is None or w.const_value is None or len(w.const_value.shape) != 2 or node.inputs[0].const_value is not None:
         return False
-    return not (node.op_type == "Gemm" and node.attributes.get_int("transA", 0))
+    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+        return False
+    k = w.const_value.shape[1] if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else \
+        w.const_value.shape[0]
+    return k > 1
 
 
 def is_conv(node: ir.Node) -> bool:

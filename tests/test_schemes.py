@@ -488,3 +488,23 @@ def test_per_group_activations_need_per_group_weights_and_a_target_that_has_them
     assert res.code == EXIT_RECIPE and "per_group activations" in res.err
     res = run_cli([path, "--target", "ascend310b", "--recipe", "w8a8-group", "--calib", npz, "-o", tmp_path / "o2"])
     assert res.code == EXIT_TARGET and "per_group" in res.err
+
+
+def test_an_outer_product_is_not_a_layer(tmp_path):
+    """MatMul(positions [.., 1], frequencies [1, F]) — the rotary table fuse writes — sums over
+    one element: quantize and GPTQ leave it float with the reason."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "F"], ["t"], name="/rotary/MatMul"),
+             helper.make_node("Cos", ["t"], ["y"])]
+    graph = helper.make_graph(nodes, "outer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(rng.uniform(0, 1, (1, 64)).astype(np.float32), "F")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    _, _, report = compile_tiny(tmp_path, model, "w8a16", TinyModels.data((4, 1), 4))
+    record = report["layers"]["/rotary/MatMul"]
+    assert record["status"] == "float" and "outer product" in record["reason"]
+    from qcompile.model_io import load_model
+    from qcompile.passes.hessians import is_linear
+    path, _ = TinyModels.save(model, tmp_path, "outer")
+    assert not any(is_linear(n) for n in load_model(path).graph)

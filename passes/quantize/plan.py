@@ -85,6 +85,10 @@ def plan_layers(model: ir.Model, config: QuantizeConfig, target=None) -> tuple[l
                                  f"{target.variant} (tools/cpu_layer_costs.py); this one has {macs}")
                 continue
         found = weight_of(node)
+        if not isinstance(found, str) and reduction_size(node, found[0]) == 1:
+            skipped[name] = ("an outer product (reduction dimension 1), not a layer: e.g. a rotary table's "
+                             "positions x frequencies, whose phases quantization would shift")
+            continue
         if isinstance(found, str):
             if not static or node.op_type != "MatMul":
                 skipped[name] = found
@@ -146,6 +150,19 @@ def weight_of(node: ir.Node) -> tuple[int, int] | str:
     if w is None:
         return "MatMul has no constant weight"
     return (1, w.ndim - 1)
+
+
+def reduction_size(node: ir.Node, weight_index: int) -> int | None:
+    """K, the length a MatMul/Gemm/Conv sums over, from its constant weight (None if unknown)."""
+    w = node.inputs[weight_index].const_value
+    if w is None or not w.shape:
+        return None
+    shape = list(w.shape)
+    if node.op_type == "Conv":
+        return int(np.prod(shape[1:]))
+    if node.op_type == "Gemm":
+        return shape[1] if node.attributes.get_int("transB", 0) else shape[0]
+    return shape[-2] if len(shape) >= 2 else None
 
 
 def weight_granularity(weight: WeightScheme, target, op_type: str) -> str:
