@@ -1,8 +1,10 @@
 """The benches' one child process: `python tools/benchlib/child.py KIND SPEC_JSON`.
 
 KIND: `peer` (an onnxruntime quantizer, measured by the parent), `latency` (one latency pass of
-one model), `decode_latency` (one process of decode-step timing). Prints one `@@RESULT {json}`
-line; exits 0 unless the result holds an error.
+one model), `decode_latency` (one process of decode-step timing), and the LLM peers'
+(llm_peers.py): `llm_ckpt` (a GGUF to a Hugging Face checkpoint), `llm_eval` (perplexity of a
+genai / llama.cpp / ONNX model over text windows), `llm_decode` (greedy decode tokens/s).
+Prints one `@@RESULT {json}` line; exits 0 unless the result holds an error.
 """
 from __future__ import annotations
 
@@ -26,6 +28,15 @@ def main(argv: list[str]) -> int:
     elif kind == "decode_latency":
         from benchlib.latency import decode_latency_pass
         result = decode_latency_pass(spec)
+    elif kind == "llm_ckpt":
+        from benchlib.llm_peers import hf_checkpoint_in_child
+        result = hf_checkpoint_in_child(spec)
+    elif kind == "llm_eval":
+        from benchlib.llm_peers import lm_eval_in_child
+        result = lm_eval_in_child(spec)
+    elif kind == "llm_decode":
+        from benchlib.llm_peers import decode_in_child
+        result = decode_in_child(spec)
     else:
         result = {"error": f"unknown child kind {kind!r}"}
     print_result(result)

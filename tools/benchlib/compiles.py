@@ -12,28 +12,30 @@ from .measure import model_size_mb, run_measured
 
 
 _REPORT_KEYS = ("target_variant", "quantize", "cpu_kernels", "cpu_forms", "compile_seconds", "warnings",
-                "verification", "model_export", "kv_cache")
+                "verification", "model_export", "kv_cache", "budget", "mixed_precision", "sparsify")
 
 
 def qcompile_command(python: str, model, calib, shapes: dict | None, out_dir, recipe: str,
-                     verify_data=None) -> list[str]:
+                     verify_data=None, extra=()) -> list[str]:
     """`python -m qcompile MODEL --target cpu ...` as a user types it: shapes pinned with
-    --input-shape where given (decoders keep theirs dynamic), verified on `verify_data` or not at all."""
+    --input-shape where given (decoders keep theirs dynamic), verified on `verify_data` or not at
+    all, `extra` flags (--max-loss, --max-size) last."""
     cmd = [python, "-m", "qcompile", str(model), "--target", "cpu", "--recipe", recipe, "--calib", str(calib)]
     for name, dims in (shapes or {}).items():
         cmd += ["--input-shape", f"{name}:{','.join(map(str, dims))}"]
-    cmd += ["--verify-data", str(verify_data)] if verify_data is not None else ["--no-verify"]
-    return cmd + ["-o", str(out_dir), "-q"]
+    cmd += ["--verify-data", str(verify_data)] if verify_data is not None else \
+        ([] if extra and "--max-size" in extra else ["--no-verify"])
+    return cmd + [*map(str, extra), "-o", str(out_dir), "-q"]
 
 
 def run_qcompile(python: str, model, calib, shapes: dict | None, out_dir, recipe: str, *, verify_data=None,
-                 timeout: float | None = 3600, mem_limit_mb: float | None = None) -> dict:
+                 timeout: float | None = 3600, mem_limit_mb: float | None = None, extra=()) -> dict:
     """The qcompile CLI in a fresh subprocess, measured exactly like the peers."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)             # never pick up a stale model.onnx
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    cmd = qcompile_command(python, model, calib, shapes, out_dir, recipe, verify_data)
+    cmd = qcompile_command(python, model, calib, shapes, out_dir, recipe, verify_data, extra)
     log = out_dir.with_name(out_dir.name + ".log")
     # cwd = the work folder, not the repository: an internal error writes qcompile-crash.log
     # into the cwd, and it belongs next to this compile's log (and in the row), not in the checkout.

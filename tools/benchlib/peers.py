@@ -36,6 +36,8 @@ class Peer:
     bits: int = 4
     algo: str = "rtn"               # nbits: rtn (RTNWeightOnlyQuantConfig) | default (DefaultWeightOnlyQuantConfig)
                                     #        | gptq (GPTQWeightOnlyQuantConfig on the calibration data)
+                                    #        | hqq (HQQWeightOnlyQuantConfig: asymmetric, half-quadratic)
+    symmetric: bool = True          # nbits: is_symmetric (rtn, default, gptq)
     block: int = 32
     accuracy_level: int | None = None   # nbits: MatMulNBits accuracy_level (None = the quantizer's default, 0)
     transformers_only: bool = False
@@ -242,7 +244,7 @@ def quantize_in_child(spec: dict) -> dict:
             with warnings.catch_warnings(record=True) as wl:
                 warnings.simplefilter("always")
                 if peer.kind == "static":
-                    reader = NpzReader(spec["calib"], list(spec["shape"]))
+                    reader = NpzReader(spec["calib"], spec["inputs"])
                     extra = {"CalibStridedMinMax": spec["stride"]} if spec.get("stride") else {}
                     if peer.smooth_alpha is not None:
                         extra.update(SmoothQuant=True, SmoothQuantAlpha=peer.smooth_alpha)
@@ -255,7 +257,7 @@ def quantize_in_child(spec: dict) -> dict:
                 elif peer.kind == "fp8":
                     # float8 QDQ: the quantizer itself moves the model to opset 19; per-channel
                     # weight scales as qcompile's fp8 recipe uses.
-                    reader = NpzReader(spec["calib"], list(spec["shape"]))
+                    reader = NpzReader(spec["calib"], spec["inputs"])
                     extra = {"CalibStridedMinMax": spec["stride"]} if spec.get("stride") else {}
                     quantize_static(str(src), spec["out"], reader, quant_format=QuantFormat.QDQ,
                                     op_types_to_quantize=list(peer.op_types) if peer.op_types else None,
@@ -267,18 +269,21 @@ def quantize_in_child(spec: dict) -> dict:
                 elif peer.kind == "nbits":
                     if peer.algo == "rtn":
                         cfg = RTNWeightOnlyQuantConfig()
+                    elif peer.algo == "hqq":
+                        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+                        cfg = HQQWeightOnlyQuantConfig(block_size=peer.block, bits=peer.bits)
                     elif peer.algo == "gptq":
                         # block_size here is GPTQ's lazy-update block; the quantization group is the
                         # quantizer's block_size below (both 32). Defaults otherwise (percdamp 0.01,
                         # no act-order, no MSE scale search); every calibration sample is used.
                         cfg = GPTQWeightOnlyQuantConfig(
-                            calibration_data_reader=NpzReader(spec["calib"], list(spec["shape"])),
+                            calibration_data_reader=NpzReader(spec["calib"], spec["inputs"]),
                             block_size=peer.block)
                     else:
-                        cfg = DefaultWeightOnlyQuantConfig(block_size=peer.block, is_symmetric=True,
+                        cfg = DefaultWeightOnlyQuantConfig(block_size=peer.block, is_symmetric=peer.symmetric,
                                                            bits=peer.bits, accuracy_level=peer.accuracy_level)
                     q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=peer.bits, block_size=peer.block,
-                                             is_symmetric=True, accuracy_level=peer.accuracy_level,
+                                             is_symmetric=peer.symmetric, accuracy_level=peer.accuracy_level,
                                              algo_config=cfg)
                     q.process()
                     q.model.save_model_to_file(spec["out"], False)
@@ -306,8 +311,11 @@ def run_peer(peer: Peer, model, calib, shapes: dict, out_path: Path, *, stride: 
     if out_path.exists():
         out_path.unlink()
     log = out_path.with_suffix(f".stride{stride}.log" if stride else ".log")
-    spec = dict(peer=asdict(peer), model=str(model), calib=str(calib), shape=shapes, out=str(out_path),
-                stride=stride, hide_torch=hide_torch and not peer.needs_torch)
+    import onnx
+    graph = onnx.load(str(model), load_external_data=False).graph
+    inputs = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    spec = dict(peer=asdict(peer), model=str(model), calib=str(calib), shape=shapes, inputs=inputs,
+                out=str(out_path), stride=stride, hide_torch=hide_torch and not peer.needs_torch)
     with tempfile.TemporaryDirectory(prefix="qc-peer-") as scratch:
         spec["scratch"] = scratch
         env = dict(os.environ, TMPDIR=scratch)
