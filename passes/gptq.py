@@ -261,7 +261,7 @@ def _grid(scheme: WeightScheme) -> tuple[int, int]:
     return qrange(scheme.dtype, restricted=scheme.symmetric)
 
 
-_SHRINK = np.linspace(1.0, 0.7, 16)     # scale_search: the fractions of the max|w| scale tried
+_SHRINK = np.linspace(1.0, 0.7, 16)     # scale_search: the fractions of the max|w| scale tried (0.5 measured no better)
 
 
 def _scales(rows: np.ndarray, scheme: WeightScheme, importance: np.ndarray | None = None) -> np.ndarray:
