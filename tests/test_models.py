@@ -215,3 +215,49 @@ def test_smollm2_gguf_exports_and_scores_like_pytorch(smollm2_gguf, tmp_path):
     logits = model.graph.output[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in logits] == ["batch", "sequence", 49152]
     assert sum(n.op_type == "MatMul" and "/mlp/down_proj/" in n.name for n in model.graph.node) == 30
+
+
+# -- text windows for causal LMs (tools/llm_data.py) -----------------------------------------------
+def _llm_data():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import llm_data
+    return llm_data
+
+
+def test_gutenberg_header_and_footer_are_stripped():
+    llm_data = _llm_data()
+    text = ("***The Project Gutenberg Etext of Lady Susan, by Jane Austen***\n\nLADY SUSAN\n\nMy dear brother.\n\n"
+            "End of The Project Gutenberg Etext of Lady Susan, by Jane Austen\n\nlicence text\n")
+    body = llm_data.strip_gutenberg(text)
+    assert body.startswith("LADY SUSAN") and "dear brother" in body
+    assert "Gutenberg" not in body and "licence" not in body
+    assert llm_data.strip_gutenberg("no header here\n") == "no header here\n"
+
+
+def test_text_shorter_than_one_window_is_a_clear_error():
+    llm_data = _llm_data()
+    ids = np.arange(300)
+    windows = llm_data.windows(ids, 128)
+    assert windows.shape == (2, 128) and (windows.ravel() == ids[:256]).all()    # the tail is dropped
+    with pytest.raises(llm_data.TextDataError, match="300 tokens, shorter than one window of 512"):
+        llm_data.windows(ids, 512)
+
+
+def test_windows_fill_a_kv_decoder_as_prefills(tmp_path):
+    """input_ids, a mask of ones, positions 0..seq-1 and empty past tensors (int8 where the
+    model's cache is int8) — what the compiler calibrates and verifies on."""
+    import onnx
+    from onnx import TensorProto, helper
+    llm_data = _llm_data()
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "t"]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["b", "s"]),
+              helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["b", 3, "p", 64])]
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "g", inputs,
+                              [helper.make_tensor_value_info("logits", TensorProto.INT64, ["b", "s"])])
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    feeds = llm_data.model_feeds(tmp_path / "m.onnx", np.arange(10).reshape(2, 5))
+    assert feeds["attention_mask"].tolist() == [[1] * 5] * 2 and feeds["position_ids"][1].tolist() == [0, 1, 2, 3, 4]
+    assert feeds["past_key_values.0.key"].shape == (2, 3, 0, 64)

@@ -7,6 +7,11 @@ the mean and min cosine of the next-token logits and whether the argmax token ag
 the cache bytes per token of each model (an int8 cache is a quarter of float32's).
 
     python tools/decode_compare.py FLOAT.onnx COMPILED.onnx [--steps 16] [--prompts 8] [--json out.json]
+        [--prompts-from WINDOWS.npz --prompt-len 32]
+
+Prompts are random token ids by default (builders, random-weight models); for a trained LM
+give real text: `--prompts-from` takes the first `--prompt-len` tokens of the first `--prompts`
+windows of an .npz with `input_ids` (tools/llm_data.py writes them).
 """
 
 from __future__ import annotations
@@ -36,12 +41,17 @@ def cache_bytes_per_token(session: ort.InferenceSession) -> int:
 
 
 def compare_decode(float_model, compiled_model, *, steps: int = 16, prompts: int = 8, prompt_len: int = 12,
-                   vocab: int | None = None, seed: int = 0) -> dict:
+                   vocab: int | None = None, seed: int = 0, prompt_ids: np.ndarray | None = None) -> dict:
+    """`prompt_ids` [prompts, prompt_len] (real text) instead of random ids when given."""
     ref = ort.InferenceSession(str(float_model), providers=["CPUExecutionProvider"])
     got = ort.InferenceSession(str(compiled_model), providers=["CPUExecutionProvider"])
-    vocab = vocab or ref.get_outputs()[0].shape[-1]
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab, size=(prompts, prompt_len), dtype=np.int64)
+    if prompt_ids is not None:
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+        prompts, prompt_len = ids.shape
+    else:
+        vocab = vocab or ref.get_outputs()[0].shape[-1]
+        rng = np.random.default_rng(seed)
+        ids = rng.integers(1, vocab, size=(prompts, prompt_len), dtype=np.int64)
     ref_logits = decode(ref, ids, steps)                       # [P, steps, V]
     forced = ref_logits.argmax(-1)[:, :steps - 1]
     got_logits = decode(got, ids, steps, forced_ids=forced)
@@ -61,8 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--json")
+    ap.add_argument("--prompts-from", metavar="NPZ", help="prompts from these text windows (input_ids)")
+    ap.add_argument("--prompt-len", type=int, default=32)
     args = ap.parse_args(argv)
-    result = compare_decode(args.float_model, args.compiled_model, steps=args.steps, prompts=args.prompts)
+    prompt_ids = None
+    if args.prompts_from:
+        with np.load(args.prompts_from) as z:
+            prompt_ids = z["input_ids"][:args.prompts, :args.prompt_len]
+    result = compare_decode(args.float_model, args.compiled_model, steps=args.steps, prompts=args.prompts,
+                            prompt_ids=prompt_ids)
     for s in result["steps"]:
         print(f"step {s['step']:3d}  cosine mean {s['cosine_mean']:.6f}  min {s['cosine_min']:.6f}  "
               f"top-1 agreement {s['top1_agreement']:.2f}")
