@@ -16,9 +16,11 @@ llm_peers.py, in fresh measured children):
 Calibration uses the calib windows only; `--max-loss` judges on the tune windows.
 
     python tools/bench_llm.py [--out docs/benchmarks/llm] [--work build/bench-llm] [--threads 2]
-        [--only ROW,ROW] [--skip-peers] [--quick]
+        [--only ROW,ROW] [--skip-peers] [--quick] [--merge]
 
 `--quick`: fp32, w8a8-group and w4a8 g128 only, 8 eval windows (a smoke test of the plumbing).
+`--merge` (with `--only`): put the rows run now into OUT/bench.json in place of the earlier
+run's rows of the same key (marked as measured later, against this run's fp32 decode speed).
 Writes OUT/bench.md and OUT/bench.json; exit 1 if a qcompile row failed, 3 if setup failed.
 """
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--timeout", type=float, default=7200)
+    ap.add_argument("--merge", action="store_true", help="update OUT/bench.json's rows instead of replacing it")
     args = ap.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -103,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     env = run_environment(__file__, sys.argv[1:] if argv is None else argv)
     env["threads"] = args.threads
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge and (out / "bench.json").is_file():
+        rows, base, env = llm.merged(json.loads((out / "bench.json").read_text()), rows, base, env)
     (out / "bench.json").write_text(json.dumps(llm.to_json(rows, base, env, src["card"]), indent=1, default=str))
     (out / "bench.md").write_text(llm.markdown(rows, base, env, src["card"]))
     _log(f"wrote {out / 'bench.md'}")

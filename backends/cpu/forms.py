@@ -71,6 +71,11 @@ def matmulnbits_candidate(matmul: ir.Node, *, per_channel: bool = False) -> tupl
     return dq, None
 
 
+def weight_bits(dq: ir.Node) -> int:
+    """4 or 8: the bits of the weight a MatMulNBits candidate's DequantizeLinear reads."""
+    return _NBITS[dq.inputs[0].dtype][0]
+
+
 def to_matmulnbits(graph: ir.Graph, matmul: ir.Node, dq: ir.Node, accuracy_level: int) -> ir.Node:
     """Replace DequantizeLinear(blocked weight) → MatMul by MatMulNBits (same name, same output)."""
     q_val = dq.inputs[0]

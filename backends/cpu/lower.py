@@ -89,12 +89,18 @@ class CpuLower(QPass):
                 dq, why_not = forms.matmulnbits_candidate(node, per_channel=record.weight_only)
                 if why_not:
                     if in_kernel:
-                        record.notes.append(f"activations stay float: no MatMulNBits ({why_not}), so nothing "
+                        record.note(f"activations stay float: no MatMulNBits ({why_not}), so nothing "
                                             "quantizes them per group")
                     continue
                 a = node.inputs[0].producer()
                 int8_input = a is not None and a.op_type == "DequantizeLinear"
                 level = 4 if int8_input or in_kernel else self.config.weight_only_accuracy_level
+                floor = self.ctx.target.setting("matmulnbits_min_accuracy_level", {}).get(forms.weight_bits(dq), 0)
+                if level < floor:   # no fast float-compute kernel for these weights: int8 compute, said so
+                    record.note(f"int8 compute (MatMulNBits accuracy_level {floor}: activations quantized "
+                                        f"per block at run time): {self.ctx.target.name}'s onnxruntime has no fast "
+                                        f"float path for {forms.weight_bits(dq)}-bit weights (target.yaml)")
+                    level = floor
                 forms.to_matmulnbits(graph, node, dq, level)
                 quantized[node.name].lowering["lowered_to"] = f"MatMulNBits (accuracy_level {level})"
                 quantized[node.name].lowering["speed_note"] = slow.get("matmulnbits_prefill")

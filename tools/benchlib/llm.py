@@ -87,6 +87,8 @@ class Row:
     decode: dict = field(default_factory=dict)    # decode_tps result
     notes: list = field(default_factory=list)
     flag: str | None = None                        # e.g. "g32 = the GGUF's own grid: no bar"
+    run: str | None = None                         # the run it was measured in (set when merged into another)
+    fp32_tok_s: float | None = None                # that run's fp32 decode speed (its × fp32 ratio)
 
 
 @dataclass(frozen=True)
@@ -314,21 +316,37 @@ def markdown(rows: list[Row], base: Row, env: dict, card: dict) -> str:
              "| row | tool | Δppl eval | top-1 eval | Δppl other | top-1 other | decode tok/s | × fp32 | size MB | "
              "compile s | peak RSS MB | note |", "|" + "---|" * 12]
     base_tps = (base.decode or {}).get("tok_s")
+    if any(r.run for r in rows):
+        lines.insert(6, "Rows marked *later run* were re-measured in a later run (`bench_llm.py --merge`); their "
+                        "× fp32 uses that run's fp32 decode speed.\n")
     for r in [base, *rows]:
         if r.status != "ok":
             lines.append(f"| {r.key} | {r.tool} | failed | | | | | | | {fmt(r.compile_s, '.0f')} | | "
                          f"{(r.error or '')[:160].replace('|', '/')} |")
             continue
         tps = (r.decode or {}).get("tok_s")
+        row_base = r.fp32_tok_s or base_tps
         e, o = r.eval.get("eval", {}), r.eval.get("other", {})
         d_e, d_o = delta_pct(r, base, "eval"), delta_pct(r, base, "other")
         lines.append(
             f"| {r.key} | {r.tool} | {fmt(d_e, '+.2f')}% | {fmt(e.get('top1_agreement'), '.3f')} | {fmt(d_o, '+.2f')}% | "
-            f"{fmt(o.get('top1_agreement'), '.3f')} | {fmt(tps, '.1f')} | {fmt(tps / base_tps if tps and base_tps else None, '.2f')} | "
+            f"{fmt(o.get('top1_agreement'), '.3f')} | {fmt(tps, '.1f')} | {fmt(tps / row_base if tps and row_base else None, '.2f')} | "
             f"{fmt(r.size_mb, '.0f')} | {fmt(r.compile_s, '.0f')} | {fmt(r.peak_rss_mb, '.0f')} | "
-            f"{(r.flag or '') + ('; ' if r.flag and r.notes else '') + '; '.join(r.notes[:1])[:160].replace('|', '/')} |")
+            f"{(f'*later run {r.run}*; ' if r.run else '') + (r.flag or '') + ('; ' if r.flag and r.notes else '') + '; '.join(r.notes[:1])[:160].replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 
 def to_json(rows: list[Row], base: Row, env: dict, card: dict) -> dict:
     return {"environment": env, "data": card, "fp32": asdict(base), "rows": [asdict(r) for r in rows]}
+
+
+def merged(previous: dict, rows: list[Row], base: Row, env: dict) -> tuple[list[Row], Row, dict]:
+    """An earlier run's rows (bench.json) with `rows` put in place of those with the same key
+    (or appended), each new row marked with this run's date and fp32 decode speed; the earlier
+    run's fp32 row and environment stay the table's reference."""
+    def row(d):
+        return Row(**{k: v for k, v in d.items() if k in Row.__dataclass_fields__})
+    old_base = row(previous["fp32"])
+    new = {r.key: replace(r, run=env.get("date"), fp32_tok_s=(base.decode or {}).get("tok_s")) for r in rows}
+    out = [new.pop(d["key"]) if d["key"] in new else row(d) for d in previous["rows"]]
+    return out + list(new.values()), old_base, previous["environment"]
