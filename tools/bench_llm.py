@@ -16,14 +16,16 @@ llm_peers.py, in fresh measured children):
 Calibration uses the calib windows only; `--max-loss` judges on the tune windows.
 
     python tools/bench_llm.py [--out docs/benchmarks/llm] [--work build/bench-llm] [--threads 2]
-        [--only ROW,ROW] [--skip-peers] [--quick] [--merge] [--resume]
+        [--only ROW,ROW] [--skip-peers] [--quick] [--merge] [--resume] [--retime]
 
 `--quick`: fp32, w8a8-group and w4a8 g128 only, 8 eval windows (a smoke test of the plumbing).
 `--merge` (with `--only`): put the rows run now into OUT/bench.json in place of the earlier
 run's rows of the same key (marked as measured later, against this run's fp32 decode speed).
 OUT/bench.md and OUT/bench.json are rewritten after every row (marked *partial* until the run
 ends), so a run cut off after hours keeps what it measured; `--resume` continues such a run,
-skipping the rows its partial bench.json already holds.
+skipping the rows its partial bench.json already holds. `--retime` re-measures only the decode
+tokens/s of every row in OUT/bench.json (fp32 first), back to back in one quiet window: speed
+ratios from rows measured an hour apart on a shared machine are not comparable.
 Exit 1 if a qcompile row failed, 3 if setup failed.
 """
 from __future__ import annotations
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=7200)
     ap.add_argument("--merge", action="store_true", help="update OUT/bench.json's rows instead of replacing it")
     ap.add_argument("--resume", action="store_true", help="continue a cut-off run from its partial OUT/bench.json")
+    ap.add_argument("--retime", action="store_true", help="re-measure decode tokens/s of every row in OUT/bench.json")
     args = ap.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     env = run_environment(__file__, sys.argv[1:] if argv is None else argv)
     env["threads"] = args.threads
+    if args.retime:
+        return _retime(previous, out, work, args, env)
     try:
         _log("setup: SmolLM2 export and text windows")
         src = llm.setup(work, args.python, eval_windows=8 if args.quick else 40)
@@ -134,6 +139,26 @@ def main(argv: list[str] | None = None) -> int:
     write(partial=False)
     _log(f"wrote {out / 'bench.md'}")
     return rc
+
+
+def _retime(previous: dict | None, out: Path, work: Path, args, env: dict) -> int:
+    """Decode tokens/s of every row of a finished run, again, back to back (the accuracy columns stay)."""
+    if not previous:
+        print(f"error: --retime needs a run in {out / 'bench.json'}", file=sys.stderr)
+        return 2
+    src = llm.setup(work, args.python)
+    rows, base, old_env = llm.resumed(previous)
+    for row in [base, *rows]:
+        if args.only and row.key not in {k.strip() for k in args.only.split(",")} and row is not base:
+            continue
+        _log(f"decode {row.key}")
+        llm.score(row, src, work, args.python, ref={}, sets=(), threads=args.threads)
+        _log(f"  {(row.decode or {}).get('tok_s')} tok/s")
+    old_env["decode_retimed"] = {"date": env.get("date"), "git": env.get("git"), "command": env.get("command")}
+    (out / "bench.json").write_text(json.dumps(llm.to_json(rows, base, old_env, src["card"]), indent=1, default=str))
+    (out / "bench.md").write_text(llm.markdown(rows, base, old_env, src["card"]))
+    _log(f"wrote {out / 'bench.md'}")
+    return 0
 
 
 def _summary(row: llm.Row, base: llm.Row) -> str:

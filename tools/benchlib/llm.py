@@ -116,6 +116,8 @@ def recipe_rows() -> list[RecipeRow]:
         RecipeRow("w4a8 g32", "w4a8", "int4 g32 x int8 activations per group", flag=g32),
         RecipeRow("fp8", "fp8", "FP8 E4M3 weights and activations (simulated on cpu)"),
         RecipeRow("w8a8-kv8", "w8a8-kv8", "w8a8-smooth + int8 KV cache (per head)"),
+        RecipeRow("w8a8-kv8 per_channel", "w8a8-kv8", "w8a8-smooth + int8 KV cache (per head and channel, KIVI)",
+                  changes={"kv_cache": {"granularity": "per_channel"}}),
         RecipeRow("w8a8-fa3", "w8a8-fa3", "w8a8-smooth + int8 Q/K/V per head on the fused attention"),
         RecipeRow("w8a8sc", "w8a8sc", "2:4 SparseGPT (50 %) + w8a8-smooth"),
         RecipeRow("w8a8sc magnitude", "w8a8sc", "2:4 magnitude pruning (50 %) + w8a8-smooth",
@@ -171,6 +173,11 @@ def run_recipe(row: RecipeRow, src: dict, work: Path, python: str, timeout: floa
         res.notes.append(f"budget {budget.get('metric')}{budget.get('op')}{budget.get('threshold')}: "
                          f"{'met' if budget.get('met') else 'NOT met'} on tune, trial {budget.get('best_trial')} "
                          f"of {len(budget.get('trials', []))}")
+    sparse = rep.get("sparsify") or {}
+    if sparse.get("int8_bytes"):
+        b = sparse["int8_bytes"]
+        res.notes.insert(0, f"{sparse['sparsity']:.1%} zeros; int8 linear weights {b['dense'] / 1e6:.1f} MB dense, "
+                         f"{b['sparse'] / 1e6:.1f} MB as the target stores them ({sparse['pattern']})")
     if r.get("layer_summary"):
         res.notes.append("layers: " + "; ".join(f"{n}× {k}" for k, n in list(r["layer_summary"]["counts"].items())[:4]))
     return res
@@ -296,6 +303,11 @@ def markdown(rows: list[Row], base: Row, env: dict, card: dict) -> str:
              "| row | tool | Δppl eval | top-1 eval | Δppl other | top-1 other | decode tok/s | × fp32 | size MB | "
              "compile s | peak RSS MB | note |", "|" + "---|" * 12]
     base_tps = (base.decode or {}).get("tok_s")
+    retimed = env.get("decode_retimed")
+    if retimed:
+        lines.insert(2, f"Decode tokens/s of every row re-measured back to back on {retimed['date']} "
+                        f"(git {retimed['git']}, `{retimed['command']}`); accuracy, size and compile columns are "
+                        "the run's.\n")
     if env.get("partial"):
         lines.insert(2, f"**Partial run**: cut off after {len(rows)} rows; `bench_llm.py --resume` goes on.\n")
     if any(r.run for r in rows):
