@@ -153,6 +153,7 @@ def _retime(previous: dict | None, out: Path, work: Path, args, env: dict) -> in
             continue
         _log(f"decode {row.key}")
         llm.score(row, src, work, args.python, ref={}, sets=(), threads=args.threads)
+        row.fp32_tok_s = None   # its x fp32 is now against this window's fp32
         _log(f"  {(row.decode or {}).get('tok_s')} tok/s")
     old_env["decode_retimed"] = {"date": env.get("date"), "git": env.get("git"), "command": env.get("command")}
     (out / "bench.json").write_text(json.dumps(llm.to_json(rows, base, old_env, src["card"]), indent=1, default=str))
