@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import traceback
 
 from rich.console import Console
 from rich.table import Table
 
-from .errors import EXIT_CODES, EXIT_INTERNAL, EXIT_USAGE, QCompileError, UsageError
+from .errors import (EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, QCompileError,
+                     Terminated, UsageError)
 
 SUBCOMMANDS = ("targets", "recipes", "passes", "verify")
 
@@ -160,21 +164,43 @@ def _cmd_verify(argv: list[str]) -> int:
     return 0
 
 
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM raises `Terminated` in the main thread for the length of one command, so staged
+    output is discarded and the exit says so (the default action kills without cleanup)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(levelname)s %(message)s")
     err = Console(stderr=True)
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            return globals()[f"_cmd_{argv[0]}"](argv[1:])
-        return _cmd_compile(argv)
+        with _sigterm_unwinds():
+            if argv and argv[0] in SUBCOMMANDS:
+                return globals()[f"_cmd_{argv[0]}"](argv[1:])
+            return _cmd_compile(argv)
     except QCompileError as e:
         err.print(f"[bold red]error:[/bold red] {e.render()}", highlight=False, markup=True)
         return e.exit_code
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written")
-        return 130
+        return EXIT_INTERRUPTED
+    except Terminated:
+        err.print("terminated; nothing was written")
+        return EXIT_TERMINATED
     except SystemExit as e:  # argparse
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
     except Exception:
