@@ -13,8 +13,8 @@ import traceback
 from rich.console import Console
 from rich.table import Table
 
-from .errors import (EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, QCompileError,
-                     Terminated, UsageError)
+from .errors import (EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, ModelError,
+                     QCompileError, Terminated, UsageError)
 
 SUBCOMMANDS = ("targets", "recipes", "passes", "verify")
 
@@ -59,6 +59,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "measured error lowest with the quantized weights within MB megabytes")
     p.add_argument("--mix-schemes", default="w4a16,w8a16", metavar="LOW,HIGH",
                    help="the two schemes --max-size chooses between (default w4a16,w8a16)")
+    p.add_argument("--custom-ops", action="append", default=[], metavar="LIB.so",
+                   help="onnxruntime custom-op library for ops of the model onnxruntime lacks, registered in every "
+                        "session the compile opens (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or table")
     p.add_argument("-v", "--verbose", action="store_true", help="log each pass")
     return p
@@ -75,7 +78,7 @@ def _cmd_compile(argv: list[str]) -> int:
     common = dict(target=args.target, calib=args.calib, input_shapes=parse_input_shapes(args.input_shape),
                   verify=not args.no_verify, verify_data=args.verify_data, verify_samples=args.verify_samples,
                   dump_after=tuple(args.dump_after), progress=not args.quiet,
-                  external_data=True if args.external_data else None)
+                  external_data=True if args.external_data else None, custom_ops=tuple(args.custom_ops))
     if args.max_size is not None:
         if args.max_loss is not None:
             raise UsageError("--max-size and --max-loss are separate searches; use one")
@@ -140,25 +143,58 @@ def _print_names(title: str, column: str, rows) -> None:
 
 def _cmd_verify(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="qcompile verify",
-                                description="Compare a compiled model against its original in onnxruntime.")
+                                description="Compare a compiled model against its original in onnxruntime. A deploy "
+                                            "graph with target ops (Ascend) is checked through its reference "
+                                            "lowering, as the compile checked it.")
     p.add_argument("original")
     p.add_argument("compiled")
     p.add_argument("--data", help="inputs (.npz or folder); synthetic when omitted")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--json", help="also write the results as JSON here")
+    p.add_argument("--custom-ops", action="append", default=[], metavar="LIB.so",
+                   help="onnxruntime custom-op library for ops of the original onnxruntime lacks (repeatable)")
     args = p.parse_args(argv)
     if args.samples < 1:
         raise UsageError(f"--samples must be at least 1, got {args.samples}")
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from .backends import reference_lowering
     from .calib_data import model_input_specs, open_dataset
-    from .model_io import load_model
+    from .model_io import load_model, save_model
+    from .op_support import check_custom_op_library, refuse_unknown_ops
+    from .ort_session import custom_op_libraries
     from .report import print_summary, write_report
     from .verify import verify_models
-    from pathlib import Path
-    compiled = load_model(args.compiled)
-    load_model(args.original)
-    data = open_dataset(args.data, model_input_specs(compiled), synthetic_samples=4, seed=1)
-    result = verify_models(Path(args.original), Path(args.compiled), data, samples=args.samples)
+    libraries = tuple(check_custom_op_library(lib) for lib in args.custom_ops)
+    compiled, original = Path(args.compiled), Path(args.original)
+    compiled_model, original_model = load_model(compiled), load_model(original)
+    refuse_unknown_ops(original_model, original, libraries)
+    beside = compiled.parent / "report.json"
+    try:
+        report = json.loads(beside.read_text()) if beside.is_file() else None
+    except (OSError, ValueError):
+        report = None
+    data = open_dataset(args.data, model_input_specs(original_model), synthetic_samples=4, seed=1)
+    lowered = reference_lowering(compiled_model, report)
+    with tempfile.TemporaryDirectory() as tmp, custom_op_libraries(libraries):
+        checked, label = compiled, compiled.name
+        if lowered is not None:
+            checked, label = Path(tmp) / "reference.onnx", f"{lowered[1]} of {compiled.name}"
+            save_model(lowered[0], checked)
+        else:
+            refuse_unknown_ops(compiled_model, compiled, libraries)
+        try:
+            result = verify_models(original, checked, data, samples=args.samples)
+        except QCompileError:
+            raise
+        except Exception as err:  # onnxruntime refusing a model: the user's input, not a bug
+            raise ModelError(f"verification could not run the models in onnxruntime: "
+                             f"{' '.join(str(err).split())[:400]}") from None
+    result["checked"] = label
     print_summary({"target": "-", "recipe": "-", "layers": {}, "verification": result}, header=False)
+    Console().print(f"checked: {label}")
     if args.json:
         write_report(Path(args.json), result)
     return 0

@@ -25,6 +25,7 @@ from .layers import LayerError, LayerTable
 from .model_io import (convert_opset, dynamic_inputs, file_sha256, fix_input_shapes, infer_shapes, load_model,
                        opset_of, save_model)
 from .model_kind import is_decoder
+from .op_support import refuse_unknown_ops
 from .pass_context import PassContext, Warnings, log
 from .pipeline import DumpAfter, PassTiming, run_pipeline
 from .plan import CompilePlan
@@ -72,6 +73,9 @@ def compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     model = load_model(plan.model)
     for step in rec.steps:             # refusals that need the model, before any other work
         step.spec.cls.check_model(step.config, model)
+    needs_ranges = any(Fact.RANGES in s.spec.cls.gives(s.config) for s in rec.steps)
+    if plan.verify.enabled or needs_ranges or plan.calib is not None:   # the model will run in onnxruntime
+        refuse_unknown_ops(model, plan.model, plan.custom_ops)
     original_opset = opset_of(model)
     needed = required_opset(tgt, rec, model)
     if original_opset < needed:
@@ -85,11 +89,12 @@ def compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
         input_shapes = shapes_from_data(dataset)
     if input_shapes:
         fix_input_shapes(model, input_shapes)
+        specs = [dataclasses.replace(s, shape=tuple(input_shapes[s.name])) if s.name in input_shapes else s
+                 for s in specs]  # verification (synthetic inputs included) runs the pinned shapes
     else:
         infer_shapes(model)
     ctx = PassContext(target=tgt, data=dataset, progress=plan.progress, stats=ActivationStats(plan.reuse))
     still_dynamic = dynamic_inputs(model)
-    needs_ranges = any(Fact.RANGES in s.spec.cls.gives(s.config) for s in rec.steps)
     if still_dynamic and needs_ranges and dataset is None:
         raise UsageError(f"inputs {sorted(still_dynamic)} have dynamic dimensions and no calibration data "
                          "fixes them", hint="pass --input-shape NAME:D,D,... (or --calib data)")

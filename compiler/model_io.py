@@ -41,6 +41,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ModelError(f"model file not found: {path}")
     if path.is_dir():
         raise ModelError(f"{path} is a directory, not an ONNX file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path} is an empty file (0 bytes)", hint="re-export or re-copy the model")
     try:
         model = ir.load(path)
     except Exception as err:  # protobuf DecodeError, truncated files, random bytes

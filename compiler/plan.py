@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .observers import HistogramObserver
+from .op_support import check_custom_op_library
 from .recipe import Recipe, load_recipe, parse_steps
 from .targets import Target, check_capabilities, load_target
 
@@ -40,6 +41,7 @@ class CompilePlan:
     excluded: tuple[str, ...] = ()       # node names every quantize step keeps float
     overrides: dict = dataclasses.field(default_factory=dict)   # {pass name: {key: value}}
     reuse: dict[str, HistogramObserver] | None = None           # observers of an earlier compile (same model, data)
+    custom_ops: tuple[str, ...] = ()     # onnxruntime custom-op libraries every session registers
 
     def adjusted(self, *, exclude: tuple[str, ...] = (), overrides: dict | None = None,
                  reuse: dict[str, HistogramObserver] | None = None) -> "CompilePlan":
@@ -81,14 +83,15 @@ def recipe_for(target: Target, recipe_name: str) -> Recipe:
 def prepare_plan(model_path, *, target: str = "cpu", recipe: str = "w8a8", calib=None, input_shapes=None,
                  verify: bool = True, verify_data=None, verify_samples: int = 64, dump_after=(),
                  progress: bool = True, external_data: bool | None = None, exclude_layers=(), overrides=None,
-                 stats: dict | None = None) -> CompilePlan:
+                 stats: dict | None = None, custom_ops=()) -> CompilePlan:
     tgt, base = prepare(target, recipe)
+    libraries = tuple(check_custom_op_library(p) for p in custom_ops)
     plan = CompilePlan(model=Path(model_path), target=tgt, recipe=base, base_recipe=base,
                        calib=Path(calib) if calib is not None else None, input_shapes=dict(input_shapes or {}),
                        verify=VerifyOptions(verify, Path(verify_data) if verify_data is not None else None,
                                             verify_samples),
                        dump_after=frozenset(dump_after), progress=progress, external_data=external_data,
-                       reuse=stats)
+                       reuse=stats, custom_ops=libraries)
     if exclude_layers or overrides:
         plan = plan.adjusted(exclude=tuple(exclude_layers), overrides=overrides)
     known = {s.spec.name for s in plan.recipe.steps}
