@@ -5,6 +5,7 @@ streamed in batches; or synthetic inputs when no data is given.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import struct
@@ -45,6 +46,14 @@ class Dataset:
         self.synthetic = synthetic
         self.seed = seed
         self.num_samples = synthetic or sum(self._check_file(f) for f in files)
+        self.feed_dtypes: dict[str, np.dtype] = {}
+
+    def cast_to(self, dtypes: dict[str, np.dtype]) -> "Dataset":
+        """The same samples, fed as `dtypes` (input name -> dtype), e.g. a float16 model's data
+        to its float32-widened graph (compiler/float16.py)."""
+        view = copy.copy(self)
+        view.feed_dtypes = {**self.feed_dtypes, **dtypes}
+        return view
 
     @property
     def description(self) -> str:
@@ -146,8 +155,13 @@ class Dataset:
                 have += take
                 remaining -= take
                 if have == batch_size or remaining == 0:
-                    yield _concat(pending)
+                    yield self._cast(_concat(pending))
                     pending, have = [], 0
+
+    def _cast(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.feed_dtypes:
+            return feed
+        return {k: v.astype(self.feed_dtypes[k]) if k in self.feed_dtypes else v for k, v in feed.items()}
 
     def _chunks(self) -> Iterator[dict[str, np.ndarray]]:
         if self.synthetic:

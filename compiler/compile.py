@@ -15,12 +15,14 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from .analyses import ActivationStats
 from .calib_data import Dataset, model_input_specs, open_dataset, shapes_from_data
 from .errors import DataError, ModelError, UsageError
 from .facts import Fact
+from .float16 import narrow_io, widen
 from .layers import LayerError, LayerTable
 from .model_io import (convert_opset, dynamic_inputs, file_sha256, fix_input_shapes, infer_shapes, load_model,
                        opset_of, save_model)
@@ -81,8 +83,9 @@ def compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     if original_opset < needed:
         log.info("converting opset %d -> %d (needed: %d)", original_opset, tgt.opset_convert_to, needed)
         model = convert_opset(model, tgt.opset_convert_to)
-    specs = model_input_specs(model)
+    specs = model_input_specs(model)   # the original's inputs: data is checked against these
     dataset = open_dataset(plan.calib, specs) if plan.calib is not None else None
+    half = widen(model)                # a float16/bfloat16 model compiles in float32 inside
     input_shapes = dict(plan.input_shapes)
     keep_dynamic = keeps_dynamic_shapes(model, tgt, rec)
     if not input_shapes and dataset is not None and dynamic_inputs(model) and not keep_dynamic:
@@ -93,13 +96,20 @@ def compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
                  for s in specs]  # verification (synthetic inputs included) runs the pinned shapes
     else:
         infer_shapes(model)
-    ctx = PassContext(target=tgt, data=dataset, progress=plan.progress, stats=ActivationStats(plan.reuse))
+    widened = {s.name: np.dtype(np.float32) for s in specs if half and s.name in half.inputs}
+    ctx = PassContext(target=tgt, data=dataset.cast_to(widened) if dataset is not None and widened else dataset,
+                      progress=plan.progress, stats=ActivationStats(plan.reuse))
     still_dynamic = dynamic_inputs(model)
     if still_dynamic and needs_ranges and dataset is None:
         raise UsageError(f"inputs {sorted(still_dynamic)} have dynamic dimensions and no calibration data "
                          "fixes them", hint="pass --input-shape NAME:D,D,... (or --calib data)")
     timing = PassTiming()
     model = run_pipeline(model, rec, ctx, [timing, DumpAfter(plan.dump_after, folder / "dumps")])
+    if half is not None:
+        for graph in (model, ctx.outputs.reference_model):
+            if graph is not None:
+                narrow_io(graph, half)
+        ctx.reports["half_precision"] = half.describe()
     out_model = folder / MODEL_FILE
     save_model(model, out_model, external_data=plan.external_data)
     for name, write in sorted(ctx.outputs.artifacts.items()):

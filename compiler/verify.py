@@ -111,9 +111,11 @@ def _session(model_path: Path, extra: list[str] = ()) -> ort.InferenceSession:
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     onnx.external_data_helper.load_external_data_for_model(proto, str(Path(model_path).parent))
     present = {o.name for o in proto.graph.output}
+    known = {v.name: v.type.tensor_type.elem_type for v in proto.graph.value_info}   # a float16 model's own types
     for name in extra:
         if name not in present:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            elem = known.get(name) or onnx.TensorProto.FLOAT
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
