@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -13,6 +14,7 @@ import traceback
 from rich.console import Console
 from rich.table import Table
 
+from . import __version__
 from .errors import (EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, ModelError,
                      QCompileError, Terminated, UsageError)
 
@@ -36,6 +38,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qcompile", description="Compile an ONNX model for quantized deployment.",
                                 epilog=EPILOG + "\n\nsubcommands: " + ", ".join(SUBCOMMANDS),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"qcompile {__version__}")
     p.add_argument("model", help="input ONNX model (external data next to it)")
     p.add_argument("--target", default="cpu", help="target, e.g. cpu or cpu:avx2 (see `qcompile targets`)")
     p.add_argument("--recipe", default="w8a8", help="built-in recipe name or a .yaml path (default w8a8)")
@@ -71,6 +74,8 @@ def _cmd_compile(argv: list[str]) -> int:
     args = _compile_parser().parse_args(argv)
     if args.verify_samples < 1:
         raise UsageError(f"--verify-samples must be at least 1, got {args.verify_samples}")
+    if not os.path.exists(args.model):  # before loading onnx & co.: a typo answers at once
+        raise ModelError(f"model file not found: {args.model}")
     from .driver import compile_model, compile_with_budget, compile_with_size_budget
     from .model_io import parse_input_shapes
     from .report import print_summary
