@@ -62,6 +62,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "measured error lowest with the quantized weights within MB megabytes")
     p.add_argument("--mix-schemes", default="w4a16,w8a16", metavar="LOW,HIGH",
                    help="the two schemes --max-size chooses between (default w4a16,w8a16)")
+    p.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE", dest="settings",
+                   help="override one recipe key, e.g. --set quantize.weight.group_size=128 (repeatable; checked "
+                        "like the recipe; lands in recipe.resolved.yaml)")
     p.add_argument("--custom-ops", action="append", default=[], metavar="LIB.so",
                    help="onnxruntime custom-op library for ops of the model onnxruntime lacks, registered in every "
                         "session the compile opens (repeatable)")
@@ -83,7 +86,8 @@ def _cmd_compile(argv: list[str]) -> int:
     common = dict(target=args.target, calib=args.calib, input_shapes=parse_input_shapes(args.input_shape),
                   verify=not args.no_verify, verify_data=args.verify_data, verify_samples=args.verify_samples,
                   dump_after=tuple(args.dump_after), progress=not args.quiet,
-                  external_data=True if args.external_data else None, custom_ops=tuple(args.custom_ops))
+                  external_data=True if args.external_data else None, custom_ops=tuple(args.custom_ops),
+                  settings=tuple(args.settings))
     if args.max_size is not None:
         if args.max_loss is not None:
             raise UsageError("--max-size and --max-loss are separate searches; use one")

@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import UsageError
 from .observers import HistogramObserver
 from .op_support import check_custom_op_library
-from .recipe import Recipe, load_recipe, parse_steps
+from .recipe import Recipe, apply_settings, load_recipe, parse_steps
 from .targets import Target, check_capabilities, load_target
 
 
@@ -64,11 +64,11 @@ class CompilePlan:
 
 
 def prepare(target_spec: str, recipe_name: str, exclude_layers: tuple[str, ...] = (),
-            overrides: dict[str, dict] | None = None) -> tuple[Target, Recipe]:
+            overrides: dict[str, dict] | None = None, settings: tuple[str, ...] = ()) -> tuple[Target, Recipe]:
     """Target and recipe, fully validated (recipe keys, order, target capabilities); the recipe
-    with `exclude_layers` and `overrides` applied."""
+    with `--set` settings, `exclude_layers` and `overrides` applied."""
     target = load_target(target_spec)
-    recipe = recipe_for(target, recipe_name)
+    recipe = apply_settings(recipe_for(target, recipe_name), tuple(settings))
     adjusted = adjust_recipe(recipe, tuple(exclude_layers), overrides or {})
     check_capabilities(target, adjusted)
     return target, adjusted
@@ -83,8 +83,8 @@ def recipe_for(target: Target, recipe_name: str) -> Recipe:
 def prepare_plan(model_path, *, target: str = "cpu", recipe: str = "w8a8", calib=None, input_shapes=None,
                  verify: bool = True, verify_data=None, verify_samples: int = 64, dump_after=(),
                  progress: bool = True, external_data: bool | None = None, exclude_layers=(), overrides=None,
-                 stats: dict | None = None, custom_ops=()) -> CompilePlan:
-    tgt, base = prepare(target, recipe)
+                 stats: dict | None = None, custom_ops=(), settings: tuple[str, ...] = ()) -> CompilePlan:
+    tgt, base = prepare(target, recipe, settings=settings)
     libraries = tuple(check_custom_op_library(p) for p in custom_ops)
     plan = CompilePlan(model=Path(model_path), target=tgt, recipe=base, base_recipe=base,
                        calib=Path(calib) if calib is not None else None, input_shapes=dict(input_shapes or {}),

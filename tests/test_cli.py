@@ -325,3 +325,26 @@ def test_summary_lists_only_layers_that_add_error():
     print_summary({"target": "cpu", "recipe": "r", "layers": {}, "verification": ver}, console)
     text = console.export_text()
     assert "layers adding the most error: c (12.5 dB), a (25.0 dB)" in text and "inf" not in text
+
+
+def test_set_overrides_one_recipe_key_and_lands_in_the_resolved_recipe(run_cli, small_cnn_files, tmp_path):
+    out = tmp_path / "out"
+    res = run_cli([small_cnn_files["model"], "--calib", small_cnn_files["calib"], "-o", out, "-q",
+                   "--set", "calibrate.method=percentile", "--set", "calibrate.percentile=99.9"])
+    assert res.code == 0, res.err
+    steps = {s["type"]: s for s in yaml.safe_load((out / "recipe.resolved.yaml").read_text())["spec"]["passes"]}
+    assert steps["calibrate"]["method"] == "percentile" and steps["calibrate"]["percentile"] == 99.9
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("quantize.weight.group_sise=16", ("group_sise", "unknown key")),
+    ("gptq.weight.group_size=16", ("no 'gptq' step", "calibrate")),
+    ("quantize=3", ("not PASS.KEY=VALUE",)),
+    ("calibrate.method=nearest", ("method",)),
+])
+def test_a_bad_set_is_a_recipe_error_before_any_work(run_cli, small_cnn_files, tmp_path, setting, words):
+    res = run_cli([small_cnn_files["model"], "--calib", small_cnn_files["calib"], "-o", tmp_path / "out", "-q",
+                   "--set", setting])
+    flat = " ".join(res.err.split())
+    assert res.code == 4 and res.err.startswith("error: --set") and all(w in flat for w in words), flat
+    assert not (tmp_path / "out").exists()
