@@ -118,6 +118,8 @@ def compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     header = {"model": str(plan.model), "target": tgt.name, "target_variant": tgt.variant, "recipe": rec.name,
               "opset": {"input": original_opset, "output": opset_of(model)},
               "input_shapes": {k: list(v) for k, v in input_shapes.items()}}
+    if plan.recipe_choice:
+        header["recipe_choice"] = plan.recipe_choice
     exported = {k: v for k, v in model.metadata_props.items() if k.startswith("qcompile.export.")}
     if exported:  # how models/export_hf.py made it, e.g. random weights
         header["model_export"] = exported

@@ -37,7 +37,7 @@ def _staged(plan, output_dir, run) -> CompileResult:
         raise
 
 
-def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str = "w8a8",
+def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str | None = None,
                   calib: str | Path | None = None, output_dir: str | Path = "out",
                   input_shapes: dict[str, list[int]] | None = None, verify: bool = True,
                   verify_data: str | Path | None = None, verify_samples: int = 64,
@@ -46,6 +46,9 @@ def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str = 
                   overrides: dict[str, dict] | None = None, stats: dict | None = None,
                   custom_ops: tuple[str, ...] = (), settings: tuple[str, ...] = ()) -> CompileResult:
     """Compile `model_path` for `target` with `recipe`; outputs land in `output_dir` only on success.
+
+    `recipe` None: chosen from the model (compiler/recipe_choice.py: `prequantized` for a model
+    that is already quantized, else `w8a8`), and the report says why.
 
     `external_data`: store weights in `model.onnx.data` (None: only when over 2 GB).
     `exclude_layers`: node names every quantize step keeps float; `overrides`: {pass name:
@@ -64,7 +67,7 @@ def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str = 
 
 
 def compile_with_budget(model_path, *, budget: budget_search.Budget, max_trials: int = 8, output_dir="out",
-                        recipe: str = "w8a8", **compile_args) -> CompileResult:
+                        recipe: str | None = None, **compile_args) -> CompileResult:
     """`--max-loss`: the accuracy-budget search (compiler/budget.py); the best trial is the output."""
     plan = prepare_plan(model_path, recipe=recipe, **compile_args)
     return _staged(plan, output_dir, lambda staged: budget_search.search(plan, staged.staging, budget, max_trials,

@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import UsageError
 from .observers import HistogramObserver
 from .op_support import check_custom_op_library
+from .recipe_choice import choose_recipe
 from .recipe import Recipe, apply_settings, load_recipe, parse_steps
 from .targets import Target, check_capabilities, load_target
 
@@ -42,6 +43,7 @@ class CompilePlan:
     overrides: dict = dataclasses.field(default_factory=dict)   # {pass name: {key: value}}
     reuse: dict[str, HistogramObserver] | None = None           # observers of an earlier compile (same model, data)
     custom_ops: tuple[str, ...] = ()     # onnxruntime custom-op libraries every session registers
+    recipe_choice: str | None = None     # why this recipe, when the user named none
 
     def adjusted(self, *, exclude: tuple[str, ...] = (), overrides: dict | None = None,
                  reuse: dict[str, HistogramObserver] | None = None) -> "CompilePlan":
@@ -80,10 +82,13 @@ def recipe_for(target: Target, recipe_name: str) -> Recipe:
     return load_recipe(recipe_name, extra_steps=lowering)
 
 
-def prepare_plan(model_path, *, target: str = "cpu", recipe: str = "w8a8", calib=None, input_shapes=None,
+def prepare_plan(model_path, *, target: str = "cpu", recipe: str | None = None, calib=None, input_shapes=None,
                  verify: bool = True, verify_data=None, verify_samples: int = 64, dump_after=(),
                  progress: bool = True, external_data: bool | None = None, exclude_layers=(), overrides=None,
                  stats: dict | None = None, custom_ops=(), settings: tuple[str, ...] = ()) -> CompilePlan:
+    choice = None
+    if recipe is None:   # none named: decided from the model (compiler/recipe_choice.py)
+        recipe, choice = choose_recipe(model_path)
     tgt, base = prepare(target, recipe, settings=settings)
     libraries = tuple(check_custom_op_library(p) for p in custom_ops)
     plan = CompilePlan(model=Path(model_path), target=tgt, recipe=base, base_recipe=base,
@@ -91,7 +96,7 @@ def prepare_plan(model_path, *, target: str = "cpu", recipe: str = "w8a8", calib
                        verify=VerifyOptions(verify, Path(verify_data) if verify_data is not None else None,
                                             verify_samples),
                        dump_after=frozenset(dump_after), progress=progress, external_data=external_data,
-                       reuse=stats, custom_ops=libraries)
+                       reuse=stats, custom_ops=libraries, recipe_choice=choice)
     if exclude_layers or overrides:
         plan = plan.adjusted(exclude=tuple(exclude_layers), overrides=overrides)
     known = {s.spec.name for s in plan.recipe.steps}

@@ -89,6 +89,8 @@ def print_summary(report: dict, console: Console | None = None, *, header: bool 
         line += " (" + ", ".join(f"{n} {kind}" for kind, n in reasons.items()) + ")"
     if header:
         console.print(line)
+        if report.get("recipe_choice"):
+            console.print(f"recipe {report['recipe']}: {report['recipe_choice']}")
     ver = report.get("verification")
     if ver and ver.get("outputs"):
         table = Table(title=f"verification on {ver['samples']} samples ({ver['data']})")
