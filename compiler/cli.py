@@ -18,13 +18,14 @@ from . import __version__
 from .errors import (EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, ModelError,
                      QCompileError, Terminated, UsageError)
 
-SUBCOMMANDS = ("targets", "recipes", "passes", "verify")
+SUBCOMMANDS = ("inspect", "targets", "recipes", "passes", "verify")
 
 EPILOG = """examples:
   qcompile model.onnx --target cpu --recipe w8a8 --calib calib.npz -o out/
   qcompile det.onnx --target cpu --input-shape x:1,3,640,640 --calib imgs/ --verify-data eval.npz -o out/
   qcompile model.onnx --target cpu --recipe my_recipe.yaml --dump-after quantize -o out/
   qcompile verify original.onnx out/model.onnx --data eval.npz
+  qcompile inspect model.onnx --target ascend310b --input-shape x:1,3,640,640
   qcompile targets | recipes | passes
 
 outputs (every target): OUT/model.onnx (+ model.onnx.data when external),
@@ -106,6 +107,32 @@ def _cmd_compile(argv: list[str]) -> int:
     if not args.quiet:
         print_summary(result.report)
         Console().print(f"wrote {', '.join(str(f) for f in result.files)}")
+    return 0
+
+
+def _cmd_inspect(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="qcompile inspect",
+                                description="What a compile would find and do with a model, before any calibration: "
+                                            "inputs and dynamic dims, opset, external data, ops onnxruntime lacks, "
+                                            "and per layer its MACs and what the target would do with it.")
+    p.add_argument("model")
+    p.add_argument("--target", default="cpu")
+    p.add_argument("--recipe", help="as for a compile (default: chosen from the model)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D,D,...")
+    p.add_argument("--json", help="also write the inspection as JSON here")
+    args = p.parse_args(argv)
+    if not os.path.exists(args.model):
+        raise ModelError(f"model file not found: {args.model}")
+    import json
+
+    from .inspect_model import inspect, print_inspection
+    from .model_io import parse_input_shapes
+    info = inspect(args.model, target=args.target, recipe=args.recipe,
+                   input_shapes=parse_input_shapes(args.input_shape))
+    print_inspection(info)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=1)
     return 0
 
 
