@@ -237,7 +237,11 @@ def open_dataset(source: str | Path | None, specs: list[InputSpec], *, synthetic
     if path.is_dir():
         files = sorted(path.glob("*.npz"))
         if not files:
-            raise DataError(f"{path} holds no .npz files")
+            kinds = sorted({f.suffix.lower() or f.name for f in path.iterdir() if f.is_file()})
+            raise DataError(f"{path} holds no .npz files" + (f" (it holds {', '.join(kinds[:5])} files)" if kinds else
+                                                              " (it is empty)"),
+                            hint="calibration data is .npz: one array per model input, samples on axis 0 "
+                                 "(images: preprocess them as the model expects and np.savez them)")
     elif path.exists():
         files = [path]
     else:
