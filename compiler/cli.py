@@ -42,8 +42,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"qcompile {__version__}")
     p.add_argument("model", help="input ONNX model (external data next to it)")
     p.add_argument("--target", default="cpu", help="target, e.g. cpu or cpu:avx2 (see `qcompile targets`)")
-    p.add_argument("--recipe", help="built-in recipe name or a .yaml path (default: prequantized for a model that is "
-                                    "already quantized, else w8a8; see `qcompile recipes`)")
+    p.add_argument("--recipe", help="built-in recipe name, a .yaml path, or auto (the default: chosen from the model's "
+                                    "structure and the target; see `qcompile recipes`)")
     p.add_argument("--calib", help="calibration data: .npz (one array per input, batch on axis 0) or a folder")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D,D,...",
                    help="pin a dynamic input shape (repeatable)")

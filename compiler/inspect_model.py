@@ -28,7 +28,7 @@ def inspect(model_path, *, target: str = "cpu", recipe: str | None = None,
     from qcompile.passes.quantize.plan import layer_macs, plan_layers
 
     from .float16 import half_dtype
-    from .model_kind import is_decoder
+    from .model_kind import is_decoder, model_family
     from .op_support import unknown_ops
     from .plan import prepare
     from .recipe_choice import choose_recipe
@@ -36,8 +36,8 @@ def inspect(model_path, *, target: str = "cpu", recipe: str | None = None,
     path = Path(model_path)
     model = load_model(path)
     choice = None
-    if recipe is None:
-        recipe, choice = choose_recipe(path)
+    if recipe is None or recipe == "auto":
+        recipe, choice = choose_recipe(path, target)
     tgt, rec = prepare(target, recipe)
     dynamic = dynamic_inputs(model)
     shapes = dict(input_shapes or {}) or _batch_one(model, dynamic)
@@ -56,7 +56,7 @@ def inspect(model_path, *, target: str = "cpu", recipe: str | None = None,
         "inputs": {v.name: _shape(v) for v in model.graph.inputs if v.name not in model.graph.initializers},
         "outputs": {v.name: _shape(v) for v in model.graph.outputs},
         "dynamic_inputs": {k: [d if isinstance(d, int) else str(d) for d in v] for k, v in dynamic.items()},
-        "decoder": is_decoder(model), "nodes": model.graph.num_nodes(),
+        "decoder": is_decoder(model), "family": model_family(model), "nodes": model.graph.num_nodes(),
         "ops": dict(collections.Counter(n.op_type for n in model.graph).most_common()),
         "ops_onnxruntime_lacks": unknown_ops(model), "already_quantized": len(quantized_layers(model)),
         "target": tgt.name + (f":{tgt.variant}" if tgt.variant else ""), "recipe": rec.name,

@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import UsageError
 from .observers import HistogramObserver
 from .op_support import check_custom_op_library
-from .recipe_choice import choose_recipe
+from .recipe_choice import AUTO, choose_recipe
 from .recipe import Recipe, apply_settings, load_recipe, parse_steps
 from .targets import Target, check_capabilities, load_target
 
@@ -87,8 +87,8 @@ def prepare_plan(model_path, *, target: str = "cpu", recipe: str | None = None, 
                  progress: bool = True, external_data: bool | None = None, exclude_layers=(), overrides=None,
                  stats: dict | None = None, custom_ops=(), settings: tuple[str, ...] = ()) -> CompilePlan:
     choice = None
-    if recipe is None:   # none named: decided from the model (compiler/recipe_choice.py)
-        recipe, choice = choose_recipe(model_path)
+    if recipe is None or recipe == AUTO:   # decided from the model (compiler/recipe_choice.py)
+        recipe, choice = choose_recipe(model_path, target, calib is not None)
     tgt, base = prepare(target, recipe, settings=settings)
     libraries = tuple(check_custom_op_library(p) for p in custom_ops)
     plan = CompilePlan(model=Path(model_path), target=tgt, recipe=base, base_recipe=base,

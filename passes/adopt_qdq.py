@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from qcompile.errors import ModelError
 from qcompile.facts import Fact
-from qcompile.layers import LayerRecord, LayerStatus
+from qcompile.layers import LayerRecord, LayerStatus, WeightBytes
 from qcompile.registry import QPass, register_pass
 from qcompile.schemes import ActivationScheme, Scheme, WeightScheme
 
@@ -96,7 +96,8 @@ class AdoptQDQ(QPass):
         for node in model.graph:
             if node.op_type in INTEGER_OPS:
                 self.ctx.layers.set(LayerRecord(node.name or node.op_type, node.op_type, LayerStatus.QUANTIZED,
-                                                label=f"pre-quantized {node.op_type}"))
+                                                label=f"pre-quantized {node.op_type}",
+                                                weight_bytes=_integer_op_weight_bytes(node)))
                 continue
             if node.op_type not in LAYER_OPS or node.domain not in ("", "ai.onnx"):
                 continue
@@ -106,9 +107,26 @@ class AdoptQDQ(QPass):
                 self.ctx.layers.set(LayerRecord.float(name, node.op_type, "float in the input model"))
                 continue
             scheme = Scheme("pre-quantized", weight_scheme(dq), activation_scheme(node))
-            self.ctx.layers.set(LayerRecord.quantized(name, node.op_type, scheme, input_tensor=node.inputs[0].name,
-                                                      output_tensor=node.outputs[0].name))
+            stored = dq.inputs[0].const_value
+            self.ctx.layers.set(LayerRecord.quantized(
+                name, node.op_type, scheme, input_tensor=node.inputs[0].name, output_tensor=node.outputs[0].name,
+                weight_bytes=WeightBytes(float=4 * int(np.prod(stored.shape)), quantized=int(stored.nbytes))))
         records = list(self.ctx.layers)
         self.ctx.reports["adopt_qdq"] = {"quantized_layers": sum(1 for r in records if r.is_quantized),
                                          "float_layers": sum(1 for r in records if not r.is_quantized)}
         return False
+
+
+def _integer_op_weight_bytes(node: ir.Node) -> WeightBytes | None:
+    """The integer op's constant weight (the first constant integer input of rank >= 2): its
+    bytes, and float32's for as many values (MatMulNBits packs K x N values: its K and N)."""
+    for value in node.inputs:
+        tensor = value.const_value if value is not None else None
+        if tensor is None or tensor.shape is None or len(tensor.shape) < 2 or \
+                tensor.dtype not in (ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4):
+            continue
+        values = int(np.prod(tensor.shape))
+        if node.op_type == "MatMulNBits":
+            values = node.attributes.get_int("K", 0) * node.attributes.get_int("N", 0) or values
+        return WeightBytes(float=4 * values, quantized=int(tensor.nbytes))
+    return None
