@@ -29,7 +29,7 @@ EPILOG = """examples:
   qcompile targets | recipes | passes
 
 outputs (every target): OUT/model.onnx (+ model.onnx.data when external),
-  OUT/report.json, OUT/recipe.resolved.yaml
+  OUT/report.json, OUT/report.html, OUT/recipe.resolved.yaml
 
 exit codes:
 """ + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())

@@ -19,6 +19,7 @@ from .ort_session import custom_op_libraries
 from .output import StagedOutput
 from .plan import prepare_plan
 from .report import render, write_report
+from .report_html import REPORT_HTML, write_html
 
 
 def _staged(plan, output_dir, run) -> CompileResult:
@@ -29,6 +30,7 @@ def _staged(plan, output_dir, run) -> CompileResult:
             result = run(staged)
         result.report = render(result)
         write_report(staged.path(REPORT_FILE), result.report)
+        write_html(staged.path(REPORT_HTML), result.report)
         result.files = staged.commit()
         result.output_dir, result.folder = staged.destination, staged.destination
         return result

@@ -1,6 +1,6 @@
 """The same inputs give byte-identical outputs: two compiles in two processes with different
 PYTHONHASHSEED (set and dict iteration orders differ) write the same model.onnx, the same
-recipe.resolved.yaml and the same target artifacts (report.json carries timings)."""
+recipe.resolved.yaml and the same target artifacts (report.json and report.html carry timings)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _compile(model, calib, out, seed: str, *extra):
     p = subprocess.run([sys.executable, "-m", "qcompile", str(model), "--calib", str(calib), "-o", str(out), "-q",
                         "--verify-samples", "2", *extra], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
-    return {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.name != "report.json"}
+    return {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.name not in ("report.json", "report.html")}
 
 
 @pytest.mark.parametrize("case", ["cnn-cpu", "cnn-ascend", "transformer-smooth"])

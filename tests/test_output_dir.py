@@ -34,7 +34,8 @@ def test_a_cpu_compile_after_an_ascend_one_leaves_no_ascend_files(run_cli, small
     assert _compile(run_cli, small_cnn_files, out, "--target", "ascend310b").code == 0
     assert {"atc.sh", "model.qdq.onnx"} <= {p.name for p in out.iterdir()}
     assert _compile(run_cli, small_cnn_files, out, "--target", "cpu").code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "recipe.resolved.yaml", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "recipe.resolved.yaml", "report.html",
+                                                             "report.json"]
     assert _leftovers(out) == []
 
 

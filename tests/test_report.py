@@ -90,3 +90,18 @@ def test_console_says_why_layers_stayed_float_and_warns_on_a_bad_worst_sample():
     out = io.StringIO()
     print_summary(report, Console(file=out, width=300))
     assert "worst sample" not in out.getvalue()
+
+
+def test_report_html_is_self_contained_and_shows_the_reports_numbers(tmp_path):
+    import re
+    path, npz = TinyModels.save(TinyModels(0).mlp(), tmp_path, "m", TinyModels.data((16,), 8))
+    result = compile_model(path, target="cpu:avx512_vnni", recipe="w8a8-dynamic", calib=npz,
+                           output_dir=tmp_path / "out", progress=False)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)          # opens offline
+    for name, output in result.report["verification"]["outputs"].items():
+        assert f"<td>{name}</td><td class=n>{output['sqnr_db']}</td>" in page
+    for name in result.report["layers"]:
+        assert f"<td>{name}</td>" in page
+    assert "<svg" in page   # the per-layer noise figure (matplotlib is a dependency)
