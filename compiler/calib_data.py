@@ -107,6 +107,10 @@ class Dataset:
         if arr.dtype != spec.dtype:
             raise DataError(f"{path}: input {spec.name!r} has dtype {arr.dtype}, the model wants {spec.dtype}",
                             hint=f"save it with .astype(np.{spec.dtype})")
+        if arr.ndim == 0:
+            raise DataError(f"{path}: input {spec.name!r} is a scalar (the model's shape {self._shape_text(spec)}, "
+                            f"the data's {arr.shape}): calibration data holds samples on axis 0, which a scalar "
+                            "input does not have", hint="make the input a constant (an initializer) or give it shape [1]")
         if spec.shape and arr.ndim != len(spec.shape):
             raise DataError(f"{path}: input {spec.name!r} has rank {arr.ndim} (shape {arr.shape}), "
                             f"the model wants rank {len(spec.shape)} {self._shape_text(spec)} with the batch on axis 0")

@@ -165,10 +165,17 @@ def infer_shapes(model: ir.Model) -> None:
         for out in node.outputs:
             if out not in graph_io:
                 out.shape = None
+    if any(node.op_type in _SEQUENCE_OPS for node in ir.traversal.RecursiveGraphIterator(model.graph)):
+        return  # onnx_ir's ShapeInferencePass types sequence values as tensors (onnx's node tests): leave them
     try:
         common_passes.ShapeInferencePass(strict_mode=False)(model)
     except Exception as err:
         raise ModelError(f"shape inference failed: {err}") from None
+
+
+_SEQUENCE_OPS = {"SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase", "SequenceAt",
+                 "SequenceLength", "SplitToSequence", "ConcatFromSequence", "SequenceMap", "Optional",
+                 "OptionalGetElement", "OptionalHasElement"}
 
 
 def infer_symbolic_shapes(model: ir.Model) -> bool:

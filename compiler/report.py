@@ -57,7 +57,7 @@ FLOAT_REASON_KINDS = (
     (r"^output_layers: float", "output layer kept float"),
     (r"^mix: float", "float in the mix table"),
     (r"^an outer product", "not a layer"),
-    (r"not a constant|no constant weight|alpha/beta|transA", "no constant weight"),
+    (r"not a constant|no constant weight|alpha/beta|transA|not a 2-D linear", "not a linear layer with a constant weight"),
     (r"range", "range guard"),
 )
 LOW_COSINE_MIN = 0.9   # a worst-sample cosine under this is worth a warning whatever the mean says
