@@ -5,26 +5,35 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+CORE   := $(VENV)/.installed-core
+FULL   := $(VENV)/.installed-full
 
 .PHONY: demo test bench clean
 
-$(STAMP): pyproject.toml
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,bench,export]"
-	touch $(STAMP)
 
-demo: $(STAMP)
+# the compiler alone: what `make demo` needs (no torch, no transformers)
+$(CORE): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e .
+	touch $(CORE)
+
+# plus the test, benchmark and exporter extras
+$(FULL): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e ".[test,bench,export]"
+	touch $(CORE) $(FULL)
+
+demo: $(CORE)
 	$(PY) models/small_cnn.py build/demo
 	$(VENV)/bin/qcompile build/demo/small_cnn.onnx --target cpu --recipe w8a8 \
 		--calib build/demo/calib.npz --verify-data build/demo/eval.npz -o build/demo/out
 
-test: $(STAMP)
+test: $(FULL)
 	$(PY) tools/bench.py --quick --out build/bench-quick
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(FULL)
 	$(PY) tools/bench.py
 
 clean:

@@ -5,6 +5,7 @@ streamed in batches; or synthetic inputs when no data is given.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import struct
@@ -45,6 +46,14 @@ class Dataset:
         self.synthetic = synthetic
         self.seed = seed
         self.num_samples = synthetic or sum(self._check_file(f) for f in files)
+        self.feed_dtypes: dict[str, np.dtype] = {}
+
+    def cast_to(self, dtypes: dict[str, np.dtype]) -> "Dataset":
+        """The same samples, fed as `dtypes` (input name -> dtype), e.g. a float16 model's data
+        to its float32-widened graph (compiler/float16.py)."""
+        view = copy.copy(self)
+        view.feed_dtypes = {**self.feed_dtypes, **dtypes}
+        return view
 
     @property
     def description(self) -> str:
@@ -98,6 +107,10 @@ class Dataset:
         if arr.dtype != spec.dtype:
             raise DataError(f"{path}: input {spec.name!r} has dtype {arr.dtype}, the model wants {spec.dtype}",
                             hint=f"save it with .astype(np.{spec.dtype})")
+        if arr.ndim == 0:
+            raise DataError(f"{path}: input {spec.name!r} is a scalar (the model's shape {self._shape_text(spec)}, "
+                            f"the data's {arr.shape}): calibration data holds samples on axis 0, which a scalar "
+                            "input does not have", hint="make the input a constant (an initializer) or give it shape [1]")
         if spec.shape and arr.ndim != len(spec.shape):
             raise DataError(f"{path}: input {spec.name!r} has rank {arr.ndim} (shape {arr.shape}), "
                             f"the model wants rank {len(spec.shape)} {self._shape_text(spec)} with the batch on axis 0")
@@ -146,8 +159,13 @@ class Dataset:
                 have += take
                 remaining -= take
                 if have == batch_size or remaining == 0:
-                    yield _concat(pending)
+                    yield self._cast(_concat(pending))
                     pending, have = [], 0
+
+    def _cast(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.feed_dtypes:
+            return feed
+        return {k: v.astype(self.feed_dtypes[k]) if k in self.feed_dtypes else v for k, v in feed.items()}
 
     def _chunks(self) -> Iterator[dict[str, np.ndarray]]:
         if self.synthetic:
@@ -223,7 +241,11 @@ def open_dataset(source: str | Path | None, specs: list[InputSpec], *, synthetic
     if path.is_dir():
         files = sorted(path.glob("*.npz"))
         if not files:
-            raise DataError(f"{path} holds no .npz files")
+            kinds = sorted({f.suffix.lower() or f.name for f in path.iterdir() if f.is_file()})
+            raise DataError(f"{path} holds no .npz files" + (f" (it holds {', '.join(kinds[:5])} files)" if kinds else
+                                                              " (it is empty)"),
+                            hint="calibration data is .npz: one array per model input, samples on axis 0 "
+                                 "(images: preprocess them as the model expects and np.savez them)")
     elif path.exists():
         files = [path]
     else:

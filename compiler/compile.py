@@ -15,16 +15,19 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from .analyses import ActivationStats
 from .calib_data import Dataset, model_input_specs, open_dataset, shapes_from_data
 from .errors import DataError, ModelError, UsageError
 from .facts import Fact
+from .float16 import narrow_io, widen
 from .layers import LayerError, LayerTable
 from .model_io import (convert_opset, dynamic_inputs, file_sha256, fix_input_shapes, infer_shapes, load_model,
                        opset_of, save_model)
 from .model_kind import is_decoder
+from .op_support import refuse_unknown_ops
 from .pass_context import PassContext, Warnings, log
 from .pipeline import DumpAfter, PassTiming, run_pipeline
 from .plan import CompilePlan
@@ -72,29 +75,41 @@ def compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     model = load_model(plan.model)
     for step in rec.steps:             # refusals that need the model, before any other work
         step.spec.cls.check_model(step.config, model)
+    needs_ranges = any(Fact.RANGES in s.spec.cls.gives(s.config) for s in rec.steps)
+    if plan.verify.enabled or needs_ranges or plan.calib is not None:   # the model will run in onnxruntime
+        refuse_unknown_ops(model, plan.model, plan.custom_ops)
     original_opset = opset_of(model)
     needed = required_opset(tgt, rec, model)
     if original_opset < needed:
         log.info("converting opset %d -> %d (needed: %d)", original_opset, tgt.opset_convert_to, needed)
         model = convert_opset(model, tgt.opset_convert_to)
-    specs = model_input_specs(model)
+    specs = model_input_specs(model)   # the original's inputs: data is checked against these
     dataset = open_dataset(plan.calib, specs) if plan.calib is not None else None
+    half = widen(model)                # a float16/bfloat16 model compiles in float32 inside
     input_shapes = dict(plan.input_shapes)
     keep_dynamic = keeps_dynamic_shapes(model, tgt, rec)
     if not input_shapes and dataset is not None and dynamic_inputs(model) and not keep_dynamic:
         input_shapes = shapes_from_data(dataset)
     if input_shapes:
         fix_input_shapes(model, input_shapes)
+        specs = [dataclasses.replace(s, shape=tuple(input_shapes[s.name])) if s.name in input_shapes else s
+                 for s in specs]  # verification (synthetic inputs included) runs the pinned shapes
     else:
         infer_shapes(model)
-    ctx = PassContext(target=tgt, data=dataset, progress=plan.progress, stats=ActivationStats(plan.reuse))
+    widened = {s.name: np.dtype(np.float32) for s in specs if half and s.name in half.inputs}
+    ctx = PassContext(target=tgt, data=dataset.cast_to(widened) if dataset is not None and widened else dataset,
+                      progress=plan.progress, stats=ActivationStats(plan.reuse))
     still_dynamic = dynamic_inputs(model)
-    needs_ranges = any(Fact.RANGES in s.spec.cls.gives(s.config) for s in rec.steps)
     if still_dynamic and needs_ranges and dataset is None:
         raise UsageError(f"inputs {sorted(still_dynamic)} have dynamic dimensions and no calibration data "
                          "fixes them", hint="pass --input-shape NAME:D,D,... (or --calib data)")
     timing = PassTiming()
     model = run_pipeline(model, rec, ctx, [timing, DumpAfter(plan.dump_after, folder / "dumps")])
+    if half is not None:
+        for graph in (model, ctx.outputs.reference_model):
+            if graph is not None:
+                narrow_io(graph, half)
+        ctx.reports["half_precision"] = half.describe()
     out_model = folder / MODEL_FILE
     save_model(model, out_model, external_data=plan.external_data)
     for name, write in sorted(ctx.outputs.artifacts.items()):
@@ -103,6 +118,8 @@ def compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     header = {"model": str(plan.model), "target": tgt.name, "target_variant": tgt.variant, "recipe": rec.name,
               "opset": {"input": original_opset, "output": opset_of(model)},
               "input_shapes": {k: list(v) for k, v in input_shapes.items()}}
+    if plan.recipe_choice:
+        header["recipe_choice"] = plan.recipe_choice
     exported = {k: v for k, v in model.metadata_props.items() if k.startswith("qcompile.export.")}
     if exported:  # how models/export_hf.py made it, e.g. random weights
         header["model_export"] = exported

@@ -15,6 +15,8 @@ EXIT_RECIPE = 4
 EXIT_DATA = 5
 EXIT_TARGET = 6
 EXIT_OUTPUT = 7
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143   # SIGTERM (128 + SIGTERM)
 
 EXIT_CODES = {
     EXIT_OK: "success",
@@ -24,7 +26,9 @@ EXIT_CODES = {
     EXIT_RECIPE: "the recipe is invalid (unknown pass or key, wrong type, wrong order)",
     EXIT_DATA: "calibration or verification data does not match the model, or holds NaN/Inf",
     EXIT_TARGET: "the target cannot do what the recipe asks",
-    EXIT_OUTPUT: "the output directory cannot be written",
+    EXIT_OUTPUT: "the output directory cannot be written, holds files that are not a compile's, or is in use",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); nothing was written",
+    EXIT_TERMINATED: "terminated (SIGTERM); nothing was written",
 }
 
 
@@ -81,3 +85,8 @@ class TargetError(QCompileError):
 
 class OutputError(QCompileError):
     exit_code = EXIT_OUTPUT
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread by the CLI's handler so that staged output is
+    discarded on the way out (like KeyboardInterrupt for Ctrl-C)."""

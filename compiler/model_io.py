@@ -41,6 +41,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ModelError(f"model file not found: {path}")
     if path.is_dir():
         raise ModelError(f"{path} is a directory, not an ONNX file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path} is an empty file (0 bytes)", hint="re-export or re-copy the model")
     try:
         model = ir.load(path)
     except Exception as err:  # protobuf DecodeError, truncated files, random bytes
@@ -163,10 +165,17 @@ def infer_shapes(model: ir.Model) -> None:
         for out in node.outputs:
             if out not in graph_io:
                 out.shape = None
+    if any(node.op_type in _SEQUENCE_OPS for node in ir.traversal.RecursiveGraphIterator(model.graph)):
+        return  # onnx_ir's ShapeInferencePass types sequence values as tensors (onnx's node tests): leave them
     try:
         common_passes.ShapeInferencePass(strict_mode=False)(model)
     except Exception as err:
         raise ModelError(f"shape inference failed: {err}") from None
+
+
+_SEQUENCE_OPS = {"SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase", "SequenceAt",
+                 "SequenceLength", "SplitToSequence", "ConcatFromSequence", "SequenceMap", "Optional",
+                 "OptionalGetElement", "OptionalHasElement"}
 
 
 def infer_symbolic_shapes(model: ir.Model) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import tempfile
 from pathlib import Path
 
@@ -10,6 +12,20 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from .model_io import EXTERNAL_DATA_THRESHOLD, save_model, set_ir_version, weight_bytes
+
+
+# onnxruntime custom-op libraries (`--custom-ops`) every session of the current compile registers
+_CUSTOM_OPS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("qcompile_custom_ops", default=())
+
+
+@contextlib.contextmanager
+def custom_op_libraries(paths: tuple[str, ...]):
+    """Every session made inside registers these custom-op libraries."""
+    token = _CUSTOM_OPS.set(tuple(paths))
+    try:
+        yield
+    finally:
+        _CUSTOM_OPS.reset(token)
 
 
 def session_options(threads: int = 0, level: str = "all", optimized_path: str | None = None) -> ort.SessionOptions:
@@ -25,6 +41,8 @@ def session_options(threads: int = 0, level: str = "all", optimized_path: str | 
     opts.log_severity_level = 3
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
+    for library in _CUSTOM_OPS.get():
+        opts.register_custom_ops_library(library)
     return opts
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from .errors import UsageError
 from .observers import HistogramObserver
-from .recipe import Recipe, load_recipe, parse_steps
+from .op_support import check_custom_op_library
+from .recipe_choice import AUTO, choose_recipe
+from .recipe import Recipe, apply_settings, load_recipe, parse_steps
 from .targets import Target, check_capabilities, load_target
 
 
@@ -40,6 +42,8 @@ class CompilePlan:
     excluded: tuple[str, ...] = ()       # node names every quantize step keeps float
     overrides: dict = dataclasses.field(default_factory=dict)   # {pass name: {key: value}}
     reuse: dict[str, HistogramObserver] | None = None           # observers of an earlier compile (same model, data)
+    custom_ops: tuple[str, ...] = ()     # onnxruntime custom-op libraries every session registers
+    recipe_choice: str | None = None     # why this recipe, when the user named none
 
     def adjusted(self, *, exclude: tuple[str, ...] = (), overrides: dict | None = None,
                  reuse: dict[str, HistogramObserver] | None = None) -> "CompilePlan":
@@ -62,11 +66,11 @@ class CompilePlan:
 
 
 def prepare(target_spec: str, recipe_name: str, exclude_layers: tuple[str, ...] = (),
-            overrides: dict[str, dict] | None = None) -> tuple[Target, Recipe]:
+            overrides: dict[str, dict] | None = None, settings: tuple[str, ...] = ()) -> tuple[Target, Recipe]:
     """Target and recipe, fully validated (recipe keys, order, target capabilities); the recipe
-    with `exclude_layers` and `overrides` applied."""
+    with `--set` settings, `exclude_layers` and `overrides` applied."""
     target = load_target(target_spec)
-    recipe = recipe_for(target, recipe_name)
+    recipe = apply_settings(recipe_for(target, recipe_name), tuple(settings))
     adjusted = adjust_recipe(recipe, tuple(exclude_layers), overrides or {})
     check_capabilities(target, adjusted)
     return target, adjusted
@@ -78,17 +82,21 @@ def recipe_for(target: Target, recipe_name: str) -> Recipe:
     return load_recipe(recipe_name, extra_steps=lowering)
 
 
-def prepare_plan(model_path, *, target: str = "cpu", recipe: str = "w8a8", calib=None, input_shapes=None,
+def prepare_plan(model_path, *, target: str = "cpu", recipe: str | None = None, calib=None, input_shapes=None,
                  verify: bool = True, verify_data=None, verify_samples: int = 64, dump_after=(),
                  progress: bool = True, external_data: bool | None = None, exclude_layers=(), overrides=None,
-                 stats: dict | None = None) -> CompilePlan:
-    tgt, base = prepare(target, recipe)
+                 stats: dict | None = None, custom_ops=(), settings: tuple[str, ...] = ()) -> CompilePlan:
+    choice = None
+    if recipe is None or recipe == AUTO:   # decided from the model (compiler/recipe_choice.py)
+        recipe, choice = choose_recipe(model_path, target, calib is not None)
+    tgt, base = prepare(target, recipe, settings=settings)
+    libraries = tuple(check_custom_op_library(p) for p in custom_ops)
     plan = CompilePlan(model=Path(model_path), target=tgt, recipe=base, base_recipe=base,
                        calib=Path(calib) if calib is not None else None, input_shapes=dict(input_shapes or {}),
                        verify=VerifyOptions(verify, Path(verify_data) if verify_data is not None else None,
                                             verify_samples),
                        dump_after=frozenset(dump_after), progress=progress, external_data=external_data,
-                       reuse=stats)
+                       reuse=stats, custom_ops=libraries, recipe_choice=choice)
     if exclude_layers or overrides:
         plan = plan.adjusted(exclude=tuple(exclude_layers), overrides=overrides)
     known = {s.spec.name for s in plan.recipe.steps}

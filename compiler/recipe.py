@@ -11,6 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .config import build_config, config_to_dict
 from .errors import RecipeError
 from .facts import check_order
@@ -106,3 +108,39 @@ def load_recipe(name_or_path: str, extra_steps: list[Step] | None = None) -> Rec
     steps = parse_steps(spec.get("passes"), file, "recipe") + list(extra_steps or [])
     check_order(steps, file, all_passes())
     return Recipe(str(meta.get("name", path.stem)), str(meta.get("description", "")), file, tuple(steps))
+
+
+def apply_settings(recipe: Recipe, settings: tuple[str, ...]) -> Recipe:
+    """`--set PASS.KEY[.KEY...]=VALUE` (VALUE read as YAML) on every step of type PASS, each
+    step's config rebuilt and checked exactly as a recipe file's would be."""
+    if not settings:
+        return recipe
+    steps = list(recipe.steps)
+    for setting in settings:
+        target, sep, raw = setting.partition("=")
+        pass_name, _, key = target.strip().partition(".")
+        if not sep or not key:
+            raise RecipeError(f"{setting!r} is not PASS.KEY=VALUE", file="--set",
+                              hint="e.g. --set quantize.weight.group_size=128")
+        hits = [i for i, s in enumerate(steps) if s.spec.name == pass_name]
+        if not hits:
+            raise RecipeError(f"{setting!r}: no {pass_name!r} step in this compile", file="--set",
+                              hint=f"steps: {', '.join(s.spec.name for s in steps)}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        for i in hits:
+            options = config_to_dict(steps[i].config)
+            node, path = options, key.split(".")
+            for part in path[:-1]:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {} if node.get(part) is None else node[part]
+                    if not isinstance(node[part], dict):
+                        raise RecipeError(f"{setting!r}: {part!r} is not a mapping", file="--set",
+                                          pass_name=pass_name, key=key)
+                node = node[part]
+            node[path[-1]] = value
+            config = build_config(steps[i].spec.cls.Config, options, file="--set", pass_name=pass_name)
+            steps[i] = dataclasses.replace(steps[i], config=config)
+    return dataclasses.replace(recipe, steps=tuple(steps))

@@ -25,7 +25,10 @@ def read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise RecipeError(f"not valid YAML: {err}", file=str(path)) from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"not valid YAML{where}: {problem}", file=str(path)) from None
 
 
 def description(path: Path) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,33 @@ def write_report(path: Path, report: dict) -> None:
     path.write_text(json.dumps(_jsonable(report), indent=2, sort_keys=False) + "\n")
 
 
+# why a layer stayed float, from its recorded reason (first pattern that matches wins)
+FLOAT_REASON_KINDS = (
+    (r"^int8 is slower", "under the speed threshold"),
+    (r"^fallback", "fallback"),
+    (r"^(excluded by|not matched by) quantize", "excluded by the recipe"),
+    (r"^op type", "op type not in the recipe"),
+    (r"^output_layers: float", "output layer kept float"),
+    (r"^mix: float", "float in the mix table"),
+    (r"^an outer product", "not a layer"),
+    (r"not a constant|no constant weight|alpha/beta|transA|not a 2-D linear", "not a linear layer with a constant weight"),
+    (r"range", "range guard"),
+)
+LOW_COSINE_MIN = 0.9   # a worst-sample cosine under this is worth a warning whatever the mean says
+
+
+def float_reasons(layers: dict) -> dict[str, int]:
+    """{kind: count} of the float layers' reasons, most frequent first."""
+    counts: dict[str, int] = {}
+    for record in layers.values():
+        if record.get("status") != str(LayerStatus.FLOAT):
+            continue
+        reason = record.get("reason") or ""
+        kind = next((k for pattern, k in FLOAT_REASON_KINDS if re.search(pattern, reason)), "other")
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def print_summary(report: dict, console: Console | None = None, *, header: bool = True) -> None:
     console = console or Console(stderr=False)
     layers = report.get("layers", {})
@@ -56,8 +84,13 @@ def print_summary(report: dict, console: Console | None = None, *, header: bool 
     line = f"[bold]{report['target']}[/bold] recipe [bold]{report['recipe']}[/bold]: {n_q} layers quantized, {n_f} float"
     if kernels:
         line += f"; {kernels['int8_layers']} run int8 kernels on {kernels['isa']}"
+    reasons = float_reasons(layers)
+    if reasons:
+        line += " (" + ", ".join(f"{n} {kind}" for kind, n in reasons.items()) + ")"
     if header:
         console.print(line)
+        if report.get("recipe_choice"):
+            console.print(f"recipe {report['recipe']}: {report['recipe_choice']}")
     ver = report.get("verification")
     if ver and ver.get("outputs"):
         table = Table(title=f"verification on {ver['samples']} samples ({ver['data']})")
@@ -66,6 +99,11 @@ def print_summary(report: dict, console: Console | None = None, *, header: bool 
         for name, m in ver["outputs"].items():
             table.add_row(name, f"{m['sqnr_db']}", f"{m['cosine_mean']}", f"{m['cosine_min']}", f"{m['max_abs']}")
         console.print(table)
+        for name, m in ver["outputs"].items():
+            low = m.get("cosine_min")
+            if isinstance(low, (int, float)) and low < LOW_COSINE_MIN:
+                console.print(f"[yellow]warning:[/yellow] output {name}: the worst sample's cosine is {low} "
+                              f"(mean {m['cosine_mean']}): some inputs are far off; see report.json → verification")
         task = ver.get("task")
         if task and task.get("metric") == "perplexity":
             console.print(f"perplexity over {task['tokens']} tokens: original {task['perplexity_original']}, "

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from .analyses import Rescales
 from .calib_data import Dataset
 from .lm_metrics import IDS, LOGITS, MASK, TokenStats, is_causal_lm
+from .model_io import MAX_IR_VERSION
 from .ort_session import session_options
 from .progress import progress_bar
 
@@ -94,15 +95,27 @@ def _tensor_names(model_path: Path) -> set[str]:
 
 
 def _session(model_path: Path, extra: list[str] = ()) -> ort.InferenceSession:
+    """A session over the file; the model is re-serialized only to expose `extra` outputs or to
+    lower an IR version newer than onnxruntime reads (a recent onnx writes IR 14, onnxruntime
+    1.31 reads up to 13; the compiled model is saved at the lowest IR its opset needs)."""
     opts = session_options(level="all" if not extra else "basic")
+    proto = None
     if not extra:
-        return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-    proto = onnx.load(str(model_path), load_external_data=False)
+        try:
+            return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 - only the IR version is retried, anything else is re-raised
+            proto = onnx.load(str(model_path), load_external_data=False)
+            if proto.ir_version <= MAX_IR_VERSION:
+                raise err from None
+    proto = proto or onnx.load(str(model_path), load_external_data=False)
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     onnx.external_data_helper.load_external_data_for_model(proto, str(Path(model_path).parent))
     present = {o.name for o in proto.graph.output}
+    known = {v.name: v.type.tensor_type.elem_type for v in proto.graph.value_info}   # a float16 model's own types
     for name in extra:
         if name not in present:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            elem = known.get(name) or onnx.TensorProto.FLOAT
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

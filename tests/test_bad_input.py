@@ -198,14 +198,13 @@ def test_bad_verification_data_fails_after_the_model_was_built(run_cli, work):
 
 def test_failed_run_leaves_an_existing_output_directory_untouched(run_cli, work):
     out = work["out"]
-    out.mkdir()
-    (out / "keep.txt").write_text("previous results")
+    assert run_cli(compile_args(work, extra=("--verify-samples", "2"))).code == 0  # a previous compile's output
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     path = _calib(work, "nan2.npz", x=np.full((2, 3, small_cnn.SIZE, small_cnn.SIZE), np.nan, np.float32))
     res = run_cli(compile_args(work, calib=path))
     assert res.code == EXIT_DATA and "Traceback" not in res.err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    assert (out / "keep.txt").read_text() == "previous results"
-    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name or p.name.endswith(".lock")]
 
 
 # -- output directory -----------------------------------------------------------------------------------------
@@ -290,3 +289,38 @@ def test_verify_subcommand_samples_must_be_positive(run_cli, work):
 def test_dump_after_unknown_pass(run_cli, work):
     res = run_cli(compile_args(work, extra=("--no-verify", "--dump-after", "quantise")))
     assert_clean_failure(res, EXIT_USAGE, work["out"], mentions=("quantise",))
+
+
+def test_calibration_folder_of_images_says_what_it_holds(run_cli, work):
+    folder = work["dir"] / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (folder / "b.jpg").write_bytes(b"\xff\xd8\xff")
+    res = run_cli(compile_args(work, calib=folder))
+    assert_clean_failure(res, EXIT_DATA, work["out"], mentions=("no .npz", ".jpg", ".png", "np.savez"))
+
+
+def test_truncated_external_data_is_named(run_cli, work, tmp_path):
+    model = onnx.load(str(work["model"]))
+    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    data = tmp_path / "ext.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    res = run_cli(compile_args(work, tmp_path / "ext.onnx"))
+    assert_clean_failure(res, EXIT_MODEL, work["out"], mentions=("ext.onnx.data", "truncated"))
+
+
+def test_calibration_folder_with_mixed_shapes_names_the_odd_file(run_cli, work):
+    folder = work["dir"] / "mixed"
+    folder.mkdir()
+    np.savez(folder / "a.npz", x=np.zeros((2, 3, small_cnn.SIZE, small_cnn.SIZE), np.float32))
+    np.savez(folder / "b.npz", x=np.zeros((2, 3, small_cnn.SIZE // 2, small_cnn.SIZE // 2), np.float32))
+    res = run_cli(compile_args(work, calib=folder))
+    assert_clean_failure(res, EXIT_DATA, work["out"], mentions=("b.npz",))
+
+
+def test_a_recipe_that_is_not_yaml(run_cli, work):
+    bad = work["dir"] / "bad.yaml"
+    bad.write_text("spec: [unclosed\n  - a: b: c")
+    res = run_cli(compile_args(work, extra=("--recipe", bad)))
+    assert_clean_failure(res, EXIT_RECIPE, work["out"], mentions=("bad.yaml", "not valid YAML at line 2"))

@@ -48,7 +48,8 @@ def test_budget_falls_back_until_it_holds_and_logs_every_trial(bert_files, tmp_p
     assert kept["quantized_layers"] == max(t["quantized_layers"] for t in met)
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
     assert on_disk["budget"]["trials"] == trials
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx", "recipe.resolved.yaml", "report.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx", "recipe.resolved.yaml", "report.html",
+                                                                                 "report.json"]
     onnx.checker.check_model(str(tmp_path / "out" / "model.onnx"))
     # later trials reuse the first compile's calibration
     assert any("reused" in str(t) for t in [result.report.get("calibrate", {})])

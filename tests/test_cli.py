@@ -325,3 +325,55 @@ def test_summary_lists_only_layers_that_add_error():
     print_summary({"target": "cpu", "recipe": "r", "layers": {}, "verification": ver}, console)
     text = console.export_text()
     assert "layers adding the most error: c (12.5 dB), a (25.0 dB)" in text and "inf" not in text
+
+
+def test_set_overrides_one_recipe_key_and_lands_in_the_resolved_recipe(run_cli, small_cnn_files, tmp_path):
+    out = tmp_path / "out"
+    res = run_cli([small_cnn_files["model"], "--calib", small_cnn_files["calib"], "-o", out, "-q",
+                   "--set", "calibrate.method=percentile", "--set", "calibrate.percentile=99.9"])
+    assert res.code == 0, res.err
+    steps = {s["type"]: s for s in yaml.safe_load((out / "recipe.resolved.yaml").read_text())["spec"]["passes"]}
+    assert steps["calibrate"]["method"] == "percentile" and steps["calibrate"]["percentile"] == 99.9
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("quantize.weight.group_sise=16", ("group_sise", "unknown key")),
+    ("gptq.weight.group_size=16", ("no 'gptq' step", "calibrate")),
+    ("quantize=3", ("not PASS.KEY=VALUE",)),
+    ("calibrate.method=nearest", ("method",)),
+])
+def test_a_bad_set_is_a_recipe_error_before_any_work(run_cli, small_cnn_files, tmp_path, setting, words):
+    res = run_cli([small_cnn_files["model"], "--calib", small_cnn_files["calib"], "-o", tmp_path / "out", "-q",
+                   "--set", setting])
+    flat = " ".join(res.err.split())
+    assert res.code == 4 and res.err.startswith("error: --set") and all(w in flat for w in words), flat
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_lists_layers_with_macs_and_what_the_target_would_do(run_cli, small_cnn_files, tmp_path):
+    res = run_cli(["inspect", small_cnn_files["model"], "--target", "cpu:avx512_vnni", "--json", tmp_path / "i.json"])
+    assert res.code == 0, res.err
+    info = json.loads((tmp_path / "i.json").read_text())
+    assert info["dynamic_inputs"] == {"x": ["batch", 3, 96, 96]} and info["macs_at"] == {"x": [1, 3, 96, 96]}
+    layers = info["layers"]
+    graph = onnx.load(str(small_cnn_files["model"])).graph
+    weights = {i.name: list(i.dims) for i in graph.initializer}
+    stem = next(n for n in graph.node if n.name == "/stem/conv/Conv")
+    cout, cin, kh, kw = weights[stem.input[1]]
+    assert layers["/stem/conv/Conv"]["macs"] == 96 * 96 * cout * cin * kh * kw   # stride 1, pad 1: 96x96 out
+    floats = {k for k, e in layers.items() if e["plan"] == "float"}
+    assert floats == {k for k, e in layers.items() if e["macs"] < load_target("cpu:avx512_vnni").setting("int8_min_macs")}
+    assert all("int8 is slower" in layers[k]["reason"] for k in floats)
+    # the compile makes the same decisions
+    out = tmp_path / "out"
+    assert run_cli([small_cnn_files["model"], "--target", "cpu:avx512_vnni", "--calib", small_cnn_files["calib"],
+                    "-o", out, "-q", "--no-verify"]).code == 0
+    compiled = json.loads((out / "report.json").read_text())["layers"]
+    assert {k for k, r in compiled.items() if r["status"] == "float"} == floats
+
+
+def test_inspect_of_a_missing_file_or_an_unknown_target(run_cli, small_cnn_files, tmp_path):
+    res = run_cli(["inspect", tmp_path / "nope.onnx"])
+    assert res.code == 3 and "not found" in res.err
+    res = run_cli(["inspect", small_cnn_files["model"], "--target", "tpu"])
+    assert res.code == 2 and "tpu" in res.err

@@ -47,7 +47,8 @@ def test_size_budget_compile(tmp_path):
     for name, c in mp["layers"].items():
         want = "W[int8 per_channel]" if c == "high" else "W[int4 g32]"
         assert want in result.report["layers"][name]["scheme"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx", "recipe.resolved.yaml", "report.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.onnx", "recipe.resolved.yaml", "report.html",
+                                                                                 "report.json"]
 
 
 def test_impossible_size_budget_writes_nothing(tmp_path, run_cli):

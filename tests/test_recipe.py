@@ -151,7 +151,8 @@ def test_pass_ordered_before_what_it_needs(tmp_path):
 
 
 @pytest.mark.parametrize("equalizer", ["smooth_quant", "equalize_outputs", "gptq", "cle", "awq"])
-def test_a_pass_changing_the_float_model_after_calibrate_is_an_order_error(tmp_path, run_cli, equalizer):
+def test_a_pass_changing_the_float_model_after_calibrate_is_an_order_error(tmp_path, run_cli, equalizer,
+                                                                           small_cnn_files):
     """It would leave quantize with stale ranges: refused before any work, both passes named."""
     path = write_recipe(tmp_path, f"""
         - type: canonicalize
@@ -164,7 +165,7 @@ def test_a_pass_changing_the_float_model_after_calibrate_is_an_order_error(tmp_p
     assert f"pass '{equalizer}'" in text and "'calibrate'" in text and "ranges" in text
     assert err.pass_name == equalizer and err.hint == f"put {equalizer} before calibrate"
     out = tmp_path / "out"
-    res = run_cli([tmp_path / "none.onnx", "--recipe", path, "-o", out])   # no model needed: refused first
+    res = run_cli([small_cnn_files["model"], "--recipe", path, "-o", out])   # refused before the model is read
     assert res.code == EXIT_RECIPE and f"pass '{equalizer}'" in res.err and not out.exists()
 
 

@@ -62,3 +62,46 @@ def test_a_layer_a_later_pass_undid_keeps_its_decision():
         "op": "MatMul", "status": "float", "reason": "ascend_lower: bias overflows int32",
         "quantize_decision": {"weight": "int8 per_channel", "activation": "int8 per_tensor"}}
     assert table.to_json()["/b/Conv"] == {"op": "Conv", "status": "float", "reason": "excluded by quantize.exclude"}
+
+
+def test_console_says_why_layers_stayed_float_and_warns_on_a_bad_worst_sample():
+    import io
+
+    from rich.console import Console
+
+    from qcompile.report import float_reasons, print_summary
+    layers = {
+        "a": {"status": "float", "reason": "int8 is slower than float for layers under 1000000 MACs on avx2"},
+        "b": {"status": "float", "reason": "int8 is slower than float for layers under 1000000 MACs on avx2"},
+        "c": {"status": "float", "reason": "fallback: among the layers adding the most noise when quantized"},
+        "d": {"status": "float", "reason": "excluded by quantize.exclude"},
+        "e": {"status": "quantized", "scheme": "W8A8"},
+    }
+    assert float_reasons(layers) == {"under the speed threshold": 2, "fallback": 1, "excluded by the recipe": 1}
+    out = io.StringIO()
+    report = {"target": "cpu", "recipe": "w8a8", "layers": layers, "verification": {
+        "samples": 4, "data": "x", "outputs": {"y": {"sqnr_db": 20.0, "cosine_mean": 0.99, "cosine_min": 0.43,
+                                                     "max_abs": 1.0}}}}
+    print_summary(report, Console(file=out, width=300))
+    text = out.getvalue()
+    assert "1 layers quantized, 4 float (2 under the speed threshold, 1 fallback, 1 excluded by the recipe)" in text
+    assert "warning: output y: the worst sample's cosine is 0.43" in text
+    report["verification"]["outputs"]["y"]["cosine_min"] = 0.95
+    out = io.StringIO()
+    print_summary(report, Console(file=out, width=300))
+    assert "worst sample" not in out.getvalue()
+
+
+def test_report_html_is_self_contained_and_shows_the_reports_numbers(tmp_path):
+    import re
+    path, npz = TinyModels.save(TinyModels(0).mlp(), tmp_path, "m", TinyModels.data((16,), 8))
+    result = compile_model(path, target="cpu:avx512_vnni", recipe="w8a8-dynamic", calib=npz,
+                           output_dir=tmp_path / "out", progress=False)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)          # opens offline
+    for name, output in result.report["verification"]["outputs"].items():
+        assert f"<td>{name}</td><td class=n>{output['sqnr_db']}</td>" in page
+    for name in result.report["layers"]:
+        assert f"<td>{name}</td>" in page
+    assert "<svg" in page   # the per-layer noise figure (matplotlib is a dependency)

@@ -335,7 +335,8 @@ def test_impossible_schemes_are_recipe_errors(tmp_path, run_cli, tiny, quantize,
 
 def test_mixable_schemes_are_the_plain_recipes():
     assert set(mixable_schemes()) == set(builtin_recipes()) - {"w8a8-mix", "w8a8-smooth", "w4a16-gptq", "w4a16-awq", "w8a8-fa3", "w8a8-kv8",
-                                                          "w8a8-cnn", "w8a8-cle", "w8a8sc"} | {"float"}
+                                                          "w8a8-cnn", "w8a8-cle", "w8a8sc",
+                                                          "prequantized"} | {"float"}
 
 
 def test_fp8_is_refused_where_the_opset_lacks_it(tmp_path):
@@ -378,7 +379,14 @@ def test_every_builtin_recipe_compiles_and_runs(tmp_path, recipe):
         with pytest.raises(RecipeError, match="no past/present"):
             compile_tiny(tmp_path, model, recipe, x)
         return
-    final, _, report = compile_tiny(tmp_path, model, recipe, x)
+    if recipe == "prequantized":  # takes a model that is already quantized: the w8a8 compile's, lowered as it is
+        quantized, _, _ = compile_tiny(tmp_path, model, "w8a8", x, name="w8a8")
+        path, npz = TinyModels.save(quantized, tmp_path / "in-pre", "model", x)
+        report = compile_model(path, target=CPU, recipe=recipe, calib=npz, output_dir=tmp_path / "out-pre",
+                               progress=False, verify_samples=8).report
+        final = onnx.load(tmp_path / "out-pre" / "model.onnx")
+    else:
+        final, _, report = compile_tiny(tmp_path, model, recipe, x)
     (got,) = run(final, {"x": x})
     (ref,) = run(model, {"x": x})
     assert np.all(np.isfinite(got)) and got.shape == ref.shape

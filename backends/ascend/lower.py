@@ -208,21 +208,44 @@ def _bypass(graph: ir.Graph, dq_out: ir.Value, x: ir.Value) -> None:
 
 def _drop_qdq_pairs(graph: ir.Graph, *, keep_layer_inputs: bool) -> int:
     """Remove QuantizeLinear->DequantizeLinear pairs on float activations (consumers read the
-    float tensor). With keep_layer_inputs, a DQ feeding a Conv/Gemm/MatMul data input stays."""
+    float tensor). With keep_layer_inputs, a DQ feeding a Conv/Gemm/MatMul data input stays.
+    A pair whose zero point is its type's minimum clamps negatives to 0: it carries a ReLU that
+    was folded into it (a pre-quantized model's uint8 after ReLU, int8 with zero point -128),
+    so a Relu takes its place."""
     dropped = 0
     for q in [n for n in graph if n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx")]:
         x = q.inputs[0]
         if x is None or x.dtype not in (None, ir.DataType.FLOAT, ir.DataType.FLOAT16):
             continue
+        replacement = None
         for user, _ in list(q.outputs[0].uses()):
             if user.op_type != "DequantizeLinear" or not _same_qparams(q, user):
                 continue
             out = user.outputs[0]
             if keep_layer_inputs and _feeds_layer(out):
                 continue
-            _bypass(graph, out, x)
+            if replacement is None:
+                replacement = _relu_after(graph, q, x) if _clamps_at_zero(q) else x
+            _bypass(graph, out, replacement)
             dropped += 1
     return dropped
+
+
+def _clamps_at_zero(q: ir.Node) -> bool:
+    zp = q.inputs[2] if len(q.inputs) > 2 else None
+    z = const(zp) if zp is not None else None
+    if z is None or z.size != 1:
+        return False
+    info = np.iinfo(z.dtype) if np.issubdtype(z.dtype, np.integer) else None
+    return info is not None and int(z.reshape(())) == info.min
+
+
+def _relu_after(graph: ir.Graph, q: ir.Node, x: ir.Value) -> ir.Value:
+    relu = ir.node("Relu", [x], name=f"{x.name}_Relu_of_dropped_qdq")
+    out = relu.outputs[0]
+    out.name, out.dtype, out.shape = f"{x.name}_relu", x.dtype, x.shape
+    graph.insert_after(q, relu)
+    return out
 
 
 def _fold_constant_dequantize(graph: ir.Graph) -> int:

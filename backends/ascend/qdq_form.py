@@ -38,6 +38,9 @@ def activation_problem(x: ir.Value, x_scale: ir.Value, x_zp: ir.Value) -> str | 
         return f"activation quantized to {x_zp.dtype}, AscendQuant outputs int8"
     if not (np.isfinite(s).all() and float(s.reshape(())) > 0):
         return "activation scale is not positive"
+    if int(z.reshape(())) != 0:  # e.g. a pre-quantized model's asymmetric activations
+        return (f"activation zero point is {int(z.reshape(()))}, not 0: the int8 layer would need an offset "
+                "correction (Ascend's int8 layers here take symmetric activations)")
     if x.dtype not in (None, ir.DataType.FLOAT, ir.DataType.FLOAT16):
         return f"activation of type {x.dtype} (AscendQuant takes float32/float16)"
     return None

@@ -149,6 +149,8 @@ def weight_of(node: ir.Node) -> tuple[int, int] | str:
     w = const(node.inputs[1])
     if w is None:
         return "MatMul has no constant weight"
+    if w.ndim != 2:   # a batched (3-D+) or vector weight: no int8 MatMul kernel takes it as a linear layer
+        return f"MatMul weight of rank {w.ndim}, not a 2-D linear weight"
     return (1, w.ndim - 1)
 
 

@@ -11,6 +11,7 @@ import onnx_ir.passes.common as common_passes
 
 from qcompile import dynamic_qdq
 from qcompile.analyses import RangeRequest
+from qcompile.errors import ModelError
 from qcompile.facts import Fact
 from qcompile.layers import LayerRecord, LayerStatus, WeightBytes
 from qcompile.registry import QPass, register_pass
@@ -40,6 +41,16 @@ class Quantize(QPass):
         return frozenset({Fact.RANGES}) if static else frozenset()
 
     GIVES = frozenset({Fact.QDQ})
+
+    @classmethod
+    def check_model(cls, config, model: ir.Model) -> None:
+        from ..adopt_qdq import quantized_layers
+        held = quantized_layers(model)
+        if held:
+            raise ModelError(f"the model is already quantized ({len(held)} layers hold quantized weights, e.g. "
+                             f"{next(iter(held))!r}); quantizing it again would stack a second rounding on the first",
+                             hint="leave out --recipe (qcompile then lowers its own quantization: recipe "
+                                  "prequantized), or compile the float model")
 
     @classmethod
     def min_opset(cls, config, target=None, model=None) -> int:
