@@ -24,7 +24,7 @@ from qcompile.targets import check_capabilities, list_targets, load_target
 
 SOCS = {"ascend310b": "Ascend310B1", "ascend310p": "Ascend310P3", "ascend910b": "Ascend910B1"}
 QDQ = {"QuantizeLinear", "DequantizeLinear"}
-OUTPUT_FILES = {"model.onnx", "model.qdq.onnx", "atc.sh", "report.json", "recipe.resolved.yaml"}
+OUTPUT_FILES = {"model.onnx", "model.qdq.onnx", "atc.sh", "report.json", "report.html", "recipe.resolved.yaml"}
 
 
 def sqnr(ref, got) -> float:

@@ -21,7 +21,7 @@ from conftest import ort_run_batched, ort_session
 from qcompile.cli import main
 from qcompile.targets import load_target
 
-OUTPUT_FILES = {"model.onnx", "report.json", "recipe.resolved.yaml"}
+OUTPUT_FILES = {"model.onnx", "report.json", "report.html", "recipe.resolved.yaml"}
 
 
 def sqnr(ref: np.ndarray, got: np.ndarray) -> float:
