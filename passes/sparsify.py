@@ -38,7 +38,7 @@ from qcompile.registry import QPass, register_pass
 
 from .conv_patches import ConvGeometry
 from .hessians import is_conv, is_linear, layer_hessians, weight_kn
-from .scope import in_scope
+from .scope import feeds_model_output, in_scope
 
 GROUP, KEEP = 4, 2   # the N:M pattern: of every 4 input channels, 2 kept
 
@@ -62,6 +62,9 @@ class Sparsify(QPass):
         # 2:4 on a layer whose input channels are not a multiple of 4 (an RGB stem Conv, a
         # depthwise Conv): an error naming it (false), or leave it dense and list it (true)
         skip_unfit: bool = False
+        # layers feeding a model output (a decoder's logits projection, a classifier head), read
+        # off the graph: left dense (as SparseGPT leaves lm_head), or pruned like the rest
+        output_layers: Literal["dense", "prune"] = "dense"
 
         def validate(self):
             if not 0.0 < self.sparsity < 1.0:
@@ -87,6 +90,11 @@ class Sparsify(QPass):
         cfg, ctx = self.config, self.ctx
         linears, convs = _layers(model, cfg)
         unfit = unfit_layers(cfg, linears, convs)
+        if cfg.output_layers == "dense":
+            outputs = set(model.graph.outputs)
+            unfit.update({n.name: "feeds a model output (output_layers: dense)" for n in model.graph
+                          if n.op_type in cfg.ops and (is_linear(n) or is_conv(n)) and in_scope(n.name, cfg)
+                          and feeds_model_output(n, outputs)})
         linears = [n for n in linears if n.name not in unfit]
         convs = {k: v for k, v in convs.items() if k not in unfit}
         if not linears and not convs:
@@ -171,10 +179,12 @@ def unfit_layers(config, linears: list[ir.Node], convs: dict) -> dict[str, str]:
 
 def _layers(model: ir.Model, cfg) -> tuple[list[ir.Node], dict]:
     """The in-scope linears and 2-D Convs (with their geometry) this pass prunes."""
-    linears = [n for n in model.graph if n.op_type in cfg.ops and is_linear(n) and in_scope(n.name, cfg)]
+    outputs = set(model.graph.outputs)
+    kept = (lambda n: True) if cfg.output_layers == "prune" else (lambda n: not feeds_model_output(n, outputs))
+    linears = [n for n in model.graph if n.op_type in cfg.ops and is_linear(n) and in_scope(n.name, cfg) and kept(n)]
     convs = {}
     for n in model.graph:
-        if "Conv" in cfg.ops and is_conv(n) and in_scope(n.name, cfg):
+        if "Conv" in cfg.ops and is_conv(n) and in_scope(n.name, cfg) and kept(n):
             geo = ConvGeometry.of(n, n.inputs[1].const_value.shape)
             if geo is not None:
                 convs[n.name] = (n, geo)

@@ -96,18 +96,29 @@ spec:
       method: {method}
       pattern: "{pattern}"
       sparsity: 0.5
+      output_layers: {output_layers}
     - type: calibrate
     - type: quantize
       speed_fallback: false
 """
 
 
-def _sparse_run(pipeline, method, pattern="2:4"):
+def _sparse_run(pipeline, method, pattern="2:4", output_layers="prune"):
     model = TinyModels(0).mlp(64, 32, 8)
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((96, 64)) @ (np.eye(64) + rng.standard_normal((64, 64)) * 0.3)).astype(np.float32)
-    ir_model, ctx = pipeline(model, SPARSE_RECIPE.format(method=method, pattern=pattern), x)
+    ir_model, ctx = pipeline(model, SPARSE_RECIPE.format(method=method, pattern=pattern, output_layers=output_layers), x)
     return model, x, to_proto(ir_model), ctx
+
+
+def test_the_layer_feeding_the_output_stays_dense_by_default(pipeline):
+    """Found on SmolLM2: pruning the tied lm_head 2:4 costs the most; read off the graph, not names."""
+    _, _, model, ctx = _sparse_run(pipeline, "sparsegpt", output_layers="dense")
+    report = ctx.reports["sparsify"]
+    assert report["layers"] == 1 and list(report["per_layer"]) == ["/fc1/MatMul"]
+    assert report["dense"] == {"/fc2/MatMul": "feeds a model output (output_layers: dense)"}
+    w2 = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "W2_quantized")
+    assert np.mean(w2 == 0) < 0.1
 
 
 def test_w8a8sc_graph_holds_24_sparse_int8_weights_and_beats_magnitude(pipeline):
@@ -131,7 +142,7 @@ def test_w8a8sc_graph_holds_24_sparse_int8_weights_and_beats_magnitude(pipeline)
 def test_conv_24_pruning_groups_input_channels_at_each_tap(pipeline):
     model = TinyModels(0).conv_bn_relu(cin=8, cout=4, hw=8)
     x = TinyModels.data((8, 8, 8), 16)
-    recipe = SPARSE_RECIPE.format(method="sparsegpt", pattern="2:4").split("    - type: calibrate")[0]
+    recipe = SPARSE_RECIPE.format(method="sparsegpt", pattern="2:4", output_layers="prune").split("    - type: calibrate")[0]
     ir_model, _ = pipeline(model, recipe, x)
     w = next(numpy_helper.to_array(t) for t in to_proto(ir_model).graph.initializer if t.dims[:2] == [4, 8])
     nonzero = (w != 0).reshape(4, 2, 4, 3, 3)                      # [Cout, Cin/4, 4, kh, kw]
@@ -142,7 +153,7 @@ def test_24_on_a_layer_without_four_input_channels_names_it(run_cli, tmp_path):
     model = TinyModels(0).mlp(18, 32, 8)
     path, npz = TinyModels.save(model, tmp_path, "m", TinyModels.data((18,), 64))
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(SPARSE_RECIPE.format(method="magnitude", pattern="2:4"))
+    recipe.write_text(SPARSE_RECIPE.format(method="magnitude", pattern="2:4", output_layers="prune"))
     res = run_cli([path, "--recipe", recipe, "--calib", npz, "-o", tmp_path / "out"])
     assert res.code == 4 and "'/fc1/MatMul'" in res.err and "18 input channels" in res.err
     assert not (tmp_path / "out").exists()
@@ -152,7 +163,7 @@ def test_24_on_a_layer_without_four_input_channels_names_it(run_cli, tmp_path):
                                       ("sparsity: 0.7", "sparsity")])
 def test_sparsity_outside_the_pattern_is_a_recipe_error(run_cli, tmp_path, text, key):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(SPARSE_RECIPE.format(method="magnitude", pattern="2:4").replace("sparsity: 0.5", text))
+    recipe.write_text(SPARSE_RECIPE.format(method="magnitude", pattern="2:4", output_layers="prune").replace("sparsity: 0.5", text))
     path, npz = TinyModels.save(TinyModels(0).mlp(), tmp_path, "m", TinyModels.data((16,), 4))
     res = run_cli([path, "--recipe", recipe, "--calib", npz, "-o", tmp_path / "out"])
     assert res.code == 4 and f"key '{key}'" in res.err
@@ -160,7 +171,7 @@ def test_sparsity_outside_the_pattern_is_a_recipe_error(run_cli, tmp_path, text,
 
 def test_gptq_after_sparsify_is_an_order_error(run_cli, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(SPARSE_RECIPE.format(method="magnitude", pattern="2:4").replace(
+    recipe.write_text(SPARSE_RECIPE.format(method="magnitude", pattern="2:4", output_layers="prune").replace(
         "    - type: calibrate\n", "    - type: gptq\n      weight: {dtype: int8, granularity: per_channel}\n"
                                   "    - type: calibrate\n"))
     path, npz = TinyModels.save(TinyModels(0).mlp(), tmp_path, "m", TinyModels.data((16,), 4))
