@@ -5,31 +5,35 @@ deep inside calibration."""
 
 from __future__ import annotations
 
-import onnx
+import functools
+
 import onnx_ir as ir
 
 from .errors import ModelError, UsageError
 
-# domains onnxruntime's CPU build implements besides ONNX's own
-ORT_DOMAINS = frozenset({"ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "ai.onnx.preview.training"})
 _DEFAULT = ("", "ai.onnx")
+
+
+@functools.lru_cache(maxsize=1)
+def onnxruntime_ops() -> frozenset[tuple[str, str]]:
+    """(domain, op) of every operator schema this onnxruntime build registers (ONNX's own, its
+    contrib ops, including those it registers in the ONNX domain such as
+    SimplifiedLayerNormalization); the default domain is "" here."""
+    from onnxruntime.capi import _pybind_state as C
+    return frozenset(("" if s.domain in _DEFAULT else s.domain, s.name) for s in C.get_all_operator_schema())
 
 
 def unknown_ops(model: ir.Model) -> dict[str, list[str]]:
     """{"domain::op": [node names]} for the nodes (subgraphs included) onnxruntime has no
-    kernel for: a non-ONNX op in the default domain, or a domain it does not implement;
-    ops the model defines as local functions are known."""
+    schema for (asked of onnxruntime itself); ops the model defines as local functions are known."""
     functions = {(f.domain, f.name) for f in model.functions.values()}
+    known = onnxruntime_ops()
     found: dict[str, list[str]] = {}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if (node.domain, node.op_type) in functions:
+        domain = "" if node.domain in _DEFAULT else node.domain
+        if (node.domain, node.op_type) in functions or (domain, node.op_type) in known:
             continue
-        if node.domain in _DEFAULT:
-            if onnx.defs.has(node.op_type):
-                continue
-        elif node.domain in ORT_DOMAINS:
-            continue
-        found.setdefault(f"{node.domain or 'ai.onnx'}::{node.op_type}", []).append(node.name or "?")
+        found.setdefault(f"{domain or 'ai.onnx'}::{node.op_type}", []).append(node.name or "?")
     return found
 
 

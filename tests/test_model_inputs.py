@@ -139,3 +139,21 @@ def test_an_ascend_deploy_graph_fed_back_to_the_compiler_is_refused(run_cli, sma
     flat = " ".join(res.err.split())
     assert res.code == EXIT_MODEL and "Ascend deploy graph" in flat and "model.qdq.onnx" in flat, flat
     assert not (tmp_path / "again").exists()
+
+
+def test_onnxruntimes_own_ops_are_known_whatever_their_domain():
+    """onnxruntime registers contrib ops in the ONNX domain too (SimplifiedLayerNormalization,
+    what `fuse` writes for RMSNorm): a fused decoder must not be refused (a verify of SmolLM2 was)."""
+    import onnx_ir as ir
+
+    from qcompile.op_support import unknown_ops
+    graph = helper.make_graph(
+        [helper.make_node("SimplifiedLayerNormalization", ["x", "g"], ["n"], name="rms", axis=-1),
+         helper.make_node("MatMulNBits", ["n", "b", "s"], ["y"], name="mm", domain="com.microsoft", K=8, N=8,
+                          bits=4, block_size=16),
+         helper.make_node("NotAnOp", ["y"], ["z"], name="bad", domain="com.example")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                                    helper.make_opsetid("com.example", 1)])
+    assert unknown_ops(ir.from_proto(model)) == {"com.example::NotAnOp": ["bad"]}
