@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=str(TOOLS.parent / "build" / "bench-llm"))
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="", help="comma-separated row keys (qcompile rows and peers) to run")
+    ap.add_argument("--only", default="", help="row keys (qcompile rows and peers) to run, separated by commas, or by "
+                                               "semicolons when a key holds a comma")
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--timeout", type=float, default=7200)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    only = {k.strip() for k in args.only.split(",") if k.strip()}
+    only = {k.strip() for k in args.only.split(";" if ";" in args.only else ",") if k.strip()}
     previous = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else None
     if args.resume and not (previous and previous["environment"].get("partial")):
         print(f"error: --resume needs a partial run in {out / 'bench.json'}", file=sys.stderr)
