@@ -196,7 +196,7 @@ def ort_peer_rows() -> list:
                              f"ort MatMulNBits int4 RTN b{block} {'sym' if sym else 'asym'}", "nbits", (),
                              algo="rtn", block=block, symmetric=sym))
     rows += [Peer("nbits4-hqq-b128", "ort MatMulNBits int4 HQQ b128", "nbits", (), algo="hqq", block=128,
-                  symmetric=False),
+                  symmetric=False, needs_torch=True),   # onnxruntime's HQQ quantizer imports torch
              Peer("nbits4-gptq-b128", "ort MatMulNBits int4 GPTQ b128 sym", "nbits", (), algo="gptq", block=128,
                   needs_torch=True),
              Peer("nbits4-rtn-b128-acc4", "ort MatMulNBits int4 RTN b128 sym, int8 compute", "nbits", (), algo="rtn",
