@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    only = {k.strip() for k in args.only.split(";" if ";" in args.only else ",") if k.strip()}
+    only = _keys(args.only)
     previous = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else None
     if args.resume and not (previous and previous["environment"].get("partial")):
         print(f"error: --resume needs a partial run in {out / 'bench.json'}", file=sys.stderr)
@@ -142,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def _keys(text: str) -> set[str]:
+    """--only's row keys: comma-separated, or semicolon-separated when a key holds a comma."""
+    return {k.strip() for k in text.split(";" if ";" in text else ",") if k.strip()}
+
+
 def _retime(previous: dict | None, out: Path, work: Path, args, env: dict) -> int:
     """Decode tokens/s of every row of a finished run, again, back to back (the accuracy columns stay)."""
     if not previous:
@@ -150,7 +155,7 @@ def _retime(previous: dict | None, out: Path, work: Path, args, env: dict) -> in
     src = llm.setup(work, args.python)
     rows, base, old_env = llm.resumed(previous)
     for row in [base, *rows]:
-        if args.only and row.key not in {k.strip() for k in args.only.split(",")} and row is not base:
+        if args.only and row.key not in _keys(args.only) and row is not base:
             continue
         _log(f"decode {row.key}")
         llm.score(row, src, work, args.python, ref={}, sets=(), threads=args.threads)
