@@ -99,23 +99,25 @@ def narrow_io(model: ir.Model, io: HalfPrecisionIO) -> None:
         want = io.inputs.get(value.name)
         if want is None or value.dtype != ir.DataType.FLOAT:
             continue
-        name = value.name
-        value.name = f"{name}__float32"
+        name, value.name = value.name, f"{value.name}__float32"
         half = ir.Value(name=name, type=ir.TensorType(want), shape=value.shape)
-        cast = ir.node("Cast", [half], {"to": int(ir.DataType.FLOAT)}, name=f"{name}__to_float32")
-        cast.outputs[0].name, cast.outputs[0].dtype, cast.outputs[0].shape = f"{name}__widened", \
-            ir.DataType.FLOAT, value.shape
+        cast = _cast(half, ir.DataType.FLOAT, f"{name}__widened")
         value.replace_all_uses_with(cast.outputs[0])
         graph.inputs[index] = half
-        graph.insert_before(graph.node(0), cast) if len(graph) else graph.append(cast)
+        graph.insert_before(graph.node(0), cast)
     for index, value in enumerate(list(graph.outputs)):
         want = io.outputs.get(value.name)
         if want is None or value.dtype != ir.DataType.FLOAT:
             continue
-        name = value.name
-        value.name = f"{name}__float32"
-        cast = ir.node("Cast", [value], {"to": int(want)}, name=f"{name}__to_{want.name.lower()}")
-        out = cast.outputs[0]
-        out.name, out.dtype, out.shape = name, want, value.shape
+        name, value.name = value.name, f"{value.name}__float32"
+        cast = _cast(value, want, name)
         graph.append(cast)
-        graph.outputs[index] = out
+        graph.outputs[index] = cast.outputs[0]
+
+
+def _cast(value: ir.Value, to: ir.DataType, out_name: str) -> ir.Node:
+    """Cast(value) to `to`, its output named `out_name` and shaped like `value`."""
+    node = ir.node("Cast", [value], {"to": int(to)}, name=f"{out_name}__Cast")
+    out = node.outputs[0]
+    out.name, out.dtype, out.shape = out_name, to, value.shape
+    return node
