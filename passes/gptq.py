@@ -52,7 +52,7 @@ class GPTQ(QPass):
         include: tuple[str, ...] = ("*",)
         exclude: tuple[str, ...] = ()
         samples: int = 128
-        conv_positions: int = 4096   # Conv: output positions per sample whose input patches enter H
+        conv_positions: int = 1024   # Conv: output positions per sample whose input patches enter H
         # the scheme of the layers feeding a model output, as the later quantize step's
         # `output_layers` gives them (a built-in scheme name; float: left alone)
         output_layers: str | None = None

@@ -118,9 +118,10 @@ class SmoothQuant(QPass):
             sample = rows[g.x.name]
             per_tensor = [lin.node.op_type in per_tensor_ops for lin in g.linears]
             sim = _simulated_conv_error if g.convs else _simulated_error
+            refs = _float_outputs(sample, weights, g.linears, conv=bool(g.convs))   # the same for every α
             simulate = lambda scales: sim(sample, (xlo, xhi), weights, g.linears, scales,  # noqa: E731
                                           act_dtype, act_symmetric, per_tensor,
-                                          per_token=cfg.granularity == "per_token")
+                                          per_token=cfg.granularity == "per_token", refs=refs)
             errors = {a: simulate(_scales(amax, wmax, a)) for a in alphas}
             baseline = simulate(np.ones_like(amax))
             alpha = min(errors, key=errors.get)
@@ -149,8 +150,19 @@ def _scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
+def _float_outputs(x, weights, linears, *, conv: bool) -> list[np.ndarray]:
+    """X·W (float64) of each linear of a group, or each Conv's outputs at the sampled patches
+    [rows, G, Cout/g]: what every α's simulated error is measured against."""
+    if conv:   # float32 products (the patches are float32); the error sums are float64
+        return [np.einsum("pgk,gok->pgo", p, w.reshape(lin.conv.groups, w.shape[0] // lin.conv.groups, -1)
+                          .astype(np.float32), optimize=True).astype(np.float64)
+                for p, w, lin in zip(x, weights, linears)]
+    return [x.astype(np.float64) @ (w if lin.k_axis == 0 else w.T) for w, lin in zip(weights, linears)]
+
+
 def _simulated_error(x: np.ndarray, x_range, weights, linears, s: np.ndarray, act_dtype: str,
-                     act_symmetric: bool, per_tensor: list[bool] | None = None, per_token: bool = False) -> float:
+                     act_symmetric: bool, per_tensor: list[bool] | None = None, per_token: bool = False,
+                     refs: list[np.ndarray] | None = None) -> float:
     """Mean over the group's linears of the relative squared error of X·W with X/s quantized
     per tensor as the target will (its activation dtype and symmetry: an asymmetric uint8
     range fits a GELU output's short negative tail, a symmetric one does not) and W·s in
@@ -158,7 +170,9 @@ def _simulated_error(x: np.ndarray, x_range, weights, linears, s: np.ndarray, ac
     (`per_tensor_weight_ops`, Ascend's MatMul: the outliers SmoothQuant moves into W then
     cost every output channel). X/s's range comes from the full-data channel extremes, not
     just the sampled rows: the outlier tokens that set it are rare. With `per_token`, each row
-    of X/s gets its own symmetric int8 scale, as dynamic per-token quantization does."""
+    of X/s gets its own symmetric int8 scale, as dynamic per-token quantization does. `refs`:
+    _float_outputs of the same rows, when the caller already has them."""
+    refs = refs or _float_outputs(x, weights, linears, conv=False)
     xs = x / s
     if per_token:
         lo_t, hi_t = reduce_absmax(xs, 0)
@@ -176,7 +190,7 @@ def _simulated_error(x: np.ndarray, x_range, weights, linears, s: np.ndarray, ac
         lo_w, hi_w = reduce_absmax(ws, axis)
         wscale, wzp = compute_qparams(lo_w, hi_w, "int8", symmetric=True, restricted=True)
         wq = dequantize(quantize(ws, wscale, wzp, "int8", axis=axis), wscale, wzp, axis=axis)
-        ref = x.astype(np.float64) @ w2
+        ref = refs[i]
         err = ref - xq.astype(np.float64) @ wq
         den = float(np.sum(ref * ref))
         errors.append(float(np.sum(err * err)) / den if den > 0 else 0.0)
@@ -184,10 +198,12 @@ def _simulated_error(x: np.ndarray, x_range, weights, linears, s: np.ndarray, ac
 
 
 def _simulated_conv_error(patches: list[np.ndarray], x_range, weights, linears, s: np.ndarray, act_dtype: str,
-                          act_symmetric: bool, per_tensor: list[bool] | None = None, per_token: bool = False) -> float:
+                          act_symmetric: bool, per_tensor: list[bool] | None = None, per_token: bool = False,
+                          refs: list[np.ndarray] | None = None) -> float:
     """_simulated_error for Conv consumers: each Conv's sampled input patches [rows, G, K]
     (K = Cin/g·kh·kw, channel-major) stand for X; X/s quantized per tensor, W·s in int8 per
     output channel (or per tensor), the relative squared error of the Conv's outputs."""
+    refs = refs or _float_outputs(patches, weights, linears, conv=True)
     lo, hi = float(np.min(x_range[0] / s)), float(np.max(x_range[1] / s))
     xscale, xzp = compute_qparams(lo, hi, act_dtype, symmetric=act_symmetric)
     errors = []
@@ -201,10 +217,9 @@ def _simulated_conv_error(patches: list[np.ndarray], x_range, weights, linears, 
         lo_w, hi_w = reduce_absmax(ws, axis)
         wscale, wzp = compute_qparams(lo_w, hi_w, "int8", symmetric=True, restricted=True)
         wq = dequantize(quantize(ws, wscale, wzp, "int8", axis=axis), wscale, wzp, axis=axis)
-        wg = w.reshape(groups, w.shape[0] // groups, -1).astype(np.float64)       # [G, Cout/g, K]
-        wqg = wq.reshape(wg.shape).astype(np.float64)
-        ref = np.einsum("pgk,gok->pgo", x, wg, optimize=True)
-        err = ref - np.einsum("pgk,gok->pgo", xq.astype(np.float64), wqg, optimize=True)
+        wqg = wq.reshape(groups, w.shape[0] // groups, -1).astype(np.float32)     # [G, Cout/g, K]
+        ref = refs[i]
+        err = ref - np.einsum("pgk,gok->pgo", xq.astype(np.float32), wqg, optimize=True)
         den = float(np.sum(ref * ref))
         errors.append(float(np.sum(err * err)) / den if den > 0 else 0.0)
     return float(np.mean(errors))

@@ -146,8 +146,10 @@ def test_conv_patches_times_the_weight_are_the_conv_output(geometry):
     got = np.stack([patches[:, g] @ w[g * per:(g + 1) * per].reshape(per, -1).T for g in range(groups)], axis=1)
     got = got.reshape(2, ref.shape[2], ref.shape[3], 8).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-    gram = grouped_gram(patches)
-    np.testing.assert_allclose(gram[groups - 1], patches[:, groups - 1].T @ patches[:, groups - 1], rtol=1e-10)
+    gram = grouped_gram(patches)                                            # float32 arithmetic, float64 out
+    last = patches[:, groups - 1].astype(np.float64)
+    assert gram.dtype == np.float64
+    np.testing.assert_allclose(gram[groups - 1], last.T @ last, rtol=1e-5, atol=1e-4)
 
 
 def test_conv_gptq_beats_round_to_nearest_per_group():

@@ -417,6 +417,68 @@ def test_canonicalize_hardswish_fusion_keeps_outputs(pipeline, kind, fused):
                                rtol=RTOL, atol=ATOL)
 
 
+# -- canonicalize: a Conv's affine shift into its bias ------------------------------------------------
+def _conv_affine_model(scale, shift, *, bias: bool = True, extra_reader: bool = False) -> onnx.ModelProto:
+    """x → Conv → Mul(scale) → Add(shift) → Relu (PP-LCNet's learnable affine after a Conv)."""
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.asarray(scale, np.float32), "c"),
+             numpy_helper.from_array(np.asarray(shift, np.float32), "d")]
+    conv_in = ["x", "W"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "B"))
+        conv_in.append("B")
+    nodes = [helper.make_node("Conv", conv_in, ["y"], name="/c/Conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["y", "c"], ["m"], name="/a/Mul"),
+             helper.make_node("Add", ["m", "d"], ["t"], name="/a/Add"),
+             helper.make_node("Relu", ["t"], ["out"], name="/r/Relu")]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]
+    if extra_reader:                           # the Conv output has a second reader
+        nodes.append(helper.make_node("Sigmoid", ["y"], ["side"], name="/side/Sigmoid"))
+        outputs.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "conv_affine", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                     ["n", 3, 8, 8])],
+                              outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("scale,shift,bias", [
+    ([1.7], [0.4], True),                                                   # one value each (PP-LCNet)
+    (np.linspace(-2, 2.5, 6).reshape(6, 1, 1), [-0.3], False),             # per channel, no Conv bias
+    ([0.9], np.linspace(-1, 1, 6).reshape(1, 6, 1, 1), True),              # per-channel shift, rank 4
+])
+def test_canonicalize_moves_a_conv_affine_shift_into_the_bias(pipeline, scale, shift, bias):
+    model = _conv_affine_model(scale, shift, bias=bias)
+    data = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    ir_model, _ = pipeline(model, canonicalize_recipe(), data)
+    out = to_proto(ir_model)
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Mul", "Relu"]
+    assert [n.name for n in out.graph.node][0] == "/c/Conv"            # the exporter's name survives
+    np.testing.assert_allclose(ort_run_batched(out, "x", data), ort_run_batched(model, "x", data),
+                               rtol=RTOL, atol=ATOL)
+    # the new bias is the old one plus shift / scale, checked in numpy
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    conv = out.graph.node[0]
+    old = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "B")) if bias else 0.0
+    want = old + np.broadcast_to(np.asarray(shift, np.float64).reshape(-1), (6,)) / \
+        np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (6,))
+    np.testing.assert_allclose(inits[conv.input[2]], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["zero_scale", "second_reader", "switched_off"])
+def test_canonicalize_leaves_an_affine_it_cannot_fold(pipeline, case):
+    scale = [1.0, 0.0, 2.0, 1.0, 1.0, 1.0] if case == "zero_scale" else [1.5]
+    model = _conv_affine_model(np.reshape(scale, (-1, 1, 1)), [0.2], extra_reader=case == "second_reader")
+    data = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    recipe = canonicalize_recipe(fold_affine_bias="false") if case == "switched_off" else canonicalize_recipe()
+    ir_model, _ = pipeline(model, recipe, data)
+    ops = [n.op_type for n in to_proto(ir_model).graph.node]
+    assert "Add" in ops, ops
+
+
 # -- names survive canonicalize -----------------------------------------------------------------------
 def test_exclude_by_exporter_name_after_batchnorm_fusion(small_cnn_files, pipeline):
     model = onnx.load(small_cnn_files["model"])

@@ -23,6 +23,13 @@ Output: ``<model>_calib.npz`` (32 samples, seed A) and ``<model>_eval.npz``
 (and the 0/180 labels for cls).  Each sample uses its own RNG
 ``default_rng([seed, i])`` so sample i does not depend on the set size.
 
+A third set, ``<model>_other.npz`` (100 samples, seed C), is rendered *differently*
+("scenes" style): other fonts (STIX and Computer Modern, which matplotlib ships), a
+wider size range, photo-like textured, dark and mid-grey backgrounds with light or
+outlined text, larger rotations, heavier noise, JPEG artefacts, uneven lighting.
+No recipe choice and no default was made on it: it answers whether a number
+measured on the calibration style carries over to pages nobody tuned on.
+
 CLI: ``python tools/ppocr_data.py --out DIR [--models ppocr_det,ppocr_cls]``
 (default DIR: ``$QCOMPILE_CACHE/data`` or ``~/.cache/qcompile/data``).
 """
@@ -39,14 +46,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-__all__ = ["MODELS", "DET_NORMS", "CALIB_SEED", "EVAL_SEED", "default_out_dir",
-           "render_det_image", "render_cls_crop", "det_preprocess", "cls_preprocess",
+__all__ = ["MODELS", "DET_NORMS", "CALIB_SEED", "EVAL_SEED", "OTHER_SEED", "SPLITS", "default_out_dir",
+           "render_det_image", "render_cls_crop", "render_det_scene", "render_cls_scene_crop", "det_preprocess", "cls_preprocess",
            "make_det_batch", "make_cls_batch", "make_sets", "det_iou", "cls_agreement",
            "cls_accuracy", "main"]
 
 GEN_VERSION = 1
 CALIB_SEED = 20240611          # seed A
 EVAL_SEED = 977                # seed B
+OTHER_SEED = 5150              # seed C: the differently rendered third set
+SPLITS = ("calib", "eval", "other")
 DET_SIZE = (640, 640)          # H, W
 CLS_SHAPE = (3, 48, 192)       # C, H, W  (rapidocr cls_image_shape)
 DET_NORMS = {
@@ -111,8 +120,24 @@ def _font(idx: int, size: int) -> ImageFont.FreeTypeFont:
 
 
 def _vocab(split: str) -> list[str]:
-    """Disjoint halves of the word list so calib and eval texts differ."""
-    return _WORDS[0::2] if split == "calib" else _WORDS[1::2]
+    """Disjoint halves of the word list so calib and eval texts differ (other: all of it)."""
+    return {"calib": _WORDS[0::2], "eval": _WORDS[1::2]}.get(split, _WORDS)
+
+
+@lru_cache(maxsize=None)
+def _other_font_files() -> tuple[str, ...]:
+    """Fonts the calibration pages never use: matplotlib's STIX and Computer Modern faces."""
+    import matplotlib
+    root = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    names = ("STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf",
+             "cmr10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmb10.ttf")
+    return tuple(str(root / n) for n in names if (root / n).is_file())
+
+
+@lru_cache(maxsize=512)
+def _other_font(idx: int, size: int) -> ImageFont.FreeTypeFont:
+    files = _other_font_files()
+    return ImageFont.truetype(files[idx % len(files)], size) if files else _font(idx, size)
 
 
 def _token(rng: np.random.Generator, words: list[str]) -> str:
@@ -226,6 +251,142 @@ def render_cls_crop(rng: np.random.Generator, words: list[str]) -> tuple[np.ndar
     return _finish(rng, img, (1.0, 6.0)), label
 
 
+# ------------------------------------------------- "scenes": the third, unseen style
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, octaves: int = 4) -> np.ndarray:
+    """Multi-octave value noise in [0, 1] (HxW): stands in for photo texture (walls, wood, fabric)."""
+    acc = np.zeros((h, w), np.float32)
+    amp, total = 1.0, 0.0
+    for o in range(octaves):
+        cells = 2 ** (o + 2)
+        grid = rng.random((cells + 1, cells + 1)).astype(np.float32)
+        up = np.asarray(Image.fromarray(grid, "F").resize((w, h), Image.BICUBIC), np.float32)
+        acc += amp * up
+        total += amp
+        amp *= 0.5
+    acc /= total
+    return (acc - acc.min()) / max(float(np.ptp(acc)), 1e-6)
+
+
+def _scene_bg(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, bool]:
+    """(float32 HxWx3 RGB background, dark?) -- textured colour, dark, mid-grey or busy."""
+    kind = rng.choice(["texture", "dark", "mid", "busy"], p=[0.35, 0.25, 0.2, 0.2])
+    tex = _smooth_noise(rng, h, w)[..., None]
+    if kind == "dark":
+        base, spread = rng.uniform(10, 70, 3), rng.uniform(10, 50)
+    elif kind == "mid":
+        base, spread = rng.uniform(90, 160, 3), rng.uniform(20, 60)
+    elif kind == "busy":
+        base, spread = rng.uniform(40, 200, 3), rng.uniform(80, 160)
+    else:
+        base, spread = rng.uniform(60, 220, 3), rng.uniform(30, 90)
+    tint = rng.uniform(0.6, 1.4, 3)
+    bg = base + spread * (tex - 0.5) * tint
+    if kind == "busy":                              # a second, independent colour field
+        bg += 60 * (_smooth_noise(rng, h, w, 3)[..., None] - 0.5) * rng.uniform(-1, 1, 3)
+    return np.clip(bg, 0, 255).astype(np.float32), bool(bg.mean() < 110)
+
+
+def _scene_finish(rng: np.random.Generator, img: Image.Image) -> np.ndarray:
+    """Uneven lighting, blur, heavy sensor noise and JPEG artefacts; uint8 RGB."""
+    if rng.random() < 0.5:
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.4, 1.8))))
+    a = np.asarray(img, dtype=np.float32)
+    h, w = a.shape[:2]
+    light = 1.0 + rng.uniform(-0.45, 0.35) * (_smooth_noise(rng, h, w, 2)[..., None] - 0.5) * 2
+    a = a * light * rng.uniform(0.75, 1.25) + rng.uniform(-25, 25)
+    a = a + rng.normal(0.0, rng.uniform(3.0, 14.0), a.shape).astype(np.float32)
+    img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), "RGB")
+    if rng.random() < 0.7:
+        import io
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=int(rng.integers(25, 80)))
+        img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return np.asarray(img, np.uint8)
+
+
+def _scene_ink(rng: np.random.Generator, dark_bg: bool) -> tuple[int, int, int]:
+    if dark_bg:                                    # light ink on dark ground
+        return tuple(int(v) for v in rng.integers(170, 256, 3))
+    if rng.random() < 0.5:
+        return tuple(int(v) for v in rng.integers(0, 60, 3))
+    c = rng.integers(0, 256, 3)                     # saturated sign colours
+    c[rng.integers(3)] = rng.integers(0, 50)
+    return tuple(int(v) for v in c)
+
+
+def _scene_text_layer(rng, text, font, angle):
+    """An L-mode mask of ``text`` (optionally outlined) rotated by ``angle``; None if empty."""
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    stroke = int(rng.integers(1, 4)) if rng.random() < 0.25 else 0
+    l, t, r, b = probe.textbbox((0, 0), text, font=font, stroke_width=stroke)
+    pad = 4 + stroke
+    layer = Image.new("L", (r - l + 2 * pad, b - t + 2 * pad), 0)
+    ImageDraw.Draw(layer).text((pad - l, pad - t), text, font=font, fill=255, stroke_width=stroke,
+                               stroke_fill=255)
+    return layer.rotate(angle, resample=Image.BICUBIC, expand=True) if angle else layer
+
+
+def render_det_scene(rng: np.random.Generator, words: list[str],
+                     size: tuple[int, int] = DET_SIZE) -> np.ndarray:
+    """A photo-like scene with 3-14 text lines in fonts, sizes, colours and lighting the
+    calibration pages never show. uint8 HxWx3 RGB."""
+    h, w = size
+    bg, dark = _scene_bg(rng, h, w)
+    img = Image.fromarray(bg.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(0, 7))):      # objects: boxes, discs, lines
+        x0, y0 = int(rng.integers(-50, w)), int(rng.integers(-50, h))
+        x1, y1 = x0 + int(rng.integers(30, 320)), y0 + int(rng.integers(30, 320))
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        shape = rng.integers(3)
+        if shape == 0:
+            draw.rectangle([x0, y0, x1, y1], fill=fill)
+        elif shape == 1:
+            draw.ellipse([x0, y0, x1, y1], fill=fill)
+        else:
+            draw.line([x0, y0, x1, y1], fill=fill, width=int(rng.integers(2, 12)))
+    placed: list[tuple[int, int, int, int]] = []
+    for _ in range(int(rng.integers(3, 15))):
+        for _try in range(25):
+            font = _other_font(int(rng.integers(1 << 16)), int(rng.integers(10, 91)))
+            text = _line(rng, words, 1, 4)
+            angle = float(rng.uniform(-30, 30)) if rng.random() < 0.4 else 0.0
+            layer = _scene_text_layer(rng, text, font, angle)
+            lw, lh = layer.size
+            if lw >= w - 8 or lh >= h - 8:
+                continue
+            x, y = int(rng.integers(4, w - lw - 4)), int(rng.integers(4, h - lh - 4))
+            box = (x - 6, y - 6, x + lw + 6, y + lh + 6)
+            if any(box[0] < q[2] and q[0] < box[2] and box[1] < q[3] and q[1] < box[3] for q in placed):
+                continue
+            placed.append(box)
+            if rng.random() < 0.3:                 # a plate behind the text, as on signs
+                plate = tuple(int(v) for v in rng.integers(0, 256, 3))
+                draw.rectangle(box, fill=plate)
+                ink = _scene_ink(rng, sum(plate) < 330)
+            else:
+                ink = _scene_ink(rng, dark)
+            img.paste(Image.new("RGB", layer.size, ink), (x, y), layer)
+            break
+    return _scene_finish(rng, img)
+
+
+def render_cls_scene_crop(rng: np.random.Generator, words: list[str]) -> tuple[np.ndarray, int]:
+    """A text-line crop in the scene style; label 1 = rotated 180 deg."""
+    font = _other_font(int(rng.integers(1 << 16)), int(rng.integers(14, 61)))
+    text = _line(rng, words, 1, 6)
+    layer = _scene_text_layer(rng, text, font, float(rng.uniform(-4, 4)) if rng.random() < 0.3 else 0.0)
+    px, py = int(rng.integers(1, 12)), int(rng.integers(1, 10))
+    cw, ch = layer.size[0] + 2 * px, layer.size[1] + 2 * py
+    bg, dark = _scene_bg(rng, ch, cw)
+    img = Image.fromarray(bg.astype(np.uint8), "RGB")
+    img.paste(Image.new("RGB", layer.size, _scene_ink(rng, dark)), (px, py), layer)
+    label = int(rng.random() < 0.5)
+    if label:
+        img = img.rotate(180)
+    return _scene_finish(rng, img), label
+
+
 # ---------------------------------------------------------------- normalisation
 def det_preprocess(rgb: np.ndarray, norm: str = "rapidocr") -> np.ndarray:
     """uint8 HxWx3 RGB -> float32 3xHxW, BGR order, (x/255-mean)/std (rapidocr DetPreProcess)."""
@@ -257,8 +418,9 @@ def _rng(seed: int, i: int) -> np.random.Generator:
 def make_det_batch(n: int, seed: int, split: str, norm: str = "rapidocr") -> np.ndarray:
     out = np.empty((n, 3, *DET_SIZE), np.float32)
     words = _vocab(split)
+    render = render_det_scene if split == "other" else render_det_image
     for i in range(n):
-        out[i] = det_preprocess(render_det_image(_rng(seed, i), words), norm)
+        out[i] = det_preprocess(render(_rng(seed, i), words), norm)
     return out
 
 
@@ -266,20 +428,23 @@ def make_cls_batch(n: int, seed: int, split: str) -> tuple[np.ndarray, np.ndarra
     out = np.empty((n, *CLS_SHAPE), np.float32)
     labels = np.empty(n, np.int64)
     words = _vocab(split)
+    render = render_cls_scene_crop if split == "other" else render_cls_crop
     for i in range(n):
-        crop, labels[i] = render_cls_crop(_rng(seed, i), words)
+        crop, labels[i] = render(_rng(seed, i), words)
         out[i] = cls_preprocess(crop)
     return out, labels
 
 
 def make_sets(model: str, out_dir: str | os.PathLike | None = None, *, n_calib: int = 32,
-              n_eval: int = 100, calib_seed: int = CALIB_SEED, eval_seed: int = EVAL_SEED,
-              det_norm: str = "rapidocr", force: bool = False) -> dict[str, Path]:
-    """Write ``<model>_calib.npz`` and ``<model>_eval.npz`` (+ .json sidecars).
+              n_eval: int = 100, n_other: int = 100, calib_seed: int = CALIB_SEED, eval_seed: int = EVAL_SEED,
+              other_seed: int = OTHER_SEED, det_norm: str = "rapidocr", force: bool = False,
+              splits: tuple[str, ...] = SPLITS) -> dict[str, Path]:
+    """Write ``<model>_<split>.npz`` (+ .json sidecars) for each of ``splits``
+    (calib, eval: the page style; other: the scene style no choice was made on).
 
     Re-uses existing files when their sidecar metadata matches (generation is
     deterministic, so this is only a time saver); ``force`` regenerates.
-    Returns {"calib": path, "eval": path}.
+    Returns {split: path}.
     """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
@@ -288,11 +453,18 @@ def make_sets(model: str, out_dir: str | os.PathLike | None = None, *, n_calib: 
     out = Path(out_dir) if out_dir else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, n, seed in (("calib", n_calib, calib_seed), ("eval", n_eval, eval_seed)):
+    plan = {"calib": (n_calib, calib_seed), "eval": (n_eval, eval_seed), "other": (n_other, other_seed)}
+    unknown = set(splits) - set(plan)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; expected some of {SPLITS}")
+    for split in splits:
+        n, seed = plan[split]
         path = out / f"{model}_{split}.npz"
+        fonts = _other_font_files() if split == "other" else _font_files()
         meta = {"model": model, "split": split, "n": n, "seed": seed, "gen_version": GEN_VERSION,
+                "style": "scenes" if split == "other" else "pages",
                 "channel_order": "BGR", "pillow": Image.__version__,
-                "fonts": [Path(f).name for f in _font_files()] or ["pillow-default"]}
+                "fonts": [Path(f).name for f in fonts] or ["pillow-default"]}
         if model == "ppocr_det":
             mean, std = DET_NORMS[det_norm]
             meta.update(norm=det_norm, mean=mean, std=std, shape=[n, 3, *DET_SIZE])
@@ -358,13 +530,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--n-calib", type=int, default=32)
     ap.add_argument("--n-eval", type=int, default=100)
+    ap.add_argument("--n-other", type=int, default=100)
+    ap.add_argument("--splits", default=",".join(SPLITS), help="comma list of calib, eval, other")
     ap.add_argument("--det-norm", choices=sorted(DET_NORMS), default="rapidocr")
     ap.add_argument("--force", action="store_true", help="regenerate even if up to date")
     ap.add_argument("--preview", metavar="DIR", help="also save a few PNGs for eyeballing")
     args = ap.parse_args(argv)
     for m in [s.strip() for s in args.models.split(",") if s.strip()]:
-        paths = make_sets(m, args.out, n_calib=args.n_calib, n_eval=args.n_eval,
-                          det_norm=args.det_norm, force=args.force)
+        paths = make_sets(m, args.out, n_calib=args.n_calib, n_eval=args.n_eval, n_other=args.n_other,
+                          det_norm=args.det_norm, force=args.force,
+                          splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()))
         for k, p in paths.items():
             print(f"{m:10s} {k:5s} {p}  ({p.stat().st_size / 2**20:.1f} MiB)")
     if args.preview:
@@ -375,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(6):
             crop, lab = render_cls_crop(_rng(EVAL_SEED, i), _vocab("eval"))
             Image.fromarray(crop).save(pv / f"cls_{i}_{'180' if lab else '0'}.png")
+        for i in range(4):
+            Image.fromarray(render_det_scene(_rng(OTHER_SEED, i), _vocab("other"))).save(pv / f"other_det_{i}.png")
+            crop, lab = render_cls_scene_crop(_rng(OTHER_SEED, i), _vocab("other"))
+            Image.fromarray(crop).save(pv / f"other_cls_{i}_{'180' if lab else '0'}.png")
         print(f"previews in {pv}")
     return 0
 

@@ -143,6 +143,19 @@ def score(row: dict, metric: str, path, eval_inputs: dict, ref: dict, threads: i
         row["eval_error"] = f"{type(exc).__name__}: {exc}"[:600]
 
 
+def score_sets(row: dict, metric: str, path, sets: dict, threads: int, level: str = "ORT_ENABLE_ALL") -> None:
+    """SQNR and task metric of a row on each further data set ({label: (inputs, fp32 outputs)}),
+    into row['sets'][label]; a failure goes to row['eval_error'] with the set named."""
+    out = row.setdefault("sets", {})
+    for label, (inputs, ref) in sets.items():
+        part: dict = {}
+        score(part, metric, path, inputs, ref, threads, level=level)
+        if part.get("eval_error"):
+            row["eval_error"] = f"[{label}] {part['eval_error']}"
+            continue
+        out[label] = {k: part[k] for k in ("sqnr_db", "cosine", "task_metric")}
+
+
 def random_feeds(sess, shape, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     inputs = sess.get_inputs()
     if isinstance(shape, (tuple, list)):

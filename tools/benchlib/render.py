@@ -69,6 +69,29 @@ def _comparisons(res: dict) -> list[tuple[dict, dict | None, dict | None]]:
     return out
 
 
+def _sets_table(res: dict, label: str) -> list[str]:
+    """Fidelity of every row on each data set (calibration, eval, the unseen style): whether a
+    number holds beyond the data it was calibrated and tuned on."""
+    labels = list(res.get("more_sets") or {})
+    if not labels:
+        return []
+    order = ["calib", "eval", *[x for x in labels if x != "calib"]]
+    head = " | ".join(f"{x} SQNR dB | {x} {label.split(' ')[0]}" for x in order)
+    lines = [f"Fidelity on each data set (*calib*: the calibration samples; *eval*: held-out samples of the "
+             f"same style; {', '.join(f'*{x}*' for x in labels if x != 'calib')}: see the note above):", "",
+             f"| method | {head} |", "|---|" + "---:|---:|" * len(order)]
+    for r in res["rows"]:
+        if r["status"] != "ok" or r["kind"] == "fp32":
+            continue
+        cells = []
+        for x in order:
+            d = r if x == "eval" else (r.get("sets") or {}).get(x, {})
+            cells += [fmt(d.get("sqnr_db"), ".1f"), fmt(d.get("task_metric"), ".4f")]
+        name = f"**{r['method']}**" if r["kind"] == "qcompile" else r["method"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def render_markdown(results: list[dict], meta: dict) -> str:
     bg = meta.get("background_cpu")
     b16 = not meta.get("no_b16")
@@ -160,6 +183,7 @@ def render_markdown(results: list[dict], meta: dict) -> str:
                 else:
                     notes.append(f"- **{r['method']}** batch-16 artifact failed: {b['error']}")
         lines.append("")
+        lines += _sets_table(res, label)
         comps = _comparisons(res)
         if any(ref is not None for _, ref, _ in comps):
             lines += ["Per recipe: each cell is *qcompile / the row it is compared with* (its onnxruntime peer; "

@@ -30,6 +30,9 @@ class ModelSetup:
     family: str                     # cnn | transformer
     metric: str                     # det_iou | class_agreement | embedding_cosine
     notes: list = field(default_factory=list)
+    # more sets every row is also scored on, beside `eval`: the calibration set itself and, where
+    # the model has one, a differently rendered set no choice was made on ({label: npz})
+    more_sets: dict = field(default_factory=dict)
 
 
 def npz_len(path) -> int:
@@ -77,7 +80,10 @@ def setup_model(name: str, work: Path, args) -> ModelSetup:
                           {k: list(v) for k, v in entry.input_shape.items()}, "cnn",
                           "det_iou" if name == "ppocr_det" else "class_agreement",
                           [f"{entry.package}=={entry.version} {entry.filename}; rendered-text data "
-                           f"(tools/ppocr_data.py)"])
+                           f"(tools/ppocr_data.py): calib and eval pages in one style, disjoint words and "
+                           f"seeds; *other* = scenes rendered differently (other fonts, textured/dark "
+                           f"backgrounds, JPEG, uneven light) that no choice was made on"],
+                          more_sets={"calib": sets["calib"], "other": sets["other"]})
     if name == "minilm":
         import minilm_data
         ckpt = zoo.fetch("minilm")

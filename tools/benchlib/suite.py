@@ -49,6 +49,10 @@ def bench_model(name: str, args) -> dict:
     fp32 = dict(key="fp32", method="fp32 (onnxruntime)", kind="fp32", versus=None, status="ok",
                 wall_s=None, peak_rss_mb=None, size_mb=model_size_mb(setup.model), out=str(setup.model))
     evaluate.score(fp32, setup.metric, setup.model, eval_inputs, ref, args.threads, outs=ref)
+    more = {}                       # label -> (inputs, fp32 outputs): every row is scored on these too
+    for label, npz in setup.more_sets.items():
+        inputs = evaluate.load_inputs(npz, names, args.eval_samples)
+        more[label] = (inputs, evaluate.run_model(setup.model, inputs, threads=args.threads))
     rows = [fp32]
 
     recipes = args.recipe_list
@@ -93,6 +97,7 @@ def bench_model(name: str, args) -> dict:
                     row.update(ort_level=level, ort_level_errors=tried)
                     row["method"] += f" (runs at {level})"
                 evaluate.score(row, setup.metric, row["out"], eval_inputs, ref, args.threads, level=level)
+                evaluate.score_sets(row, setup.metric, row["out"], more, args.threads, level=level)
         log(f"  -> {_short(row)}")
         rows.append(row)
 
@@ -104,6 +109,7 @@ def bench_model(name: str, args) -> dict:
         q.update(key=f"qcompile-{recipe}", method=f"qcompile {recipe}", kind="qcompile", recipe=recipe, versus=None)
         if q["status"] == "ok":
             evaluate.score(q, setup.metric, q["out"], eval_inputs, ref, args.threads)
+            evaluate.score_sets(q, setup.metric, q["out"], more, args.threads)
             if q.get("eval_error"):
                 qc_fail.append(f"{name} qcompile {recipe}: output could not be evaluated: {q['eval_error']}")
         else:
@@ -164,6 +170,7 @@ def bench_model(name: str, args) -> dict:
     return dict(bars=bars(rows), model=name, family=setup.family, metric=setup.metric, input_shape=evaluate.shape_arg(shapes),
                 n_eval=n_eval, n_calib=n_calib, activation_mb_per_sample=act_mb, hist_calib_stride=hist_stride,
                 fp32_path=str(setup.model), calib=str(setup.calib), eval=str(setup.eval), notes=setup.notes,
+                more_sets={k: str(v) for k, v in setup.more_sets.items()},
                 background_cpu_during_latency=bg, rows=rows, summary=_summary(rows),
                 qcompile_failures=qc_fail)
 
