@@ -111,6 +111,35 @@ class StaticActivations:
             self._values.setdefault(plan.output.name, out)
             self._consumers[plan.output.name] = None
 
+    def join_region(self, members: list[ir.Node], act: ActivationScheme) -> list[str]:
+        """Quantize each int8-region member's output in the dtype of its inputs, and route its
+        inputs' Q/DQ to it; the names of members whose output has no calibrated range (those
+        must be left out, and the region re-closed, before calling again)."""
+        new, missing = {}, []
+        for node in members:            # in graph order: an input from a member already has its dtype
+            out = node.outputs[0]
+            if out.name in self.params:
+                continue
+            first = node.inputs[0].name
+            dtype = (self.params.get(first) or new.get(first) or (None, None, "uint8"))[2]
+            params = activation_params(self.stats, out, act, dtype, self.target)
+            if isinstance(params, str):
+                missing.append(node.name)
+            else:
+                new[out.name] = (*params, dtype)
+        if missing:
+            return missing
+        self.params.update(new)
+        for node in members:
+            out = node.outputs[0]
+            self._values.setdefault(out.name, out)
+            self._consumers[out.name] = None
+            for v in node.inputs:
+                self._values.setdefault(v.name, v)
+                if self._consumers.get(v.name, set()) is not None:
+                    self._consumers.setdefault(v.name, set()).add(node)
+        return []
+
     def insert(self, graph: ir.Graph, through_graph_output: set[str]) -> int:
         """Insert the Q/DQ pairs; `through_graph_output`: tensors whose graph output is routed too."""
         for name, value in self._values.items():

@@ -64,6 +64,9 @@ class QuantizeConfig:
     output_quantization: Literal["conv", "all"] = "conv"
     # keep layers float where the target says int8 is slower (its `int8_min_macs`)
     speed_fallback: bool = True
+    # elementwise operators between quantized tensors run on int8 too, where the target has
+    # kernels for them (its `int8_elementwise`) and the region closes (passes/quantize/regions.py)
+    int8_regions: bool = True
     fallback: Fallback = Fallback()
     range_guard: RangeGuard = RangeGuard()
     # subtract each layer's weight-quantization mean shift ΔW·E[x] from its bias (DFQ's bias

@@ -4,6 +4,7 @@ record each decision in the layer table."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import onnx_ir as ir
@@ -21,6 +22,7 @@ from ..equalization.bias_correction import correct_bias
 from .activations import StaticActivations, activation_dtype, fall_back_by_range, range_guard
 from .config import QuantizeConfig, schemes
 from .plan import LayerPlan, const, plan_layers, wants_ranges
+from .regions import int8_region
 from .weights import (initializer_bytes, layer_granularity, quantize_bias, quantize_weight, takes_int32_bias,
                       u8s8_safe, why_granularity)
 
@@ -92,7 +94,13 @@ class Quantize(QPass):
 
     @classmethod
     def wants_ranges(cls, model: ir.Model, config, target) -> RangeRequest:
-        return wants_ranges(model, config, target)
+        """The layers' tensors (plan.wants_ranges) and the outputs of the int8 region's members."""
+        request = wants_ranges(model, config, target)
+        if not (config.int8_regions and target is not None and target.setting("int8_elementwise")):
+            return request
+        plans, _ = plan_layers(model, config, target)
+        region = int8_region(model, plans, target.setting("int8_elementwise"))
+        return dataclasses.replace(request, tensors=request.tensors | {n.outputs[0].name for n in region})
 
     # -- rewriting ----------------------------------------------------------------
     def run(self, model: ir.Model) -> bool:
@@ -120,6 +128,7 @@ class Quantize(QPass):
             if p.static:
                 acts.route(p)
             ctx.layers.set(record)
+        region = self._int8_region(model, usable, acts)
         conv_outputs = {p.node.outputs[0].name for p in usable if p.node.op_type == "Conv" and p.static}
         act_tensors = acts.insert(graph, conv_outputs if cfg.quantize_graph_outputs else set())
         for name, reason in skipped.items():
@@ -131,12 +140,28 @@ class Quantize(QPass):
         ctx.reports["quantize"] = {
             "quantized": len(usable), "float": len(skipped), "schemes": labels,
             "activation_tensors": act_tensors,
+            "int8_region": dict(sorted(collections.Counter(n.op_type for n in region).items())),
             "weights": {"float_bytes": sizes["float"], "quantized_bytes": sizes["quantized"],
                         "compression": round(sizes["float"] / sizes["quantized"], 3) if sizes["quantized"] else None},
             "model_initializer_bytes": {"before": before_bytes, "after": after_bytes,
                                         "compression": round(before_bytes / after_bytes, 3) if after_bytes else None},
         }
         return bool(usable)
+
+    def _int8_region(self, model: ir.Model, usable: list[LayerPlan], acts: StaticActivations) -> list[ir.Node]:
+        """The elementwise operators that join the int8 region (regions.py), their Q/DQ routed."""
+        ops = self.ctx.target.setting("int8_elementwise") if self.ctx.target is not None else None
+        static = [p for p in usable if p.static]
+        if not (self.config.int8_regions and ops and static):
+            return []
+        act = static[0].scheme.activation
+        without: frozenset[str] = frozenset()
+        while True:
+            members = int8_region(model, static, ops, without=without)
+            missing = acts.join_region(members, act)
+            if not missing:
+                return members
+            without |= frozenset(missing)
 
     def _quantize_layer(self, graph, p: LayerPlan, acts: StaticActivations, cache: dict, sizes: dict) -> LayerRecord:
         node, scheme, target = p.node, p.scheme, self.ctx.target
