@@ -64,7 +64,7 @@ class Canonicalize(QPass):
             rules += common_rules.fuse_hardswish_rules().rules
         fired = rewriter.RewriteRuleSet(rules).apply_to_model(model) if rules else 0
         if self.config.fold_affine_bias:   # after BatchNorm fusion: it sees the Conv that BN folded into
-            fired = (fired or 0) + (conv_affine_bias.rules.apply_to_model(model) or 0)
+            fired = (fired or 0) + conv_affine_bias.fold_affine_bias(model)
         common_passes.RemoveUnusedNodesPass()(model)
         _restore_names(model, names_before)
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)

@@ -418,8 +418,10 @@ def test_canonicalize_hardswish_fusion_keeps_outputs(pipeline, kind, fused):
 
 
 # -- canonicalize: a Conv's affine shift into its bias ------------------------------------------------
-def _conv_affine_model(scale, shift, *, bias: bool = True, extra_reader: bool = False) -> onnx.ModelProto:
-    """x → Conv → Mul(scale) → Add(shift) → Relu (PP-LCNet's learnable affine after a Conv)."""
+def _conv_affine_model(scale, shift, *, bias: bool = True, extra_reader: bool = False,
+                       const_first: bool = False) -> onnx.ModelProto:
+    """x → Conv → Mul(scale) → Add(shift) → Relu (PP-LCNet's learnable affine after a Conv);
+    `const_first`: the constants as the first operands, as Paddle2ONNX writes them."""
     from onnx import TensorProto, helper
     rng = np.random.default_rng(4)
     inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "W"),
@@ -430,8 +432,8 @@ def _conv_affine_model(scale, shift, *, bias: bool = True, extra_reader: bool = 
         inits.append(numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "B"))
         conv_in.append("B")
     nodes = [helper.make_node("Conv", conv_in, ["y"], name="/c/Conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Mul", ["y", "c"], ["m"], name="/a/Mul"),
-             helper.make_node("Add", ["m", "d"], ["t"], name="/a/Add"),
+             helper.make_node("Mul", ["c", "y"] if const_first else ["y", "c"], ["m"], name="/a/Mul"),
+             helper.make_node("Add", ["d", "m"] if const_first else ["m", "d"], ["t"], name="/a/Add"),
              helper.make_node("Relu", ["t"], ["out"], name="/r/Relu")]
     outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]
     if extra_reader:                           # the Conv output has a second reader
@@ -445,13 +447,14 @@ def _conv_affine_model(scale, shift, *, bias: bool = True, extra_reader: bool = 
     return model
 
 
-@pytest.mark.parametrize("scale,shift,bias", [
-    ([1.7], [0.4], True),                                                   # one value each (PP-LCNet)
-    (np.linspace(-2, 2.5, 6).reshape(6, 1, 1), [-0.3], False),             # per channel, no Conv bias
-    ([0.9], np.linspace(-1, 1, 6).reshape(1, 6, 1, 1), True),              # per-channel shift, rank 4
+@pytest.mark.parametrize("scale,shift,bias,const_first", [
+    ([1.7], [0.4], True, False),                                            # one value each (PP-LCNet)
+    ([1.7], [0.4], True, True),                                             # Paddle2ONNX's operand order
+    (np.linspace(-2, 2.5, 6).reshape(6, 1, 1), [-0.3], False, False),      # per channel, no Conv bias
+    ([0.9], np.linspace(-1, 1, 6).reshape(1, 6, 1, 1), True, True),        # per-channel shift, rank 4
 ])
-def test_canonicalize_moves_a_conv_affine_shift_into_the_bias(pipeline, scale, shift, bias):
-    model = _conv_affine_model(scale, shift, bias=bias)
+def test_canonicalize_moves_a_conv_affine_shift_into_the_bias(pipeline, scale, shift, bias, const_first):
+    model = _conv_affine_model(scale, shift, bias=bias, const_first=const_first)
     data = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
     ir_model, _ = pipeline(model, canonicalize_recipe(), data)
     out = to_proto(ir_model)

@@ -31,3 +31,18 @@ def multiply_input_channels(graph: ir.Graph, conv: ir.Node, s: np.ndarray) -> No
     w = _const(conv.inputs[1])
     groups = conv.attributes.get_int("group", 1)
     set_constant_input(graph, conv, 1, scale_input_channels(w, s, 1, groups).astype(w.dtype))
+
+
+def shift_conv_bias(graph: ir.Graph, conv: ir.Node, shift: np.ndarray) -> None:
+    """Add `shift` [Cout] to `conv`'s bias (a bias initializer is created where it has none)."""
+    b = _const(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
+    if b is not None:
+        set_constant_input(graph, conv, 2, (b.astype(np.float64) + shift).astype(b.dtype))
+        return
+    if len(conv.inputs) > 2 and conv.inputs[2] is not None:
+        raise ValueError(f"{conv.name}: the bias is not a constant")
+    name = f"{conv.name or conv.outputs[0].name}_bias"
+    value = ir.Value(name=name, const_value=ir.tensor(np.asarray(shift, np.float32), name=name))
+    graph.register_initializer(value)
+    conv.resize_inputs(3)
+    conv.replace_input_with(2, value)
