@@ -261,3 +261,69 @@ def test_windows_fill_a_kv_decoder_as_prefills(tmp_path):
     feeds = llm_data.model_feeds(tmp_path / "m.onnx", np.arange(10).reshape(2, 5))
     assert feeds["attention_mask"].tolist() == [[1] * 5] * 2 and feeds["position_ids"][1].tolist() == [0, 1, 2, 3, 4]
     assert feeds["past_key_values.0.key"].shape == (2, 3, 0, 64)
+
+
+def _tools():
+    import sys
+    from pathlib import Path
+    path = str(Path(__file__).resolve().parents[1] / "tools")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
+def test_ppocr_other_set_is_rendered_differently_and_deterministically():
+    """The third PP-OCR set uses fonts the calibration pages never use and is reproducible."""
+    _tools()
+    import ppocr_data
+    from pathlib import Path
+    pages, others = set(map(lambda f: Path(f).name, ppocr_data._font_files())), \
+        set(map(lambda f: Path(f).name, ppocr_data._other_font_files()))
+    assert others and not pages & others
+    a = ppocr_data.render_det_scene(np.random.default_rng([ppocr_data.OTHER_SEED, 0]), ppocr_data._vocab("other"))
+    b = ppocr_data.render_det_scene(np.random.default_rng([ppocr_data.OTHER_SEED, 0]), ppocr_data._vocab("other"))
+    assert a.shape == (*ppocr_data.DET_SIZE, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="unknown split"):
+        ppocr_data.make_sets("ppocr_det", splits=("holdout",))
+
+
+def test_ddddocr_preprocess_is_ddddocrs_letterbox():
+    """Resized to fit 416 keeping the aspect ratio, top-left on grey 114, BGR, 0-255 float."""
+    _tools()
+    import ddddocr_data
+    rgb = np.zeros((208, 416, 3), np.uint8)
+    rgb[..., 0] = 200                                   # red in RGB
+    x = ddddocr_data.preprocess(rgb)
+    assert x.shape == (3, 416, 416) and x.dtype == np.float32
+    assert (x[2, :208] == 200).all() and (x[0, :208] == 0).all()      # BGR: red is the last channel
+    assert (x[:, 208:] == 114).all()                                  # the padded half is grey
+
+
+def _yolox_raw(boxes_px: list[tuple[float, float, float, float, float]]) -> np.ndarray:
+    """A [3549, 6] ddddocr output holding the given (cx, cy, w, h, score) boxes, each on the
+    stride-8 anchor under its centre; every other anchor scores 0."""
+    _tools()
+    import ddddocr_data
+    raw = np.zeros((3549, 6), np.float32)
+    raw[:, 2:4] = -5.0
+    n = 416 // 8
+    for cx, cy, w, h, score in boxes_px:
+        gx, gy = int(cx // 8), int(cy // 8)
+        i = gy * n + gx
+        raw[i] = [cx / 8 - gx, cy / 8 - gy, np.log(w / 8), np.log(h / 8), score, 1.0]
+    assert ddddocr_data.SIZE == 416
+    return raw
+
+
+def test_ddddocr_box_agreement_against_hand_decoded_boxes():
+    _tools()
+    import ddddocr_data
+    ref = _yolox_raw([(100, 100, 40, 40, 0.9), (300, 200, 30, 60, 0.8)])
+    dets = ddddocr_data.detections(ref)
+    np.testing.assert_allclose(sorted(dets[:, :4].tolist()), [[80, 80, 120, 120], [285, 170, 315, 230]], atol=1e-3)
+    assert ddddocr_data.box_agreement(ref[None], ref[None]) == (1.0, 0.0)
+    moved = _yolox_raw([(102, 100, 40, 40, 0.9)])          # one box 2 px right (x1, x2), the other lost
+    f1, err = ddddocr_data.box_agreement(ref[None], moved[None])
+    assert f1 == pytest.approx(2 * 1 / (2 + 1)) and err == pytest.approx((2 + 0 + 2 + 0) / 4, abs=1e-3)
+    empty = _yolox_raw([])
+    assert ddddocr_data.box_agreement(empty[None], empty[None])[0] == 1.0

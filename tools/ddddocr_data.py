@@ -18,7 +18,7 @@ The task metric (``box_agreement``) decodes both outputs the way ddddocr does
 (``demo_postprocess``: grid offsets × stride, exp(size) × stride; score = objectness × class;
 class-agnostic NMS at IoU 0.45, score > 0.1), matches the quantized model's boxes to the fp32
 model's greedily at IoU ≥ 0.5, and reports the mean per-sample F1 (1.0 where both find
-nothing) and the mean corner error in input pixels of the matched boxes.
+nothing) and the mean absolute error of the matched boxes' four edges, in input pixels.
 
 CLI: ``python tools/ddddocr_data.py [--out DIR] [--preview DIR]`` (default DIR:
 ``$QCOMPILE_CACHE/data``).
@@ -169,8 +169,8 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def box_agreement(ref: np.ndarray, got: np.ndarray, iou_thr: float = 0.5) -> tuple[float, float]:
-    """(mean per-sample F1 of `got`'s boxes against `ref`'s, mean corner error in pixels of the
-    matched pairs; nan when nothing matched). Batch on axis 0."""
+    """(mean per-sample F1 of `got`'s boxes against `ref`'s, mean absolute error of the matched
+    pairs' four edges in pixels; nan when nothing matched). Batch on axis 0."""
     f1s, errs = [], []
     for r, g in zip(np.asarray(ref), np.asarray(got)):
         a, b = detections(r), detections(g)

@@ -106,7 +106,7 @@ def task_metric(metric: str, ref0, out0, eval_inputs) -> tuple[float, float | No
     if metric == "det_iou":
         import ppocr_data
         return ppocr_data.det_iou(ref0, out0), None
-    if metric == "box_f1":          # decoded + NMS boxes matched to fp32's: (F1, corner error in pixels)
+    if metric == "box_f1":          # decoded + NMS boxes matched to fp32's: (F1, edge error in pixels)
         import ddddocr_data
         return ddddocr_data.box_agreement(ref0, out0)
     if metric == "class_agreement":

@@ -95,7 +95,7 @@ def setup_model(name: str, work: Path, args) -> ModelSetup:
                            f"concatenated per anchor); rendered click-captcha pictures (tools/ddddocr_data.py): "
                            f"calib and eval in one style; *other* = other fonts, dark/busy grounds, wide "
                            f"pictures, JPEG, that no choice was made on. Task metric: boxes decoded and NMS'd "
-                           f"as ddddocr does, matched to fp32's at IoU 0.5: mean F1 / mean corner error (px)"],
+                           f"as ddddocr does, matched to fp32's at IoU 0.5: mean F1 / mean edge error (px)"],
                           more_sets={"calib": sets["calib"], "other": sets["other"]})
     if name == "minilm":
         import minilm_data
