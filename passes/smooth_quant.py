@@ -17,6 +17,12 @@ Where the division goes, by subgraph kind (recipe `kinds`):
   group's own input channels): a/s and b/s. For a depthwise Conv the per-channel weight
   scales absorb s exactly, so its input's channels can be brought to one range for free;
 * `gated-linear`: X = a ⊙ L(z) (a gated MLP's down projection): L's output columns;
+* with `center` on a target whose activations are symmetric (Ascend), an `affine-conv` group
+  whose affine ends in an Add and whose Convs do not pad also has each channel shifted to the
+  middle of its (smoothed) range: b − m, and every Conv's bias + Σ W·m. A one-signed channel
+  (a HardSwish output runs from −0.375 up) otherwise leaves half of a symmetric int8 grid
+  unused; asymmetric targets (cpu's uint8 with a zero point) lose nothing there and are left
+  alone;
 * otherwise, with `explicit_mul: true`, a Mul(X, 1/s) is inserted in front of the group only
   (the other consumers of X — e.g. a residual Add after a post-LN BERT LayerNorm, whose
   output also feeds the residual — keep X), except after an activation function (a BERT
@@ -43,7 +49,8 @@ from qcompile.numerics import compute_qparams, dequantize, quantize, reduce_absm
 from qcompile.qdq import set_constant_input
 from qcompile.registry import QPass, register_pass
 
-from .equalization.channels import input_channel_absmax, scale_input_channels
+from .equalization.channels import channel_shaped, input_channel_absmax, scale_input_channels, times_channels
+from .equalization.conv_channels import shift_conv_bias
 from .equalization.groups import Group, find_groups, fold_division
 from .equalization.stats import channel_stats
 
@@ -62,6 +69,8 @@ class SmoothQuant(QPass):
         kinds: tuple[Literal["norm-linear", "linear-linear", "gated-linear", "affine-linear", "affine-conv"], ...] = \
             ("norm-linear", "linear-linear", "gated-linear")
         explicit_mul: bool = False    # insert Mul(X, 1/s) where no producer can absorb the scale
+        # symmetric-activation targets: centre each channel of an affine-conv group's X (see above)
+        center: bool = True
         # the activation granularity the later quantize step uses, which the alpha search
         # simulates: per_tensor (static, the target's dtype) or per_token (dynamic int8 rows)
         granularity: Literal["per_tensor", "per_token"] = "per_tensor"
@@ -126,7 +135,10 @@ class SmoothQuant(QPass):
             baseline = simulate(np.ones_like(amax))
             alpha = min(errors, key=errors.get)
             rec.update({"error_before": round(baseline, 6), "error_after": round(errors[alpha], 6)})
+            centers = cfg.center and act_symmetric and _centerable(g)
             if cfg.alpha_search and errors[alpha] >= baseline:
+                if centers:
+                    changed += self._center(model.graph, g, xlo, xhi, np.ones_like(amax), rec)
                 rec["reason"] = "no alpha lowers the simulated int8 error"
                 continue
             s = _scales(amax, wmax, alpha)
@@ -139,9 +151,45 @@ class SmoothQuant(QPass):
             rec.update({"status": "smoothed", "alpha": alpha, "reason": "",
                         "max_channel_ratio": round(float(amax.max() / max(np.median(amax), 1e-12)), 2)})
             changed += 1
+            if centers:
+                self._center(model.graph, g, xlo, xhi, s, rec)
         ctx.reports["smooth_quant"] = {"groups": records, "smoothed": changed,
                                       "alpha": cfg.alpha if not cfg.alpha_search else list(cfg.alpha_search)}
         return bool(changed)
+
+    @staticmethod
+    def _center(graph: ir.Graph, g: Group, xlo: np.ndarray, xhi: np.ndarray, s: np.ndarray, rec: dict) -> int:
+        """X − m with m the middle of each (smoothed) channel's range: the affine's Add takes −m,
+        each Conv's bias W·m (exact: the Convs do not pad). 1: done."""
+        m = ((np.asarray(xlo, np.float64) + np.asarray(xhi, np.float64)) / 2) / s
+        rank = len(g.x.shape)
+        idx = 1 if g.bias_add.inputs[1].const_value is not None else 0
+        b = g.bias_add.inputs[idx].const_value.numpy()
+        shifted = times_channels(b.astype(np.float64), np.ones_like(channel_shaped(m, rank, 1)), rank) \
+            - channel_shaped(m, rank, 1)
+        set_constant_input(graph, g.bias_add, idx, shifted.astype(b.dtype))
+        for lin in g.linears:
+            w = lin.node.inputs[1].const_value.numpy().astype(np.float64)        # [Cout, Cin/g, kh, kw]
+            groups = lin.node.attributes.get_int("group", 1)
+            per_out, cin_g = w.shape[0] // groups, w.shape[1]
+            m_in = m.reshape(groups, cin_g)[np.arange(w.shape[0]) // per_out]       # [Cout, Cin/g]
+            shift_conv_bias(graph, lin.node, (w.sum(axis=(2, 3)) * m_in).sum(axis=1))
+        rec["centered"] = True
+        return 1
+
+
+def _centerable(g: Group) -> bool:
+    """An affine-conv group whose affine ends in an Add of a constant and whose Convs take no padding."""
+    if g.kind != "affine-conv" or g.bias_add is None:
+        return False
+    for lin in g.linears:
+        attrs = lin.node.attributes
+        if any(attrs.get_ints("pads", (0, 0, 0, 0))) or attrs.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return False
+        bias = lin.node.inputs[2] if len(lin.node.inputs) > 2 else None
+        if bias is not None and bias.const_value is None:
+            return False
+    return True
 
 
 def _scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:

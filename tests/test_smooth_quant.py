@@ -238,3 +238,57 @@ def test_explicit_mul_in_front_of_convs_scales_their_channel_axis(pipeline):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
     inv = next(t for t in to_proto(ir_model).graph.initializer if t.name == "x1_smooth_inv_scale")
     assert list(inv.dims) == [8, 1, 1]
+
+
+def hardswish_block(seed: int = 3) -> onnx.ModelProto:
+    """x → /c0/Conv → HardSwish → Mul a → Add b = x1 → /pw/Conv (1×1, no padding) → y: a
+    one-signed X (HardSwish runs from −0.375 up) read by a Conv that can take a shift in its bias."""
+    rng = np.random.default_rng(seed)
+    inits = {"W0": rng.standard_normal((8, 3, 3, 3)) * 0.5, "a": np.array([0.9]), "b": np.array([0.3]),
+             "Wpw": rng.standard_normal((6, 8, 1, 1)) * 0.4, "Bpw": rng.standard_normal(6) * 0.1}
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "W0"], ["y0"], name="/c0/Conv", pads=[1, 1, 1, 1]),
+             n("HardSwish", ["y0"], ["h"], name="/hs/HardSwish"),
+             n("Mul", ["h", "a"], ["m"], name="/a/Mul"), n("Add", ["m", "b"], ["x1"], name="/a/Add"),
+             n("Conv", ["x1", "Wpw", "Bpw"], ["y"], name="/pw/Conv")]
+    graph = helper.make_graph(nodes, "hs_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _x1(model: onnx.ModelProto, data: np.ndarray) -> np.ndarray:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info("x1", TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([sess.run(["x1"], {"x": data[i:i + 1]})[0] for i in range(len(data))]).astype(np.float64)
+
+
+def _symmetric_int8_error(x: np.ndarray) -> float:
+    scale = np.abs(x).max() / 127.0
+    return float(np.mean((np.clip(np.round(x / scale), -127, 127) * scale - x) ** 2))
+
+
+def test_a_symmetric_target_gets_each_channel_centred(pipeline):
+    """On ascend310b (symmetric int8 activations) X's channels are shifted to the middle of
+    their ranges — recomputed here from the compiled float graph — the Conv's bias takes W·m so
+    the outputs stay, and X's symmetric int8 error (numpy) drops; on cpu (uint8 with a zero
+    point) nothing is shifted."""
+    model = hardswish_block()
+    data = np.random.default_rng(5).standard_normal((12, 3, 10, 10)).astype(np.float32)
+    ref_x1 = _x1(model, data)
+    ir_model, ctx = pipeline(model, smooth_recipe(kinds="[affine-conv]", alpha_search="[0.5]"), data,
+                             target="ascend310b")
+    got = to_proto(ir_model)
+    ref = ort_run_batched(model, "x", data)
+    np.testing.assert_allclose(ort_run_batched(got, "x", data), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    assert ctx.reports["smooth_quant"]["groups"]["x1"].get("centered")
+    x1 = _x1(got, data)
+    lo, hi = x1.min(axis=(0, 2, 3)), x1.max(axis=(0, 2, 3))
+    np.testing.assert_allclose((lo + hi) / 2, 0.0, atol=1e-4 * np.abs(x1).max())
+    assert _symmetric_int8_error(x1) < _symmetric_int8_error(ref_x1)
+    _, cpu_ctx = pipeline(model, smooth_recipe(kinds="[affine-conv]", alpha_search="[0.5]"), data)
+    assert not cpu_ctx.reports["smooth_quant"]["groups"]["x1"].get("centered")

@@ -57,4 +57,3 @@ def _closed(node: ir.Node, members: set, quantized: set, reads: set, outputs: se
     if out in outputs or not out.uses():
         return False
     return all(user in members or (user, out.name) in reads for user, _ in out.uses())
-

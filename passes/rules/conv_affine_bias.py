@@ -7,7 +7,7 @@ stands between them, so the affine runs as two float elementwise ops on every fe
 is where equalize_outputs undoes its per-channel factor. Moving d/c into the bias shifts the
 quantized tensor by one value per channel; with a one-value affine (the usual case) the
 tensor's range keeps its width, so per-tensor asymmetric quantization loses nothing (PP-OCRv4
-det `w8a8`: 15.9 -> 16.7 dB, 24 float Adds fewer). It does not mix with equalize_outputs,
+det `w8a8`: 15.9 -> 16.7 dB, 28 float Adds fewer). It does not mix with equalize_outputs,
 whose max|y_c| factors then see channels shifted off zero (`w8a8-cnn`: 23.5 -> 18.9 dB), so
 that recipe turns it off.
 
