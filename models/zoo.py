@@ -98,6 +98,17 @@ REGISTRY: dict[str, ModelEntry] = {
         description="PP-OCR mobile v2.0 text-line 0/180 classifier (opset 11); output = softmax[2]",
         **_RAPIDOCR,
     ),
+    "ppocr_rec": ModelEntry(
+        name="ppocr_rec",
+        member="rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+        sha256="48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
+        inputs=("x",),
+        input_shape={"x": (1, 3, 48, 320)},
+        metric="ctc_agreement",
+        description="PP-OCRv4 text-line recogniser (PP-LCNetV3 + SVTR neck, CTC head over 6625 symbols; "
+                    "opset 12, dynamic width); output = per-step softmax [N, 40, 6625] at width 320",
+        **_RAPIDOCR,
+    ),
     "ddddocr_det": ModelEntry(
         name="ddddocr_det",
         package="ddddocr",

@@ -327,3 +327,19 @@ def test_ddddocr_box_agreement_against_hand_decoded_boxes():
     assert f1 == pytest.approx(2 * 1 / (2 + 1)) and err == pytest.approx((2 + 0 + 2 + 0) / 4, abs=1e-3)
     empty = _yolox_raw([])
     assert ddddocr_data.box_agreement(empty[None], empty[None])[0] == 1.0
+
+
+def test_ctc_agreement_decodes_greedily_and_counts_edits():
+    """Greedy CTC (arg-max, repeats merged, blank 0 dropped) on hand-made steps, and the
+    character error rate as edit distance over the reference length."""
+    _tools()
+    import ppocr_data
+
+    def steps(path):                                   # one-hot [T, 5] along the given symbol path
+        return np.eye(5)[path]
+    ref = steps([1, 1, 0, 2, 2, 0, 1, 3])              # -> 1 2 1 3
+    same = steps([1, 0, 2, 0, 0, 1, 1, 3])             # -> 1 2 1 3 (other alignment, same text)
+    typo = steps([1, 1, 0, 4, 2, 0, 1, 3])             # -> 1 4 2 1 3 (one insertion)
+    agree, cer = ppocr_data.ctc_agreement(np.stack([ref, ref]), np.stack([same, typo]))
+    assert agree == 0.5 and cer == pytest.approx((0 / 4 + 1 / 4) / 2)
+    assert ppocr_data._edit_distance([1, 2, 3], [1, 3]) == 1 and ppocr_data._edit_distance([], [4, 4]) == 2

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-__all__ = ["MODELS", "DET_NORMS", "CALIB_SEED", "EVAL_SEED", "OTHER_SEED", "SPLITS", "default_out_dir",
+__all__ = ["REC_SHAPE", "rec_preprocess", "make_rec_batch", "ctc_agreement", "MODELS", "DET_NORMS", "CALIB_SEED", "EVAL_SEED", "OTHER_SEED", "SPLITS", "default_out_dir",
            "render_det_image", "render_cls_crop", "render_det_scene", "render_cls_scene_crop", "det_preprocess", "cls_preprocess",
            "make_det_batch", "make_cls_batch", "make_sets", "det_iou", "cls_agreement",
            "cls_accuracy", "main"]
@@ -58,11 +58,12 @@ OTHER_SEED = 5150              # seed C: the differently rendered third set
 SPLITS = ("calib", "eval", "other")
 DET_SIZE = (640, 640)          # H, W
 CLS_SHAPE = (3, 48, 192)       # C, H, W  (rapidocr cls_image_shape)
+REC_SHAPE = (3, 48, 320)       # C, H, W  (rapidocr rec_img_shape)
 DET_NORMS = {
     "rapidocr": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "paddle": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-MODELS = ("ppocr_det", "ppocr_cls")
+MODELS = ("ppocr_det", "ppocr_cls", "ppocr_rec")
 
 _WORDS = """
 account address after again airport allow almost amount answer apple april
@@ -410,6 +411,46 @@ def cls_preprocess(rgb: np.ndarray, shape: tuple[int, int, int] = CLS_SHAPE) -> 
     return out
 
 
+def rec_preprocess(rgb: np.ndarray) -> np.ndarray:
+    """uint8 HxWx3 RGB line -> float32 3x48x320 (rapidocr TextRecognizer.resize_norm_img at its
+    default 320 width: height 48 keeping the aspect ratio, ``(x/255-0.5)/0.5``, zeros on the right)."""
+    return cls_preprocess(rgb, REC_SHAPE)
+
+
+def ctc_agreement(probs_a: np.ndarray, probs_b: np.ndarray) -> tuple[float, float]:
+    """(share of lines whose greedy CTC decoding is identical, mean character error rate of b
+    against a). Greedy CTC: arg-max per step, repeats merged, blank (index 0) dropped -- rapidocr's
+    CTCLabelDecode; symbol indices are compared, so no character dictionary is needed."""
+    a, b = np.asarray(probs_a), np.asarray(probs_b)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
+    same, cer = [], []
+    for ra, rb in zip(a, b):
+        sa, sb = _ctc_greedy(ra), _ctc_greedy(rb)
+        same.append(sa == sb)
+        cer.append(_edit_distance(sa, sb) / max(len(sa), 1))
+    return float(np.mean(same)), float(np.mean(cer))
+
+
+def _ctc_greedy(steps: np.ndarray) -> list[int]:
+    best = steps.argmax(-1)
+    out, prev = [], -1
+    for k in best.tolist():
+        if k != prev and k != 0:
+            out.append(k)
+        prev = k
+    return out
+
+
+def _edit_distance(a: list[int], b: list[int]) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
 # -------------------------------------------------------------------- batches
 def _rng(seed: int, i: int) -> np.random.Generator:
     return np.random.default_rng([seed, i])
@@ -433,6 +474,17 @@ def make_cls_batch(n: int, seed: int, split: str) -> tuple[np.ndarray, np.ndarra
         crop, labels[i] = render(_rng(seed, i), words)
         out[i] = cls_preprocess(crop)
     return out, labels
+
+
+def make_rec_batch(n: int, seed: int, split: str) -> np.ndarray:
+    """Upright text lines (the cls renderers, never rotated) as the recogniser sees them."""
+    out = np.empty((n, *REC_SHAPE), np.float32)
+    words = _vocab(split)
+    render = render_cls_scene_crop if split == "other" else render_cls_crop
+    for i in range(n):
+        crop, label = render(_rng(seed, i), words)
+        out[i] = rec_preprocess(crop[::-1, ::-1] if label else crop)     # undo the 180° turn
+    return out
 
 
 def make_sets(model: str, out_dir: str | os.PathLike | None = None, *, n_calib: int = 32,
@@ -468,6 +520,9 @@ def make_sets(model: str, out_dir: str | os.PathLike | None = None, *, n_calib: 
         if model == "ppocr_det":
             mean, std = DET_NORMS[det_norm]
             meta.update(norm=det_norm, mean=mean, std=std, shape=[n, 3, *DET_SIZE])
+        elif model == "ppocr_rec":
+            meta.update(norm="rec", mean=[0.5] * 3, std=[0.5] * 3, shape=[n, *REC_SHAPE],
+                        pad="zeros after normalisation (right)")
         else:
             meta.update(norm="cls", mean=[0.5] * 3, std=[0.5] * 3, shape=[n, *CLS_SHAPE],
                         pad="zeros after normalisation (right)")
@@ -482,6 +537,8 @@ def make_sets(model: str, out_dir: str | os.PathLike | None = None, *, n_calib: 
                 pass
         if model == "ppocr_det":
             x = make_det_batch(n, seed, split, det_norm)
+        elif model == "ppocr_rec":
+            x = make_rec_batch(n, seed, split)
         else:
             x, labels = make_cls_batch(n, seed, split)
             meta["labels"] = labels.tolist()            # 0 = upright, 1 = rotated 180

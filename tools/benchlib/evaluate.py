@@ -13,7 +13,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 
 ORT_LEVELS = ("ORT_ENABLE_ALL", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_BASIC", "ORT_DISABLE_ALL")
-METRIC_LABEL = {"det_iou": "det IoU@0.3", "class_agreement": "class agree", "box_f1": "box F1 / px err",
+METRIC_LABEL = {"det_iou": "det IoU@0.3", "class_agreement": "class agree", "box_f1": "box F1 / px err", "ctc_agreement": "text same / CER",
                 "embedding_cosine": "emb. cosine mean / min"}
 
 
@@ -109,6 +109,9 @@ def task_metric(metric: str, ref0, out0, eval_inputs) -> tuple[float, float | No
     if metric == "box_f1":          # decoded + NMS boxes matched to fp32's: (F1, edge error in pixels)
         import ddddocr_data
         return ddddocr_data.box_agreement(ref0, out0)
+    if metric == "ctc_agreement":   # greedy CTC decodings: (share identical, character error rate)
+        import ppocr_data
+        return ppocr_data.ctc_agreement(ref0, out0)
     if metric == "class_agreement":
         a, b = np.asarray(ref0), np.asarray(out0)
         return float((a.argmax(-1) == b.argmax(-1)).mean()), None

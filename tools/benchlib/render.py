@@ -44,6 +44,8 @@ def _metric_cell(r: dict, metric: str) -> str:
         return "–"
     if metric == "embedding_cosine":
         return f"{r['task_metric']:.4f} / {r['task_metric_min']:.4f}"
+    if metric == "ctc_agreement":
+        return f"{r['task_metric']:.4f} / {fmt(r.get('task_metric_min'), '.4f')}"
     if metric == "box_f1":
         return f"{r['task_metric']:.4f} / {fmt(r.get('task_metric_min'), '.2f')}"
     return f"{r['task_metric']:.4f}"

@@ -13,7 +13,7 @@ import numpy as np
 from .exports import cached_export
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODELS = ("ppocr_det", "ppocr_cls", "ddddocr_det", "minilm", "small_cnn", "bert_block")
+DEFAULT_MODELS = ("ppocr_det", "ppocr_cls", "ppocr_rec", "ddddocr_det", "minilm", "small_cnn", "bert_block")
 for _p in (str(ROOT), str(ROOT / "tools")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
@@ -28,7 +28,7 @@ class ModelSetup:
     eval: Path
     shapes: dict                    # batch-1 input shapes
     family: str                     # cnn | transformer
-    metric: str                     # det_iou | class_agreement | box_f1 | embedding_cosine
+    metric: str                     # det_iou | class_agreement | ctc_agreement | box_f1 | embedding_cosine
     notes: list = field(default_factory=list)
     # more sets every row is also scored on, beside `eval`: the calibration set itself and, where
     # the model has one, a differently rendered set no choice was made on ({label: npz})
@@ -71,14 +71,14 @@ def setup_model(name: str, work: Path, args) -> ModelSetup:
                           "embedding_cosine", ["seeded builder models/bert_block.py (2 layers, hidden 64, "
                                                "random weights, -3.4e38 additive mask)"])
     from models import zoo
-    if name in ("ppocr_det", "ppocr_cls"):
+    if name in ("ppocr_det", "ppocr_cls", "ppocr_rec"):
         import ppocr_data
         model = zoo.fetch(name)
         sets = ppocr_data.make_sets(name, args.data_dir)
         entry = zoo.get(name)
         return ModelSetup(name, model, sets["calib"], sets["eval"],
                           {k: list(v) for k, v in entry.input_shape.items()}, "cnn",
-                          "det_iou" if name == "ppocr_det" else "class_agreement",
+                          {"ppocr_det": "det_iou", "ppocr_cls": "class_agreement", "ppocr_rec": "ctc_agreement"}[name],
                           [f"{entry.package}=={entry.version} {entry.filename}; rendered-text data "
                            f"(tools/ppocr_data.py): calib and eval pages in one style, disjoint words and "
                            f"seeds; *other* = scenes rendered differently (other fonts, textured/dark "
