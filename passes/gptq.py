@@ -313,6 +313,8 @@ def _conv_recon_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
     groups = h.shape[0]
     d = (w - wq).reshape(groups, w.shape[0] // groups, -1)                        # [G, Cout/g, K]
     wg = w.reshape(groups, w.shape[0] // groups, -1)
-    num = float(np.einsum("goi,gij,goj->", d, h, d))
-    den = float(np.einsum("goi,gij,goj->", wg, h, wg))
+    # d·H·dᵀ per group as one batched BLAS product (a three-operand einsum runs an unblocked
+    # loop: 25 s of 45 on ddddocr's detector, whose Convs reach K = 2304)
+    num = float(np.sum(np.matmul(d, h) * d))
+    den = float(np.sum(np.matmul(wg, h) * wg))
     return round(num / den, 8) if den > 0 else 0.0
