@@ -13,8 +13,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 
 ORT_LEVELS = ("ORT_ENABLE_ALL", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_BASIC", "ORT_DISABLE_ALL")
-METRIC_LABEL = {"det_iou": "det IoU@0.3", "class_agreement": "class agree", "box_f1": "box F1 / px err", "ctc_agreement": "text same / CER",
-                "embedding_cosine": "emb. cosine mean / min"}
+METRIC_LABEL = {"det_iou": "det IoU@0.3", "class_agreement": "class agree", "box_f1": "box F1 / px err",
+                "ctc_agreement": "text same / CER", "embedding_cosine": "emb. cosine mean / min"}
 
 
 def parse_shape(spec) -> dict[str, list[int]]:

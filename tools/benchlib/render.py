@@ -184,6 +184,8 @@ def render_markdown(results: list[dict], meta: dict) -> str:
                 if b["status"] == "ok":
                     notes.append(f"- **{r['method']}** batch-16 artifact: compiled in {b['wall_s']:.1f} s, "
                                  f"peak RSS {b['peak_rss_mb']:.0f} MB.")
+                elif b["status"] == "n/a":
+                    notes.append(f"- **{r['method']}** batch-16 artifact: not applicable, {b['error']}.")
                 else:
                     notes.append(f"- **{r['method']}** batch-16 artifact failed: {b['error']}")
         lines.append("")
