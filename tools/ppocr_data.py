@@ -17,6 +17,9 @@ upside-down lines, then normalise exactly like the shipping runtime
   ratio (width = min(192, ceil(48*w/h))), ``(x/255 - 0.5)/0.5``, CHW, zero-pad on
   the right to 192 (zero *after* normalisation, like rapidocr).
 
+Models: det, cls, and the rec recogniser (text lines as its 3x48x320 input:
+height 48, ``(x/255-0.5)/0.5``, zeros on the right; task metric ``ctc_agreement``).
+
 Output: ``<model>_calib.npz`` (32 samples, seed A) and ``<model>_eval.npz``
 (100 samples, seed B, disjoint vocabulary) with one array per model input (key
 ``x``, batch on axis 0), plus a ``.json`` sidecar with the generation metadata
@@ -46,8 +49,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-__all__ = ["REC_SHAPE", "rec_preprocess", "make_rec_batch", "ctc_agreement", "MODELS", "DET_NORMS", "CALIB_SEED", "EVAL_SEED", "OTHER_SEED", "SPLITS", "default_out_dir",
-           "render_det_image", "render_cls_crop", "render_det_scene", "render_cls_scene_crop", "det_preprocess", "cls_preprocess",
+__all__ = ["MODELS", "DET_NORMS", "CALIB_SEED", "EVAL_SEED", "OTHER_SEED", "SPLITS", "REC_SHAPE", "default_out_dir",
+           "render_det_image", "render_cls_crop", "render_det_scene", "render_cls_scene_crop",
+           "det_preprocess", "cls_preprocess", "rec_preprocess", "make_rec_batch", "ctc_agreement",
            "make_det_batch", "make_cls_batch", "make_sets", "det_iou", "cls_agreement",
            "cls_accuracy", "main"]
 
