@@ -92,7 +92,7 @@ def run_cli(capsys, monkeypatch, tmp_path):
 
 
 # -- tiny models ---------------------------------------------------------------------------
-def _make_model(nodes, inputs, outputs, inits, name) -> onnx.ModelProto:
+def make_model(nodes, inputs, outputs, inits, name) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, name, inputs, outputs,
                               initializer=[numpy_helper.from_array(np.asarray(v, dtype=np.float32), k)
                                            for k, v in inits.items()])
@@ -118,7 +118,7 @@ class TinyModels:
                  helper.make_node("Add", ["h1", "b1"], ["h2"], name="/fc1/Add"),
                  helper.make_node("Relu", ["h2"], ["h3"], name="/act/Relu"),
                  helper.make_node("MatMul", ["h3", "W2"], ["y"], name="/fc2/MatMul")]
-        return _make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])],
+        return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])],
                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", d_out])],
                            inits, "mlp")
 
@@ -133,7 +133,7 @@ class TinyModels:
                  helper.make_node("BatchNormalization", ["c", "bn_scale", "bn_bias", "bn_mean", "bn_var"],
                                   ["n"], name="/bn/BatchNormalization", epsilon=1e-5),
                  helper.make_node("Relu", ["n"], ["y"], name="/relu/Relu")]
-        return _make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", cin, hw, hw])],
+        return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", cin, hw, hw])],
                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", cout, hw, hw])],
                            inits, "conv_bn_relu")
 
@@ -144,7 +144,7 @@ class TinyModels:
         inits = {"W": rng.standard_normal((d_out, d_in)) * 0.3,
                  "b": rng.standard_normal(bias_shape) * 0.2}
         nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="/fc/Gemm", transB=1)]
-        return _make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])],
+        return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])],
                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", d_out])],
                            inits, "gemm")
 
@@ -155,7 +155,7 @@ class TinyModels:
         nodes = [helper.make_node("MatMul", ["x", "Wa"], ["a"], name="/a/MatMul"),
                  helper.make_node("MatMul", ["x", "Wb"], ["b"], name="/b/MatMul"),
                  helper.make_node("Add", ["a", "b"], ["y"], name="/sum/Add")]
-        return _make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])],
+        return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])],
                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", d_out])],
                            inits, "shared_input")
 

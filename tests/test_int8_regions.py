@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from conftest import ort_run_batched, to_proto
+from conftest import make_model, ort_run_batched, to_proto
 from test_passes import Graph, quantize_recipe
 
 C = 8
@@ -22,9 +22,9 @@ def silu_cnn(leak: str | None = None) -> onnx.ModelProto:
     leak="output": the first SiLU is also a graph output; leak="const": the second SiLU's Mul
     takes a constant factor instead of its Sigmoid."""
     rng = np.random.default_rng(7)
-    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.4).astype(np.float32), n) for n, s in
-             (("W0", (C, 3, 3, 3)), ("W1", (C, C, 3, 3)), ("W2", (C, C, 1, 1)), ("W3", (C, 2 * C, 1, 1)))]
-    inits.append(numpy_helper.from_array(np.float32(0.7).reshape(1), "k"))
+    inits = {name: rng.standard_normal(shape) * 0.4 for name, shape in
+             (("W0", (C, 3, 3, 3)), ("W1", (C, C, 3, 3)), ("W2", (C, C, 1, 1)), ("W3", (C, 2 * C, 1, 1)))}
+    inits["k"] = np.array([0.7])
     n = helper.make_node
 
     def silu(x, tag, const=False):
@@ -37,15 +37,11 @@ def silu_cnn(leak: str | None = None) -> onnx.ModelProto:
              n("Conv", ["a1_out", "W2"], ["c2"], name="/c2/Conv"), *silu("c2", "a2"),
              n("Concat", ["a1_out", "a2_out"], ["cat"], name="/cat/Concat", axis=1),
              n("Conv", ["cat", "W3"], ["y"], name="/head/Conv")]
-    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", C, 16, 16])]
     if leak == "output":
-        outputs.append(helper.make_tensor_value_info("a0_out", TensorProto.FLOAT, None))
-    graph = helper.make_graph(nodes, "silu_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                                  ["n", 3, 16, 16])],
-                              outputs, initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+        outputs.append(helper.make_tensor_value_info("a0_out", TensorProto.FLOAT, ["n", C, 16, 16]))
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])], outputs,
+                      inits, "silu_cnn")
 
 
 def _data(n=6, seed=0):

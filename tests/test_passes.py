@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import TinyModels, ort_run_batched, to_proto
+from conftest import TinyModels, make_model, ort_run_batched, to_proto
 from qcompile.passes.quantize import Quantize
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -424,27 +424,21 @@ def _conv_affine_model(scale, shift, *, bias: bool = True, extra_reader: bool = 
     `const_first`: the constants as the first operands, as Paddle2ONNX writes them."""
     from onnx import TensorProto, helper
     rng = np.random.default_rng(4)
-    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "W"),
-             numpy_helper.from_array(np.asarray(scale, np.float32), "c"),
-             numpy_helper.from_array(np.asarray(shift, np.float32), "d")]
+    inits = {"W": rng.standard_normal((6, 3, 3, 3)), "c": scale, "d": shift}
     conv_in = ["x", "W"]
     if bias:
-        inits.append(numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "B"))
+        inits["B"] = rng.standard_normal(6)
         conv_in.append("B")
     nodes = [helper.make_node("Conv", conv_in, ["y"], name="/c/Conv", pads=[1, 1, 1, 1]),
              helper.make_node("Mul", ["c", "y"] if const_first else ["y", "c"], ["m"], name="/a/Mul"),
              helper.make_node("Add", ["d", "m"] if const_first else ["m", "d"], ["t"], name="/a/Add"),
              helper.make_node("Relu", ["t"], ["out"], name="/r/Relu")]
-    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 6, 8, 8])]
     if extra_reader:                           # the Conv output has a second reader
         nodes.append(helper.make_node("Sigmoid", ["y"], ["side"], name="/side/Sigmoid"))
-        outputs.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, None))
-    graph = helper.make_graph(nodes, "conv_affine", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                                     ["n", 3, 8, 8])],
-                              outputs, initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+        outputs.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, ["n", 6, 8, 8]))
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])], outputs,
+                      inits, "conv_affine")
 
 
 @pytest.mark.parametrize("scale,shift,bias,const_first", [

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import TinyModels, compile_tiny_mlp, ort_run_batched, to_proto
+from conftest import TinyModels, compile_tiny_mlp, make_model, ort_run_batched, to_proto
 
 D, H = 16, 24
 
@@ -251,12 +251,8 @@ def hardswish_block(seed: int = 3) -> onnx.ModelProto:
              n("HardSwish", ["y0"], ["h"], name="/hs/HardSwish"),
              n("Mul", ["h", "a"], ["m"], name="/a/Mul"), n("Add", ["m", "b"], ["x1"], name="/a/Add"),
              n("Conv", ["x1", "Wpw", "Bpw"], ["y"], name="/pw/Conv")]
-    graph = helper.make_graph(nodes, "hs_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 10, 10])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 10, 10])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6, 10, 10])], inits, "hs_block")
 
 
 def _x1(model: onnx.ModelProto, data: np.ndarray) -> np.ndarray:

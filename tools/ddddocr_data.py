@@ -26,13 +26,13 @@ CLI: ``python tools/ddddocr_data.py [--out DIR] [--preview DIR]`` (default DIR:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ppocr_data  # noqa: E402  (fonts, backgrounds and finishing shared with the PP-OCR sets)
@@ -64,17 +64,12 @@ def render_picture(rng: np.random.Generator, style: str) -> np.ndarray:
             glyph = _GLYPHS[int(rng.integers(len(_GLYPHS)))]
             layer = ppocr_data._scene_text_layer(rng, glyph, font_of(int(rng.integers(1 << 16)), size),
                                                  float(rng.uniform(-45, 45)))
-            lw, lh = layer.size
-            if lw >= w - 4 or lh >= h - 4:
+            spot = ppocr_data.place(rng, layer.size, (h, w), placed, edge=2, gap=0)
+            if spot is None:
                 continue
-            x, y = int(rng.integers(2, w - lw - 2)), int(rng.integers(2, h - lh - 2))
-            box = (x, y, x + lw, y + lh)
-            if any(box[0] < q[2] and q[0] < box[2] and box[1] < q[3] and q[1] < box[3] for q in placed):
-                continue
-            placed.append(box)
             ink = ppocr_data._scene_ink(rng, dark) if other else \
                 tuple(int(v) for v in rng.integers(0, 256, 3))
-            img.paste(Image.new("RGB", layer.size, ink), (x, y), layer)
+            img.paste(Image.new("RGB", layer.size, ink), spot[:2], layer)
             break
     if other:
         return ppocr_data._scene_finish(rng, img)
@@ -106,25 +101,16 @@ def make_sets(out_dir: str | os.PathLike | None = None, *, force: bool = False,
         meta = {"model": "ddddocr_det", "split": split, "n": n, "seed": seed, "gen_version": GEN_VERSION,
                 "style": "other" if split == "other" else "captcha", "pillow": Image.__version__,
                 "preprocess": "letterbox 416 top-left on 114, BGR, float 0-255"}
-        side = path.with_suffix(".json")
-        if not force and path.is_file() and side.is_file():
-            try:
-                if {k: json.loads(side.read_text()).get(k) for k in meta} == meta:
-                    paths[split] = path
-                    continue
-            except (OSError, ValueError):
-                pass
-        x = np.stack([preprocess(render_picture(np.random.default_rng([seed, i]),
-                                                "other" if split == "other" else "captcha")) for i in range(n)])
-        tmp = path.with_name(path.stem + ".part.npz")
-        np.savez(tmp, images=x)
-        os.replace(tmp, path)
-        side.write_text(json.dumps(meta, indent=1))
+        if not ppocr_data.cached_set(path, meta, force):
+            x = np.stack([preprocess(render_picture(np.random.default_rng([seed, i]),
+                                                    "other" if split == "other" else "captcha")) for i in range(n)])
+            ppocr_data.write_set(path, meta, images=x)
         paths[split] = path
     return paths
 
 
 # --------------------------------------------------------------------- metric
+@lru_cache(maxsize=None)
 def _grid() -> tuple[np.ndarray, np.ndarray]:
     grids, strides = [], []
     for s in STRIDES:

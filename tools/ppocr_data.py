@@ -50,7 +50,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 __all__ = ["MODELS", "DET_NORMS", "CALIB_SEED", "EVAL_SEED", "OTHER_SEED", "SPLITS", "REC_SHAPE", "default_out_dir",
-           "render_det_image", "render_cls_crop", "render_det_scene", "render_cls_scene_crop",
+           "place", "cached_set", "write_set", "render_det_image", "render_cls_crop", "render_det_scene",
+           "render_cls_scene_crop",
            "det_preprocess", "cls_preprocess", "rec_preprocess", "make_rec_batch", "ctc_agreement",
            "make_det_batch", "make_cls_batch", "make_sets", "det_iou", "cls_agreement",
            "cls_accuracy", "main"]
@@ -197,6 +198,22 @@ def _finish(rng: np.random.Generator, img: Image.Image, noise: tuple[float, floa
     return np.clip(a, 0, 255).round().astype(np.uint8)
 
 
+def place(rng: np.random.Generator, size: tuple[int, int], canvas: tuple[int, int],
+          placed: list[tuple[int, int, int, int]], *, edge: int = 4, gap: int = 6):
+    """Where a layer of `size` (w, h) goes on a `canvas` (h, w): a random spot `edge` pixels
+    inside it whose box, widened by `gap`, overlaps nothing in `placed` -> (x, y, box), the box
+    added to `placed`; None when it does not fit or overlaps (the caller draws again)."""
+    (lw, lh), (h, w) = size, canvas
+    if lw >= w - 2 * edge or lh >= h - 2 * edge:
+        return None
+    x, y = int(rng.integers(edge, w - lw - edge)), int(rng.integers(edge, h - lh - edge))
+    box = (x - gap, y - gap, x + lw + gap, y + lh + gap)
+    if any(box[0] < q[2] and q[0] < box[2] and box[1] < q[3] and q[1] < box[3] for q in placed):
+        return None
+    placed.append(box)
+    return x, y, box
+
+
 # ------------------------------------------------------------------- renderers
 def render_det_image(rng: np.random.Generator, words: list[str],
                      size: tuple[int, int] = DET_SIZE) -> np.ndarray:
@@ -223,15 +240,10 @@ def render_det_image(rng: np.random.Generator, words: list[str],
             ImageDraw.Draw(layer).text((pad - l, pad - t), text, font=font, fill=255)
             if angle:
                 layer = layer.rotate(angle, resample=Image.BICUBIC, expand=True)
-            lw, lh = layer.size
-            if lw >= w - 8 or lh >= h - 8:
+            spot = place(rng, layer.size, size, placed)
+            if spot is None:
                 continue
-            x, y = int(rng.integers(4, w - lw - 4)), int(rng.integers(4, h - lh - 4))
-            box = (x - 6, y - 6, x + lw + 6, y + lh + 6)
-            if any(box[0] < q[2] and q[0] < box[2] and box[1] < q[3] and q[1] < box[3] for q in placed):
-                continue
-            placed.append(box)
-            img.paste(Image.new("RGB", layer.size, _text_color(rng)), (x, y), layer)
+            img.paste(Image.new("RGB", layer.size, _text_color(rng)), spot[:2], layer)
             break
     return _finish(rng, img, (1.0, 7.0))
 
@@ -357,14 +369,10 @@ def render_det_scene(rng: np.random.Generator, words: list[str],
             text = _line(rng, words, 1, 4)
             angle = float(rng.uniform(-30, 30)) if rng.random() < 0.4 else 0.0
             layer = _scene_text_layer(rng, text, font, angle)
-            lw, lh = layer.size
-            if lw >= w - 8 or lh >= h - 8:
+            spot = place(rng, layer.size, size, placed)
+            if spot is None:
                 continue
-            x, y = int(rng.integers(4, w - lw - 4)), int(rng.integers(4, h - lh - 4))
-            box = (x - 6, y - 6, x + lw + 6, y + lh + 6)
-            if any(box[0] < q[2] and q[0] < box[2] and box[1] < q[3] and q[1] < box[3] for q in placed):
-                continue
-            placed.append(box)
+            x, y, box = spot
             if rng.random() < 0.3:                 # a plate behind the text, as on signs
                 plate = tuple(int(v) for v in rng.integers(0, 256, 3))
                 draw.rectangle(box, fill=plate)
@@ -491,6 +499,28 @@ def make_rec_batch(n: int, seed: int, split: str) -> np.ndarray:
     return out
 
 
+def cached_set(path: Path, meta: dict, force: bool = False) -> bool:
+    """Whether `path` already holds the set `meta` describes (its .json sidecar matches:
+    generation is deterministic, so reuse only saves time)."""
+    side = path.with_suffix(".json")
+    if force or not (path.is_file() and side.is_file()):
+        return False
+    try:
+        old = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return False
+    return {k: old.get(k) for k in meta} == meta
+
+
+def write_set(path: Path, meta: dict, **arrays: np.ndarray) -> None:
+    """The arrays to `path` (through a .part file, so a half-written set is never reused), then
+    the sidecar."""
+    tmp = path.with_name(path.stem + ".part.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+
+
 def make_sets(model: str, out_dir: str | os.PathLike | None = None, *, n_calib: int = 32,
               n_eval: int = 100, n_other: int = 100, calib_seed: int = CALIB_SEED, eval_seed: int = EVAL_SEED,
               other_seed: int = OTHER_SEED, det_norm: str = "rapidocr", force: bool = False,
@@ -523,22 +553,16 @@ def make_sets(model: str, out_dir: str | os.PathLike | None = None, *, n_calib: 
                 "fonts": [Path(f).name for f in fonts] or ["pillow-default"]}
         if model == "ppocr_det":
             mean, std = DET_NORMS[det_norm]
-            meta.update(norm=det_norm, mean=mean, std=std, shape=[n, 3, *DET_SIZE])
+            meta.update(norm=det_norm, mean=list(mean), std=list(std), shape=[n, 3, *DET_SIZE])  # lists: JSON has no tuples
         elif model == "ppocr_rec":
             meta.update(norm="rec", mean=[0.5] * 3, std=[0.5] * 3, shape=[n, *REC_SHAPE],
                         pad="zeros after normalisation (right)")
         else:
             meta.update(norm="cls", mean=[0.5] * 3, std=[0.5] * 3, shape=[n, *CLS_SHAPE],
                         pad="zeros after normalisation (right)")
-        side = path.with_suffix(".json")
-        if not force and path.is_file() and side.is_file():
-            try:
-                old = json.loads(side.read_text())
-                if {k: old.get(k) for k in meta} == meta:
-                    paths[split] = path
-                    continue
-            except (OSError, ValueError):
-                pass
+        if cached_set(path, meta, force):
+            paths[split] = path
+            continue
         if model == "ppocr_det":
             x = make_det_batch(n, seed, split, det_norm)
         elif model == "ppocr_rec":
@@ -546,10 +570,7 @@ def make_sets(model: str, out_dir: str | os.PathLike | None = None, *, n_calib: 
         else:
             x, labels = make_cls_batch(n, seed, split)
             meta["labels"] = labels.tolist()            # 0 = upright, 1 = rotated 180
-        tmp = path.with_name(path.stem + ".part.npz")
-        np.savez(tmp, x=x)
-        os.replace(tmp, path)
-        side.write_text(json.dumps(meta, indent=1))
+        write_set(path, meta, x=x)
         paths[split] = path
     return paths
 

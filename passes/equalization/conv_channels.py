@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.qdq import set_constant_input
+from qcompile.qdq import add_initializer, set_constant_input
 
 from .channels import scale_input_channels
 
@@ -41,8 +41,6 @@ def shift_conv_bias(graph: ir.Graph, conv: ir.Node, shift: np.ndarray) -> None:
         return
     if len(conv.inputs) > 2 and conv.inputs[2] is not None:
         raise ValueError(f"{conv.name}: the bias is not a constant")
-    name = f"{conv.name or conv.outputs[0].name}_bias"
-    value = ir.Value(name=name, const_value=ir.tensor(np.asarray(shift, np.float32), name=name))
-    graph.register_initializer(value)
+    value = add_initializer(graph, f"{conv.name or conv.outputs[0].name}_bias", np.asarray(shift, np.float32))
     conv.resize_inputs(3)
     conv.replace_input_with(2, value)

@@ -116,10 +116,13 @@ def plan_layers(model: ir.Model, config: QuantizeConfig, target=None) -> tuple[l
     return plans, skipped
 
 
-def wants_ranges(model: ir.Model, config: QuantizeConfig, target) -> RangeRequest:
+def wants_ranges(model: ir.Model, config: QuantizeConfig, target,
+                 plans: list[LayerPlan] | None = None) -> RangeRequest:
     """Static layers' inputs and quantized outputs; with bias correction, per-channel input means
-    too; with the concat guard, the parts of a concatenated input."""
-    plans, _ = plan_layers(model, config, target)
+    too; with the concat guard, the parts of a concatenated input. `plans`: plan_layers' when
+    the caller has them."""
+    if plans is None:
+        plans, _ = plan_layers(model, config, target)
     wanted = {v.name for p in plans if p.static for v in (*p.activations, p.output) if v is not None}
     axes = {}
     if config.bias_correction:

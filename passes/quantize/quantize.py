@@ -95,10 +95,10 @@ class Quantize(QPass):
     @classmethod
     def wants_ranges(cls, model: ir.Model, config, target) -> RangeRequest:
         """The layers' tensors (plan.wants_ranges) and the outputs of the int8 region's members."""
-        request = wants_ranges(model, config, target)
+        plans, _ = plan_layers(model, config, target)
+        request = wants_ranges(model, config, target, plans)
         if not (config.int8_regions and target is not None and target.setting("int8_elementwise")):
             return request
-        plans, _ = plan_layers(model, config, target)
         region = int8_region(model, plans, target.setting("int8_elementwise"))
         return dataclasses.replace(request, tensors=request.tensors | {n.outputs[0].name for n in region})
 
