@@ -198,6 +198,7 @@ def _cmd_verify(argv: list[str]) -> int:
     from pathlib import Path
 
     from .backends import reference_lowering
+    from .backends.cpu.generated_kernels import library_beside
     from .calib_data import model_input_specs, open_dataset
     from .model_io import load_model, save_model
     from .op_support import check_custom_op_library, refuse_unknown_ops
@@ -208,6 +209,9 @@ def _cmd_verify(argv: list[str]) -> int:
     compiled, original = Path(args.compiled), Path(args.original)
     compiled_model, original_model = load_model(compiled), load_model(original)
     refuse_unknown_ops(original_model, original, libraries)
+    generated = library_beside(compiled, compiled_model.metadata_props)   # the compile's kernels/ library
+    if generated is not None:
+        libraries += (str(generated),)
     beside = compiled.parent / "report.json"
     try:
         report = json.loads(beside.read_text()) if beside.is_file() else None

@@ -28,6 +28,7 @@ from .model_io import (convert_opset, dynamic_inputs, file_sha256, fix_input_sha
                        opset_of, save_model)
 from .model_kind import is_decoder
 from .op_support import refuse_unknown_ops
+from .ort_session import generated_kernel_scope
 from .pass_context import PassContext, Warnings, log
 from .pipeline import DumpAfter, PassTiming, run_pipeline
 from .plan import CompilePlan
@@ -69,6 +70,11 @@ class CompileResult:
 
 def compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     """Run `plan` once, writing its files into `folder` (created)."""
+    with generated_kernel_scope():   # a kernel library the lowering builds serves this compile's sessions
+        return _compile_once(plan, folder)
+
+
+def _compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     tgt, rec = plan.target, plan.recipe

@@ -18,6 +18,26 @@ from .model_io import EXTERNAL_DATA_THRESHOLD, save_model, set_ir_version, weigh
 _CUSTOM_OPS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("qcompile_custom_ops", default=())
 
 
+# the kernel library the current compile generated (backends/cpu/generated_kernels.py): one per
+# compile, so a trial compile's library never leaks into the next
+_GENERATED: contextvars.ContextVar[str | None] = contextvars.ContextVar("qcompile_generated_kernels", default=None)
+
+
+@contextlib.contextmanager
+def generated_kernel_scope():
+    """A compile: a library `use_generated_library` names inside is registered until it ends."""
+    token = _GENERATED.set(None)
+    try:
+        yield
+    finally:
+        _GENERATED.reset(token)
+
+
+def use_generated_library(path) -> None:
+    """Every session of the current compile from now on registers this generated-kernel library."""
+    _GENERATED.set(str(path))
+
+
 @contextlib.contextmanager
 def custom_op_libraries(paths: tuple[str, ...]):
     """Every session made inside registers these custom-op libraries."""
@@ -43,6 +63,8 @@ def session_options(threads: int = 0, level: str = "all", optimized_path: str | 
         opts.optimized_model_filepath = optimized_path
     for library in _CUSTOM_OPS.get():
         opts.register_custom_ops_library(library)
+    if _GENERATED.get() is not None:
+        opts.register_custom_ops_library(_GENERATED.get())
     return opts
 
 

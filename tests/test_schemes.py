@@ -82,8 +82,9 @@ def fp8_fake(x: np.ndarray, scale) -> np.ndarray:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def run(model, feeds: dict, optimize: bool = True) -> list[np.ndarray]:
-    """Outputs for a batch, one sample at a time (compiled models have batch 1 pinned)."""
+def run(model, feeds: dict, optimize: bool = True, library=None) -> list[np.ndarray]:
+    """Outputs for a batch, one sample at a time (compiled models have batch 1 pinned);
+    `library`: the compile's generated-kernel library (OUT/kernels/)."""
     if not isinstance(model, (str, onnx.ModelProto)):
         model = to_proto(model)
     if isinstance(model, onnx.ModelProto):
@@ -91,6 +92,8 @@ def run(model, feeds: dict, optimize: bool = True) -> list[np.ndarray]:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if library is not None:
+        opts.register_custom_ops_library(str(library))
     sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     n = len(next(iter(feeds.values())))
     rows = [sess.run(None, {k: v[i:i + 1] for k, v in feeds.items()}) for i in range(n)]
@@ -205,8 +208,8 @@ def test_w8a8_dynamic_per_token_matches_numpy(tmp_path):
     model, w = mlp(d_in=16, d_hidden=32, d_out=8)
     x = TinyModels.data((16,), 8) * np.linspace(0.1, 10, 8, dtype=np.float32)[:, None]  # rows differ in range
     final, _, report = compile_tiny(tmp_path, model, "w8a8-dynamic", x, target="cpu")   # runs here: the host's
-    assert "QuantizeLinear" not in ops(final) and ops(final).count("MatMulInteger") == 2
-    (got,) = run(final, {"x": x})
+    assert ops(final) == ["QMatMulPerToken", "Relu", "QMatMulPerToken"]    # generated kernels (cpu_kernels)
+    (got,) = run(final, {"x": x}, library=tmp_path / "out-m" / "kernels" / "libqcompile_kernels.so")
     qmax = host_matmul_qmax()
     _, w1 = ref_int_weight(w["W1"], qmax, axis=1)
     _, w2 = ref_int_weight(w["W2"], qmax, axis=1)
@@ -214,8 +217,7 @@ def test_w8a8_dynamic_per_token_matches_numpy(tmp_path):
     expect = ref_per_token(h) @ w2
     np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
     assert report["layers"]["/fc1/MatMul"]["activation"] == "int8 dynamic per_token"
-    assert report["layers"]["/fc1/MatMul"]["kernel"] in ("MatMulInteger", "MatMulIntegerToFloat",
-                                                         "DynamicQuantizeMatMul")
+    assert report["layers"]["/fc1/MatMul"]["kernel"] == "QMatMulPerToken"
 
 
 def test_dynamic_conv_uses_per_tensor_convinteger(tmp_path, tiny):
@@ -387,7 +389,9 @@ def test_every_builtin_recipe_compiles_and_runs(tmp_path, recipe):
         final = onnx.load(tmp_path / "out-pre" / "model.onnx")
     else:
         final, _, report = compile_tiny(tmp_path, model, recipe, x)
-    (got,) = run(final, {"x": x})
+    library = tmp_path / "out-m" / "kernels" / "libqcompile_kernels.so"   # w8a8-dynamic: generated kernels
+    assert library.is_file() == any(n.domain == "com.qcompile" for n in final.graph.node)
+    (got,) = run(final, {"x": x}, library=library if library.is_file() else None)
     (ref,) = run(model, {"x": x})
     assert np.all(np.isfinite(got)) and got.shape == ref.shape
     # 4-bit weights on a random MLP: about 20 dB per layer, so a lower floor than for 8 bits;

@@ -1,3 +1,3 @@
-"""onnxruntime CPU target: descriptor (target.yaml) and the `cpu_lower` pass."""
+"""onnxruntime CPU target: descriptor (target.yaml), `cpu_kernels` (generated kernels) and `cpu_lower`."""
 
-from . import lower  # noqa: F401
+from . import generated_kernels, lower  # noqa: F401
