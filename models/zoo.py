@@ -185,9 +185,10 @@ def get(name: str) -> ModelEntry:
 
 
 def cache_root() -> Path:
-    """``$QCOMPILE_CACHE`` or ``~/.cache/qcompile`` (shared with tools/ppocr_data.py)."""
-    env = os.environ.get("QCOMPILE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "qcompile"
+    """``$QCOMPILE_CACHE`` or ``~/.cache/qcompile`` (shared with tools/ppocr_data.py and the
+    compiler's own caches: kernel builds, onnxruntime headers)."""
+    from qcompile.cache_dir import cache_root as compiler_cache_root
+    return compiler_cache_root()
 
 
 def model_dir(name: str) -> Path:

@@ -101,7 +101,8 @@ def test_cpu_lower_reports_int8_kernels(compiled):
     assert "QLinearConv" in fired
     int8_ops = set(load_target("cpu").setting("int8_kernels"))
     assert kernels["int8_layers"] == sum(k in int8_ops for k in fired)
-    assert [p["pass"] for p in report["passes"]] == ["canonicalize", "fuse", "calibrate", "quantize", "cpu_lower"]
+    assert [p["pass"] for p in report["passes"]] == ["canonicalize", "fuse", "calibrate", "quantize", "generate_kernels",
+                                                   "cpu_lower"]
     assert report["fuse"]["nothing_to_fuse"]          # a CNN: fuse leaves it (and its opset) alone
 
 
@@ -141,7 +142,7 @@ def test_runs_in_separate_processes_are_byte_identical(small_cnn_files, tmp_path
 def test_resolved_recipe_records_provenance(compiled, small_cnn_files):
     resolved = yaml.safe_load((compiled["out"] / "recipe.resolved.yaml").read_text())
     assert [p["type"] for p in resolved["spec"]["passes"]] == ["canonicalize", "fuse", "calibrate", "quantize"]
-    assert [p["type"] for p in resolved["target"]["lowering"]] == ["cpu_lower"]
+    assert [p["type"] for p in resolved["target"]["lowering"]] == ["generate_kernels", "cpu_lower"]
     quant = resolved["spec"]["passes"][3]
     assert quant["weight"]["dtype"] == "int8" and "exclude" in quant  # defaults filled in
     prov = resolved["provenance"]

@@ -11,6 +11,7 @@ from qcompile.errors import TargetError
 from qcompile.kernelgen import KernelSpec, manifest
 from qcompile.kernelgen import build as kbuild
 from qcompile.kernelgen import ort_headers
+from qcompile.backends.cpu.generated_kernels import TEMPLATES
 from qcompile.kernelgen.render import environment, render_sources, served_ops
 
 
@@ -38,21 +39,21 @@ def test_manifest_lists_each_spec_once_with_its_layers():
 
 
 def test_rendering_is_deterministic_and_names_its_spec():
-    one = render_sources("cpu", [spec(64, 32), spec(16, 8)], "9.9")
-    two = render_sources("cpu", [spec(16, 8), spec(64, 32), spec(16, 8)], "9.9")
+    one = render_sources(TEMPLATES, [spec(64, 32), spec(16, 8)], "9.9")
+    two = render_sources(TEMPLATES, [spec(16, 8), spec(64, 32), spec(16, 8)], "9.9")
     assert one == two                                    # order and duplicates do not matter
     text = one[f"{spec(64, 32).symbol}.cpp"]
     assert "qcompile 9.9" in text and spec(64, 32).id in text
     assert "constexpr int64_t K = 64;" in text and "constexpr int64_t N = 32;" in text
-    assert "QMatMulPerToken" in served_ops("cpu")
+    assert "QMatMulPerToken" in served_ops(TEMPLATES)
     assert set(one) == {f"{spec(64, 32).symbol}.cpp", f"{spec(16, 8).symbol}.cpp", "register.cpp",
                         "qcompile_kernels.h"}
 
 
 def test_isa_decides_which_vector_paths_are_emitted():
-    vnni = render_sources("cpu", [spec(isa="avx512_vnni")], "x")[f"{spec(isa='avx512_vnni').symbol}.cpp"]
-    avx2 = render_sources("cpu", [spec(isa="avx2")], "x")[f"{spec(isa='avx2').symbol}.cpp"]
-    generic = render_sources("cpu", [spec(isa="generic")], "x")[f"{spec(isa='generic').symbol}.cpp"]
+    vnni = render_sources(TEMPLATES, [spec(isa="avx512_vnni")], "x")[f"{spec(isa='avx512_vnni').symbol}.cpp"]
+    avx2 = render_sources(TEMPLATES, [spec(isa="avx2")], "x")[f"{spec(isa='avx2').symbol}.cpp"]
+    generic = render_sources(TEMPLATES, [spec(isa="generic")], "x")[f"{spec(isa='generic').symbol}.cpp"]
     assert "_mm512_dpbusd_epi32" in vnni and "_mm256_madd_epi16" in vnni
     assert "_mm512_dpbusd_epi32" not in avx2 and "_mm256_madd_epi16" in avx2
     assert "immintrin" not in generic and "run_scalar" in generic
@@ -60,7 +61,7 @@ def test_isa_decides_which_vector_paths_are_emitted():
 
 def test_templates_see_nothing_but_their_spec():
     with pytest.raises(jinja2.UndefinedError):
-        environment("cpu").from_string("{{ not_in_the_spec }}").render(spec=spec())
+        environment(TEMPLATES).from_string("{{ not_in_the_spec }}").render(spec=spec())
 
 
 def test_ort_include_dir_without_headers_is_refused(tmp_path, monkeypatch):
@@ -101,7 +102,7 @@ def test_deb_unpacking_reads_an_ar_archive():
 def test_build_is_cached_and_a_compiler_error_names_its_source(tmp_path, monkeypatch):
     headers = ort_headers.find_headers()          # before the cache moves: the pinned headers
     monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
-    sources = render_sources("cpu", [spec(8, 8)], "t")
+    sources = render_sources(TEMPLATES, [spec(8, 8)], "t")
     first = kbuild.build(sources, headers)
     again = kbuild.build(sources, headers)
     assert not first.cached and again.cached and again.path == first.path and first.path.stat().st_size > 0
@@ -114,7 +115,7 @@ def test_build_is_cached_and_a_compiler_error_names_its_source(tmp_path, monkeyp
 
 
 def test_cmakelists_names_every_unit():
-    sources = render_sources("cpu", [spec(8, 8)], "t")
+    sources = render_sources(TEMPLATES, [spec(8, 8)], "t")
     text = kbuild.cmakelists(sources)
     assert all(name in text for name in sources if name.endswith(".cpp"))
     assert "ORT_API_MANUAL_INIT" in text and "ORT_INCLUDE_DIR" in text

@@ -69,7 +69,7 @@ def test_timing_and_modified_tell_the_truth(tmp_path, conv):
     timing, truth = PassTiming(), Serialized()
     run_pipeline(model, recipe, ctx, [truth, timing])
     assert [r["pass"] for r in timing.records] == ["canonicalize", "canonicalize", "calibrate", "quantize",
-                                                   "cpu_lower"]
+                                                   "generate_kernels", "cpu_lower"]
     assert all(r["seconds"] >= 0 for r in timing.records)
     for name, said, changed in truth.rows:
         assert said == changed, f"{name}: modified={said}, serialized model changed: {changed}"

@@ -24,7 +24,8 @@ def test_report_is_rendered_in_order_and_written_as_rendered(tmp_path):
     assert keys.index("quantize") < keys.index("cpu_kernels") < keys.index("passes") < keys.index("compile_seconds")
     assert keys[-1] == "compile_seconds"
     assert report["layers"] == result.layers.to_json()
-    assert [p["pass"] for p in report["passes"]] == ["canonicalize", "fuse", "calibrate", "quantize", "cpu_lower"]
+    assert [p["pass"] for p in report["passes"]] == ["canonicalize", "fuse", "calibrate", "quantize", "generate_kernels",
+                                                   "cpu_lower"]
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
     rendered = json.loads(json.dumps(render(result), default=str).replace("Infinity", '"inf"'))
     for key in ("layers", "verification", "quantize", "warnings", "input_shapes"):  # timings differ, rendered again

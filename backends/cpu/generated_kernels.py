@@ -1,4 +1,4 @@
-"""cpu_kernels: serve fused quantized ops onnxruntime CPU lacks with generated C++ kernels.
+"""generate_kernels: serve fused quantized ops onnxruntime CPU lacks with generated C++ kernels.
 
 onnxruntime has no fused op for per-token dynamic W8A8 MatMul (its DynamicQuantizeMatMul
 is per tensor), so `w8a8-dynamic` layers run as eleven standard ops around MatMulInteger
@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from qcompile import dynamic_qdq
+from qcompile.dynamic_qdq import integer_layer
 from qcompile.errors import TargetError
 from qcompile.facts import Fact
 from qcompile.kernelgen import DOMAIN, KernelSpec, manifest
@@ -37,6 +37,7 @@ from qcompile.qdq import add_initializer, take_over
 from qcompile.registry import QPass, register_pass
 
 FAMILY = "cpu"
+TEMPLATES = Path(__file__).resolve().parent / "kernels"     # this family's Jinja templates and helpers
 KERNELS_DIR = "kernels"
 LIBRARY_METADATA = "qcompile.kernels.library"   # model metadata: the library, relative to model.onnx
 _FAST_ISAS = {"avx512_vnni", "avx_vnni", "avx2"}   # x86 variants the templates have vector paths for
@@ -154,12 +155,12 @@ def to_generated(graph: ir.Graph, match: PerTokenMatMul, spec: KernelSpec) -> ir
 def to_standard_ops(graph: ir.Graph, node: ir.Node) -> None:
     """The reference (and fallback) form of a QMatMulPerToken node: compiler/dynamic_qdq.py's."""
     weight, scale, bias = (_const(v) for v in node.inputs[1:4])
-    dynamic_qdq.integer_layer(graph, node, node.inputs[0], weight, scale, bias if np.any(bias) else None,
-                              per_token=True)
+    integer_layer(graph, node, node.inputs[0], weight, scale, bias if np.any(bias) else None,
+                  per_token=True)
 
 
-@register_pass("cpu_kernels")
-class CpuKernels(QPass):
+@register_pass("generate_kernels")
+class GenerateKernels(QPass):
     """Lower per-token W8A8 MatMuls to generated kernels, build them, register the library."""
 
     @dataclasses.dataclass(frozen=True)
@@ -176,18 +177,20 @@ class CpuKernels(QPass):
         if not matches:
             return False
         isa = self.ctx.target.variant if self.ctx.target.variant in _FAST_ISAS else "generic"
-        served = served_ops(FAMILY)
+        served = served_ops(TEMPLATES)
         layers: dict[str, list[str]] = {}
         nodes = []
         for match in matches:
             spec = qmatmul_spec(match.weight, isa)
-            if spec.op not in served:   # every spec the matcher makes has a template today
+            if spec.op not in served:   # a family without this template: say so, keep the layer as it is
+                self.ctx.warn(f"no {FAMILY} kernel template serves {spec.op} (K={spec.dims()['K']}, "
+                              f"N={spec.dims()['N']}): {match.layer} keeps the standard-op form")
                 continue
             nodes.append((to_generated(graph, match, spec), spec))
             layers.setdefault(spec.id, []).append(match.layer)
         specs = sorted({s for _, s in nodes}, key=lambda s: s.id)
         version = _version()
-        sources = render_sources(FAMILY, specs, version)
+        sources = render_sources(TEMPLATES, specs, version)
         try:
             headers = find_headers()
             library = build(sources, headers)

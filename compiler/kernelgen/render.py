@@ -1,6 +1,7 @@
 """Render kernel sources from a family's Jinja templates.
 
-Templates live in `backends/<family>/kernels/`: `<Op>.cpp.j2` renders one specialisation
+Templates live with their family (`backends/<family>/kernels/`, handed in as a folder, so this
+core knows no family): `<Op>.cpp.j2` renders one specialisation
 (it sees only `spec`, its `dims` and `header`), `register.cpp.j2` renders the library's
 entry point over every spec, and plain files there (`*.h`) are shared helpers copied as
 they are. The environment has no globals and undefined names raise (`StrictUndefined`),
@@ -17,21 +18,15 @@ import jinja2
 from .spec import DOMAIN, KernelSpec
 
 
-def template_dir(family: str) -> Path:
-    """backends/<family>/kernels, where the package is installed."""
-    import qcompile.backends
-    return Path(qcompile.backends.__file__).resolve().parent / family / "kernels"
-
-
-def environment(family: str) -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir(family))),
+def environment(templates: Path) -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates)),
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                               trim_blocks=True, lstrip_blocks=True, autoescape=False)
 
 
-def served_ops(family: str) -> set[str]:
-    """The ops the family has a template for."""
-    return {p.name[:-len(".cpp.j2")] for p in template_dir(family).glob("*.cpp.j2")} - {"register"}
+def served_ops(templates: Path) -> set[str]:
+    """The ops a family's template folder has a template for."""
+    return {p.name[:-len(".cpp.j2")] for p in Path(templates).glob("*.cpp.j2")} - {"register"}
 
 
 def header_comment(spec: KernelSpec | None, version: str) -> str:
@@ -41,9 +36,10 @@ def header_comment(spec: KernelSpec | None, version: str) -> str:
     return "\n".join(lines)
 
 
-def render_sources(family: str, specs: list[KernelSpec], version: str) -> dict[str, str]:
-    """{file name: text} for the library serving `specs` (sorted, so the order never matters)."""
-    env = environment(family)
+def render_sources(templates: Path, specs: list[KernelSpec], version: str) -> dict[str, str]:
+    """{file name: text} for the library serving `specs` (sorted, so the order never matters),
+    from the family's template folder `templates`."""
+    env = environment(templates)
     specs = sorted(set(specs), key=lambda s: (s.op, s.id))
     files = {}
     for spec in specs:
@@ -52,6 +48,6 @@ def render_sources(family: str, specs: list[KernelSpec], version: str) -> dict[s
                                                       header=header_comment(spec, version))
     files["register.cpp"] = env.get_template("register.cpp.j2").render(
         specs=specs, ops=sorted({s.op for s in specs}), domain=DOMAIN, header=header_comment(None, version))
-    for helper in sorted(template_dir(family).glob("*.h")):
+    for helper in sorted(Path(templates).glob("*.h")):
         files[helper.name] = helper.read_text()
     return files

@@ -42,7 +42,18 @@ def session(model_path, threads: int = 2, level: str = "ORT_ENABLE_ALL"):
     so.inter_op_num_threads = 1
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     so.log_severity_level = 3
+    library = generated_library(model_path)
+    if library is not None:       # a compile's generated kernels (OUT/kernels/), as a user registers them
+        so.register_custom_ops_library(str(library))
     return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+
+
+def generated_library(model_path):
+    """The generated-kernel library a compiled model names in its metadata (None for other models)."""
+    import onnx
+    from qcompile.backends.cpu.generated_kernels import library_beside
+    proto = onnx.load(str(model_path), load_external_data=False)
+    return library_beside(model_path, {p.key: p.value for p in proto.metadata_props})
 
 
 def load_inputs(npz, input_names=None, limit: int | None = None) -> dict[str, np.ndarray]:

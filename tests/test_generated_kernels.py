@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompile.backends.cpu.generated_kernels import qmatmul_spec
+from qcompile.backends.cpu.generated_kernels import TEMPLATES, qmatmul_spec
 from qcompile.driver import compile_model
 from qcompile.errors import EXIT_TARGET
 from qcompile.kernelgen.build import LIBRARY, build
@@ -82,7 +82,7 @@ def spec_for(k: int, n: int):
 @pytest.fixture(scope="module")
 def grid_library() -> Path:
     """Every grid spec rendered and compiled into one library (all three ISA paths in each)."""
-    return build(render_sources("cpu", [spec_for(k, n) for k, n in GRID], "test"), find_headers()).path
+    return build(render_sources(TEMPLATES, [spec_for(k, n) for k, n in GRID], "test"), find_headers()).path
 
 
 @pytest.mark.parametrize("path", runnable_paths())
@@ -143,7 +143,7 @@ def _run(model: Path, feeds: dict, library: Path | None = None) -> np.ndarray:
 
 def test_w8a8_dynamic_lowers_to_generated_kernels(bert, tmp_path):
     result = _compile(bert, tmp_path / "kernels")
-    standard = _compile(bert, tmp_path / "standard", settings=("cpu_kernels.enabled=false",))
+    standard = _compile(bert, tmp_path / "standard", settings=("generate_kernels.enabled=false",))
     out = tmp_path / "kernels"
     model = onnx.load(out / "model.onnx")
     generated = [n for n in model.graph.node if n.domain == "com.qcompile"]
@@ -185,7 +185,7 @@ def test_kernels_run_on_a_real_layers_inputs(bert, grid_library, monkeypatch, tm
     w = np.clip(np.round(wf / ws), -127, 127).astype(np.int8)
     k, n = w.shape
     spec = spec_for(k, n)
-    library = build(render_sources("cpu", [spec], "test"), find_headers()).path
+    library = build(render_sources(TEMPLATES, [spec], "test"), find_headers()).path
     b = np.zeros(n, np.float32)
     for path in runnable_paths():
         sess = session(one_node_model(w, ws, b, spec.id, k), library, path, monkeypatch)
