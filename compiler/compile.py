@@ -10,7 +10,6 @@ any search strategy (fallback, budget, mixed precision) has added its own sectio
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import shutil
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from .plan import CompilePlan
 from .recipe import Recipe
 from .targets import Target
 from .verify import verify_models
+from .versions import package_version
 
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "report.json"
@@ -147,7 +147,7 @@ def _resolved(plan: CompilePlan, rec: Recipe, dataset: Dataset | None, header: d
         "model_sha256": file_sha256(plan.model),
         "calibration_sha256": dataset.sha256() if dataset is not None else None,
         "input_shapes": header["input_shapes"],
-        "versions": {p: _version(p) for p in _VERSIONED},
+        "versions": {p: package_version(p) for p in _VERSIONED},
     }
     return resolved
 
@@ -208,10 +208,3 @@ def _verification_data(verify_data, dataset, specs, ctx: PassContext):
         return dataset
     ctx.warn("no data: verifying on synthetic inputs")
     return open_dataset(None, specs, synthetic_samples=4, seed=1)
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None

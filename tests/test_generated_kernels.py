@@ -207,7 +207,7 @@ def test_verify_cli_loads_the_kernels_beside_the_model(bert, tmp_path, run_cli):
 def test_no_compiler_falls_back_to_standard_ops_with_one_warning(bert, tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "empty-cache"))   # no library built before
-    monkeypatch.setenv("ORT_INCLUDE_DIR", str(find_headers_dir()))
+    monkeypatch.setenv("ORT_INCLUDE_DIR", str(find_headers().include_dir))
     result = _compile(bert, tmp_path / "out")
     model = onnx.load(tmp_path / "out" / "model.onnx")
     assert not any(n.domain == "com.qcompile" for n in model.graph.node)
@@ -217,10 +217,6 @@ def test_no_compiler_falls_back_to_standard_ops_with_one_warning(bert, tmp_path,
     assert len(warnings) == 1 and "no C++ compiler" in warnings[0]
     assert result.report["generated_kernels"] == {"built": False, "reason": warnings[0].split(": ", 1)[1],
                                                   "layers": 12}
-
-
-def find_headers_dir() -> Path:
-    return find_headers().include_dir
 
 
 def test_a_bad_ort_include_dir_is_one_clear_error(bert, tmp_path, run_cli, monkeypatch):

@@ -27,12 +27,13 @@ def test_spec_id_is_a_content_hash():
     ids = {spec(64, 32).id, spec(32, 64).id, spec(64, 32, "avx2").id}
     assert len(ids) == 3
     assert spec().symbol == f"QMatMulPerToken_{spec().id}"
+    assert KernelSpec.from_dict(spec(37, 70).to_dict()) == spec(37, 70)      # a manifest entry round-trips
 
 
 def test_manifest_lists_each_spec_once_with_its_layers():
     a, b = spec(64, 32), spec(16, 8)
     doc = manifest([b, a], layers={a.id: ["l2", "l1"]}, library="lib.so", build={"cached": True})
-    assert [k["id"] for k in doc["kernels"]] == sorted([a.id, b.id], key=lambda i: i)  # same op: by id
+    assert [k["id"] for k in doc["kernels"]] == sorted([a.id, b.id])  # same op: by id
     entry = next(k for k in doc["kernels"] if k["id"] == a.id)
     assert entry["layers"] == ["l1", "l2"] and entry["spec"]["static_dims"] == {"K": 64, "N": 32}
     assert doc["domain"] == "com.qcompile"

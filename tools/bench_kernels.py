@@ -23,20 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from benchlib.evaluate import load_inputs, session  # noqa: E402
+from benchlib.evaluate import compare, run_model  # noqa: E402
 from benchlib.latency import latency_many  # noqa: E402
+from benchlib.measure import run_environment  # noqa: E402
 from benchlib.setups import setup_model  # noqa: E402
 
 B16 = 16
@@ -63,54 +62,34 @@ def quantize_dynamic_peer(model: Path, out: Path) -> dict:
 
 
 def accuracy(paths: dict, reference: Path, data: Path, samples: int) -> dict:
-    """SQNR (dB) and mean cosine of the first output against fp32, one sample at a time."""
-    inputs = load_inputs(data, limit=samples)
-    ref = session(reference, 2)
-    names = [i.name for i in ref.get_inputs()]
-    feeds = [{k: inputs[k][i:i + 1] for k in names} for i in range(len(inputs[names[0]]))]
-    want = [ref.run(None, f)[0] for f in feeds]
+    """SQNR (dB) and mean cosine of the first output against fp32 (benchlib.evaluate.compare)."""
+    want = run_model(reference, data, limit=samples)
+    first = next(iter(want))
     out = {}
     for key, path in paths.items():
-        sess = session(path, 2)
-        got = [sess.run(None, f)[0] for f in feeds]
-        err = sum(float(np.sum((g - w) ** 2)) for g, w in zip(got, want))
-        power = sum(float(np.sum(w ** 2)) for w in want)
-        cos = [float(np.sum(g * w) / (np.linalg.norm(g) * np.linalg.norm(w) + 1e-30)) for g, w in zip(got, want)]
-        out[key] = {"sqnr_db": round(10 * np.log10(power / max(err, 1e-30)), 2), "cosine_mean": round(np.mean(cos), 5)}
+        stats = compare(run_model(path, data, limit=samples), want)[first]
+        out[key] = {"sqnr_db": round(stats["sqnr_db"], 2), "cosine_mean": round(stats["cosine"], 5)}
     return out
 
 
 def build_cost(manifest_path: Path) -> dict:
     """The kernels of one compile rebuilt into an empty cache, then again (cached)."""
+    from qcompile.backends.cpu.generated_kernels import TEMPLATES
     from qcompile.kernelgen import KernelSpec
     from qcompile.kernelgen.build import build
     from qcompile.kernelgen.ort_headers import find_headers
-    from qcompile.backends.cpu.generated_kernels import TEMPLATES
     from qcompile.kernelgen.render import render_sources
     doc = json.loads(manifest_path.read_text())
-    specs = []
-    for k in doc["kernels"]:
-        s = k["spec"]
-        specs.append(KernelSpec(op=s["op"], family=s["family"], isa=s["isa"], dtypes=tuple(s["dtypes"].items()),
-                                static_dims=tuple(s["static_dims"].items()), dynamic_dims=tuple(s["dynamic_dims"]),
-                                scale_layout=s["scale_layout"], epilogue=s["epilogue"]))
+    specs = [KernelSpec.from_dict(k["spec"]) for k in doc["kernels"]]
     assert [s.id for s in specs] == [k["id"] for k in doc["kernels"]], "manifest specs do not round-trip"
     headers = find_headers()
     sources = render_sources(TEMPLATES, specs, "bench")
-    previous = os.environ.get("QCOMPILE_CACHE")
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["QCOMPILE_CACHE"] = tmp
-        try:
-            first = build(sources, headers)
-            t = time.perf_counter()
-            again = build(sources, headers)
-            cached_s = time.perf_counter() - t
-            size = first.path.stat().st_size
-        finally:
-            if previous is None:
-                os.environ.pop("QCOMPILE_CACHE")
-            else:
-                os.environ["QCOMPILE_CACHE"] = previous
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"QCOMPILE_CACHE": tmp}):
+        first = build(sources, headers)
+        t = time.perf_counter()
+        again = build(sources, headers)
+        cached_s = time.perf_counter() - t
+        size = first.path.stat().st_size
     assert again.cached
     return {"kernels": len(specs), "layers": sum(len(k["layers"]) for k in doc["kernels"]),
             "first_build_s": round(first.seconds, 2), "cached_build_s": round(cached_s, 4),
@@ -195,11 +174,7 @@ def main(argv=None) -> int:
         doc = json.loads(Path(args.render).read_text())
         Path(args.render).with_name("bench.md").write_text(render(doc["rows"], doc["meta"]))
         return 0
-    import onnxruntime
-    from qcompile.hostinfo import cpu_flags  # noqa: F401  (the host is named below)
-    meta = {"cpu": _cpu_name(), "nproc": os.cpu_count(), "platform": platform.platform(),
-            "onnxruntime": onnxruntime.__version__,
-            "command": "python tools/bench_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    meta = run_environment(__file__, sys.argv[1:] if argv is None else list(argv))
     rows = [bench_model(m, args) for m in args.models.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,16 +182,6 @@ def main(argv=None) -> int:
     (out / "bench.md").write_text(render(rows, meta))
     print(render(rows, meta))
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ back in the standard-op form with one warning: the model always runs.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import shutil
 from pathlib import Path
@@ -35,6 +34,7 @@ from qcompile.kernelgen.spec import DOMAIN_VERSION
 from qcompile.ort_session import use_generated_library
 from qcompile.qdq import add_initializer, take_over
 from qcompile.registry import QPass, register_pass
+from qcompile.versions import package_version
 
 FAMILY = "cpu"
 TEMPLATES = Path(__file__).resolve().parent / "kernels"     # this family's Jinja templates and helpers
@@ -79,7 +79,12 @@ def _is(value: ir.Value, expected: float) -> bool:
 
 
 def match_per_token_matmul(mmi: ir.Node) -> PerTokenMatMul | None:
-    """The dynamic_qdq per-token chain ending in this MatMulInteger, or None."""
+    """The dynamic_qdq per-token chain ending in this MatMulInteger, or None.
+
+    A structural walk rather than an onnxscript rewrite rule: the replacement must keep the
+    layer's name (verify's per-layer table and the report match layers by node name) and the
+    chain's own weight, scale and bias initializers, and the pass must be able to put the
+    chain back when no library can be built."""
     if mmi.op_type != "MatMulInteger" or len(mmi.inputs) != 3 or not _is(mmi.inputs[2], 128):
         return None
     weight = _const(mmi.inputs[1])
@@ -178,7 +183,8 @@ class GenerateKernels(QPass):
             return False
         isa = self.ctx.target.variant if self.ctx.target.variant in _FAST_ISAS else "generic"
         served = served_ops(TEMPLATES)
-        layers: dict[str, list[str]] = {}
+        layers: dict[str, list[str]] = {}     # spec id -> the layers it serves (the manifest's view)
+        spec_of: dict[str, str] = {}          # layer -> spec id
         nodes = []
         for match in matches:
             spec = qmatmul_spec(match.weight, isa)
@@ -188,9 +194,9 @@ class GenerateKernels(QPass):
                 continue
             nodes.append((to_generated(graph, match, spec), spec))
             layers.setdefault(spec.id, []).append(match.layer)
+            spec_of[match.layer] = spec.id
         specs = sorted({s for _, s in nodes}, key=lambda s: s.id)
-        version = _version()
-        sources = render_sources(TEMPLATES, specs, version)
+        sources = render_sources(TEMPLATES, specs, package_version("qcompile") or "unknown")
         try:
             headers = find_headers()
             library = build(sources, headers)
@@ -209,9 +215,8 @@ class GenerateKernels(QPass):
         model.metadata_props[LIBRARY_METADATA] = f"{KERNELS_DIR}/{LIBRARY}"
         use_generated_library(library.path)
         for record in self.ctx.layers.quantized():
-            for spec_id, names in layers.items():
-                if record.name in names:
-                    record.lowering["lowered_to"] = f"{DOMAIN}.QMatMulPerToken (generated kernel {spec_id})"
+            if record.name in spec_of:
+                record.lowering["lowered_to"] = f"{DOMAIN}.QMatMulPerToken (generated kernel {spec_of[record.name]})"
         build_info = {"compiler": library.compiler, "seconds": round(library.seconds, 2), "cached": library.cached,
                       "key": library.key, "headers": f"{headers.source} (ORT_API_VERSION {headers.api_version})"}
         doc = manifest(specs, layers=layers, library=LIBRARY, build=build_info)
@@ -231,13 +236,6 @@ def _writer(sources: dict[str, str], library: Path, doc: dict):
         (folder / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
         shutil.copyfile(library, folder / LIBRARY)
     return write
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("qcompile")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def library_beside(model_path: str | Path, metadata: dict[str, str]) -> Path | None:

@@ -38,6 +38,13 @@ class KernelSpec:
         d["dynamic_dims"] = list(self.dynamic_dims)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "KernelSpec":
+        """The inverse of `to_dict` (a manifest entry's `spec` back into a spec with the same id)."""
+        return cls(op=d["op"], family=d["family"], isa=d["isa"], dtypes=tuple(d["dtypes"].items()),
+                   static_dims=tuple(d["static_dims"].items()), dynamic_dims=tuple(d["dynamic_dims"]),
+                   scale_layout=d["scale_layout"], epilogue=d["epilogue"])
+
     @property
     def id(self) -> str:
         """A stable content hash: same spec, same id, on every machine and run."""
