@@ -150,7 +150,9 @@ class KVCache(QPass):
                       add_initializer(graph, f"{base}_scale", scale))
 
     def _dequantize_on_entry(self, graph: ir.Graph, past: ir.Value, codec: _Codec) -> None:
-        uses = list(past.uses())
+        # a Shape of the past (the mask's past length) reads the int8 input itself: the same
+        # shape, and no dependency on the dequantized cache a kernel may never widen
+        uses = [(user, index) for user, index in past.uses() if user.op_type != "Shape"]
         past.dtype = ir.DataType.INT8
         out = _dequantize(graph, past, codec, past.name)
         for user, index in uses:

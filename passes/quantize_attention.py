@@ -8,8 +8,9 @@ and gets a per-axis scale on the head axis; a 4-D [batch, heads, seq, head_dim] 
 scale on axis 1.
 
 On `cpu` onnxruntime's MultiHeadAttention/GroupQueryAttention kernels take float inputs,
-so the graph runs DequantizeLinear in front of them: the numerics are FA3's (verification
-measures them), the speed is not; a kernel-generating backend consumes the scales. The
+so this QDQ form runs DequantizeLinear in front of them; the cpu target's `generate_kernels`
+lowering then replaces it with a generated int8 attention (backends/cpu/int8_attention.py),
+and only where no kernel can be built does the float form (FA3 numerics, not speed) ship. The
 softmax output, FA3's optional third quantized tensor, is inside the fused operator and
 is not quantized here.
 """

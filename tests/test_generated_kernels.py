@@ -19,7 +19,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompile.backends.cpu.generated_kernels import TEMPLATES, qmatmul_spec
+from kernel_paths import runnable_paths, session
+from qcompile.backends.cpu.generated_kernels import TEMPLATES
+from qcompile.backends.cpu.per_token_matmul import qmatmul_spec
 from qcompile.driver import compile_model
 from qcompile.errors import EXIT_TARGET
 from qcompile.kernelgen.build import LIBRARY, build
@@ -27,25 +29,6 @@ from qcompile.kernelgen.ort_headers import find_headers
 from qcompile.kernelgen.render import render_sources
 
 GRID = [(1, 1), (3, 5), (37, 70), (64, 64), (130, 17), (384, 96), (16, 257)]
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
-def runnable_paths() -> list[str]:
-    flags = _cpu_flags()
-    paths = ["scalar"]
-    if {"avx2", "fma"} <= flags:
-        paths.append("avx2")
-    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
-        paths.append("avx512_vnni")
-    return paths
 
 
 def reference(x: np.ndarray, w: np.ndarray, ws: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -65,14 +48,6 @@ def one_node_model(w, ws, b, spec_id: str, k: int) -> bytes:
     return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
                                                                   helper.make_opsetid("com.qcompile", 1)]
                              ).SerializeToString()
-
-
-def session(model: bytes, library: Path, path: str, monkeypatch, threads: int = 2) -> ort.InferenceSession:
-    monkeypatch.setenv("QCOMPILE_KERNEL_PATH", path)      # read when the session creates the kernel
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.register_custom_ops_library(str(library))
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def spec_for(k: int, n: int):

@@ -43,12 +43,12 @@ def llama(tmp_path_factory):
     return llama_block.write(tmp_path_factory.mktemp("llama"))
 
 
-def _compile(run_cli, tmp_path, files, recipe_text, name):
+def _compile(run_cli, tmp_path, files, recipe_text, name, extra=()):
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(recipe_text)
     out = tmp_path / name
     res = run_cli([files["model"], "--target", "cpu", "--recipe", recipe, "--calib", files["calib"],
-                   "--verify-data", files["eval"], "-o", out, "-q"])
+                   "--verify-data", files["eval"], "-o", out, "-q", *extra])
     return res, out
 
 
@@ -148,8 +148,9 @@ def test_fa3_scales_are_per_head_maxima(run_cli, tmp_path):
 
 
 def test_fa3_qdq_on_the_head_view_equals_numpy_per_head_fake_quant(run_cli, tmp_path):
+    """The pass's QDQ form (on cpu generate_kernels replaces it: tests/test_int8_attention.py)."""
     files = bert_block.write(tmp_path / "bert")
-    res, out = _compile(run_cli, tmp_path, files, FA3, "fa3")
+    res, out = _compile(run_cli, tmp_path, files, FA3, "fa3", ("--set", "generate_kernels.enabled=false"))
     assert res.code == 0, res.err
     scales = json.loads((out / "report.json").read_text())["quantize_attention"]["nodes"]
     m = onnx.load(str(out / "model.onnx"))
@@ -181,3 +182,23 @@ def test_kv8_on_a_graph_without_a_kv_cache_is_refused_before_any_work(run_cli, t
     res = run_cli([path, "--recipe", "w8a8-kv8", "-o", tmp_path / "out"])
     assert res.code == 4 and "no past/present key-value tensors" in res.err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_shape_of_the_past_reads_the_int8_input_not_its_dequantization(run_cli, tmp_path, llama):
+    """A mask's past length taken as Shape(past) must not depend on the dequantized cache: a
+    kernel that reads the int8 cache directly (QAttentionKVCache) would have to keep widening it."""
+    model = onnx.load(str(llama["model"]))
+    model.graph.node.append(onnx.helper.make_node("Shape", ["past_key_values.0.key"], ["past_shape"]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("past_shape", onnx.TensorProto.INT64, [4]))
+    files = {**llama, "model": tmp_path / "with_shape.onnx"}
+    onnx.save(model, str(files["model"]))
+    res, out = _compile(run_cli, tmp_path, files, KV_ONLY.format(granularity="per_channel"), "shape")
+    assert res.code == 0, res.err
+    compiled = onnx.load(str(out / "model.onnx"))
+    shape = next(n for n in compiled.graph.node if n.output[0] == "past_shape")
+    assert list(shape.input) == ["past_key_values.0.key"]
+    feed = {k: v[:1] for k, v in dict(np.load(llama["eval"])).items()}
+    feed.update({k: np.zeros((1, 2, 5, 16), np.int8) for k in feed if k.startswith("past")})
+    feed["attention_mask"] = np.ones((1, 5 + feed["input_ids"].shape[1]), np.int64)
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(["past_shape"], feed)
+    assert got[0].tolist() == [1, 2, 5, 16]

@@ -27,6 +27,9 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from llama_block import decode  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib.evaluate import session  # noqa: E402
+
 _BYTES = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(int8)": 1, "tensor(uint8)": 1}
 
 
@@ -43,8 +46,7 @@ def cache_bytes_per_token(session: ort.InferenceSession) -> int:
 def compare_decode(float_model, compiled_model, *, steps: int = 16, prompts: int = 8, prompt_len: int = 12,
                    vocab: int | None = None, seed: int = 0, prompt_ids: np.ndarray | None = None) -> dict:
     """`prompt_ids` [prompts, prompt_len] (real text) instead of random ids when given."""
-    ref = ort.InferenceSession(str(float_model), providers=["CPUExecutionProvider"])
-    got = ort.InferenceSession(str(compiled_model), providers=["CPUExecutionProvider"])
+    ref, got = session(float_model), session(compiled_model)   # a compile's generated kernels registered
     if prompt_ids is not None:
         ids = np.asarray(prompt_ids, dtype=np.int64)
         prompts, prompt_len = ids.shape

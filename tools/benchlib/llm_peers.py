@@ -422,11 +422,20 @@ class _LlamaScorer:
         return np.array(self.llm.scores[:len(ids)], dtype=np.float32, copy=True)
 
 
+def _register_generated_kernels(so, model_path: str) -> None:
+    """A compiled model's generated-kernel library (OUT/kernels/), registered as a user would."""
+    from .evaluate import generated_library
+    library = generated_library(model_path)
+    if library is not None:
+        so.register_custom_ops_library(str(library))
+
+
 class _OrtScorer:
     def __init__(self, path: str, threads: int):
         import onnxruntime as ort
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        _register_generated_kernels(so, path)
         self.sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
 
@@ -507,6 +516,7 @@ def decode_in_child(spec: dict) -> dict:
             from .latency import _Decoder
             so = ort.SessionOptions()
             so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+            _register_generated_kernels(so, spec["model"])
             sess = ort.InferenceSession(spec["model"], so, providers=["CPUExecutionProvider"])
             how = ("onnxruntime session: prefill (past length 0) untimed, then `steps` timed one-token runs feeding "
                    "present.* back as past_key_values.*, greedy")
