@@ -34,7 +34,7 @@ from qcompile.graph_signature import signature
 from qcompile.model_io import infer_shapes, infer_symbolic_shapes
 from qcompile.registry import QPass, register_pass
 
-from .rules import fusions, qdq_see_through, shared_shapes, spelling
+from .rules import fusions, qdq_see_through, shared_shapes, skip_norm_order, spelling
 
 _ATTENTION_TRACED = ("sdpa",)  # the step whose tracer explains an unfused attention
 
@@ -107,6 +107,7 @@ class Fuse(QPass):
             report["rules"][step.name] = int(count)
             if count and step.infer_shapes_after:
                 common_passes.ShapeInferencePass(strict_mode=False)(model)
+        report["rules"]["skip_norm_full_input_first"] = skip_norm_order.full_input_first(graph)
         dropped = qdq_see_through.restore(graph, lifted, nodes_before)
         self._mark_fused_layers(graph)
         if lifted:

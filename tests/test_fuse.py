@@ -90,6 +90,21 @@ def test_bert_block_fuses_attention_norm_and_gelu_and_keeps_outputs(run_cli, tmp
     assert _relative_error(bert, model) <= 1e-5
 
 
+def test_a_batch_pinned_above_one_keeps_the_full_tensor_as_skip_norm_input(run_cli, tmp_path, bert):
+    """The embedding sum's position term folds to a [1, seq, hidden] constant once the batch is
+    pinned; as SkipLayerNormalization's `input` it would size the output at batch 1 (onnxruntime
+    then refuses the attention bias). Pinned at 16, the fused graph runs and equals the original."""
+    report, model = _compile(run_cli, tmp_path, bert, FUSE, "b16",
+                             extra=("--input-shape", "input_ids:16,16", "--input-shape", "attention_mask:16,16"))
+    assert report["fuse"]["rules"]["skip_norm_full_input_first"] == 1
+    assert _ops(model).get("SkipLayerNormalization") == 5
+    feed = {k: v[:16] for k, v in np.load(bert["eval"]).items()}
+    ref = ort.InferenceSession(str(bert["model"]), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert got.shape == (16, 16, 64)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def _decodes_like(original, compiled, steps: int = 6) -> float:
     """Largest relative difference of the next-token logits over a multi-step greedy decode
     (prefill, then one-token steps feeding present back as past)."""
