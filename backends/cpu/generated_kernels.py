@@ -1,15 +1,15 @@
 """generate_kernels: serve fused quantized ops onnxruntime CPU lacks with generated C++ kernels.
 
-onnxruntime has no op for what two quantized forms need, so they run as chains of standard
+onnxruntime has no op for what three quantized forms need, so they run as chains of standard
 ops: per-token dynamic W8A8 MatMul (`w8a8-dynamic`, eleven ops around MatMulInteger:
 per_token_matmul.py), attention over an int8 KV cache (`w8a8-kv8`: the whole past
 dequantized and re-quantized every step: kv_cache_attention.py) and FA3's int8 attention
-(`w8a8-fa3`: Q/K/V dequantized in front of a float attention: int8_attention.py). This lowering finds those
-forms (the `LOWERINGS` table: one entry per op), collects one `KernelSpec` per distinct
-specialisation, renders the family's templates (backends/cpu/kernels/), builds the library
-(compiler/kernelgen/build.py, cached), replaces each form by one `com.qcompile` node and
-registers the library in every onnxruntime session of the compile — so verification runs the
-very kernels that ship in OUT/kernels/.
+(`w8a8-fa3`: Q/K/V dequantized in front of a float attention: int8_attention.py). This
+lowering finds those forms (the `LOWERINGS` table: one entry per op), collects one
+`KernelSpec` per distinct specialisation, renders the family's templates
+(backends/cpu/kernels/), builds the library (compiler/kernelgen/build.py, cached), replaces
+each form by one `com.qcompile` node and registers the library in every onnxruntime session
+of the compile — so verification runs the very kernels that ship in OUT/kernels/.
 
 The library is built before the graph changes: where none can be had (no compiler, no
 headers, a failed build) the graph keeps the standard-op form, with one warning.
