@@ -118,6 +118,24 @@ def test_one_scale_for_every_head(grid_library, monkeypatch, path):
     np.testing.assert_allclose(sess.run(None, feeds)[0], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("path", runnable_paths())
+def test_values_on_and_next_to_rounding_ties_quantize_as_quantizelinear(grid_library, monkeypatch, path):
+    """The vector paths multiply by 1/scale and divide only near a half-integer: inputs at
+    (n + 0.5)·s and one float either side of it must round as QuantizeLinear's division does."""
+    rng = np.random.default_rng(11)
+    scales = [np.array([0.0213, 0.0371, 0.0119, 0.0557], np.float32) for _ in range(3)]
+    sess = session(one_node_model(int8_spec(16, 4, True), scales, 0.25, True), grid_library, path, monkeypatch)
+    feeds = _feeds(rng, 4, 64, (2, 9, 11, "batch"), True)
+    per = np.repeat(scales[0], 16)
+    for name in ("q", "k", "v"):
+        halves = (rng.integers(-120, 120, feeds[name].shape) + 0.5).astype(np.float32) * per
+        nudge = rng.integers(-1, 2, feeds[name].shape)             # on the tie, one float below or above
+        feeds[name] = np.where(nudge < 0, np.nextafter(halves, -np.inf),
+                               np.where(nudge > 0, np.nextafter(halves, np.inf), halves)).astype(np.float32)
+    want = reference(feeds["q"], feeds["k"], feeds["v"], *scales, feeds["bias"], 0.25, 4)
+    np.testing.assert_allclose(sess.run(None, feeds)[0], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
 def test_shapes_the_spec_does_not_have_are_refused(grid_library, monkeypatch):
     rng = np.random.default_rng(0)
     scales = [np.full(4, 0.02, np.float32)] * 3
