@@ -173,7 +173,7 @@ def render(rows: list[dict], meta: dict) -> str:
             if not b:
                 continue
             compiles = row["compile"]
-            lines += ["", f"Kernel build, {recipe}: {b['kernels']} kernels for {b['layers']} nodes; first build "
+            lines += ["", f"Kernel build, {recipe}: {b['kernels']} kernel(s) for {b['layers']} nodes; first build "
                           f"{b['first_build_s']} s, cached {b['cached_build_s'] * 1000:.1f} ms; library "
                           f"{b['library_kb']} KB ({b['compiler']}). Compile (b1, with verification): kernels "
                           f"{compiles[f'{recipe} (kernels) b1']['seconds']} s, standard ops "
