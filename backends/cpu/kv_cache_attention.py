@@ -38,8 +38,7 @@ class CacheSide:
     present: ir.Value         # graph output, int8 [B, KVH, P+S, D]
     scale: ir.Value           # constant: [KVH] (per_head) or [1, KVH, 1, D] (per_channel)
     layout: str               # per_head | per_channel
-    nodes: list[ir.Node]      # the standard-op chain this side replaces
-    outlet: list[ir.Node]     # those from the present's quantization on (their outputs' readers move to the new node)
+    outlet: list[ir.Node]     # from the present's quantization to the repeat: their readers move to the new node
 
 
 @dataclasses.dataclass
@@ -134,7 +133,7 @@ def _cache_side(value: ir.Value) -> CacheSide | None:
     entry = _dequantized_cache(concat.inputs[0])
     if entry is None:
         return None
-    past, past_scale, past_layout, entry_nodes = entry
+    past, past_scale, past_layout, _ = entry
     if past_layout != layout or not const_equal(past_scale, scale) or not past.is_graph_input() \
             or past.dtype != ir.DataType.INT8 or past.shape is None or past.shape.rank() != 4:
         return None
@@ -146,8 +145,8 @@ def _cache_side(value: ir.Value) -> CacheSide | None:
     expected = kv_heads if layout == "per_head" else kv_heads * head_dim
     if const(scale).size != expected:
         return None
-    return CacheSide(past, concat.inputs[1], present, scale, layout,
-                     entry_nodes + [concat] + q_nodes + deq_nodes + repeat, q_nodes + deq_nodes + repeat)
+    # the past's dequantization and the Concat stay upstream; once nothing reads them they go
+    return CacheSide(past, concat.inputs[1], present, scale, layout, q_nodes + deq_nodes + repeat)
 
 
 def _upstream(values: list[ir.Value], limit: int = 100_000) -> set[int]:
