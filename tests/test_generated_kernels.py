@@ -125,6 +125,12 @@ def test_w8a8_dynamic_lowers_to_generated_kernels(bert, tmp_path):
     quantized = [name for name, r in result.report["layers"].items() if r["status"] == "quantized"]
     assert len(generated) == len(quantized) == 12 and {n.name for n in generated} == set(quantized)
     assert not any(n.op_type in ("MatMulInteger", "Round", "ReduceMax") for n in model.graph.node)
+    # fuse's BiasGelu after the FFN input layer: its bias is the kernel's epilogue, a Gelu is left
+    ops = [n.op_type for n in model.graph.node]
+    assert "BiasGelu" not in ops and ops.count("Gelu") == 2
+    ffn_in = [n for n in generated if any(m.op_type == "Gelu" and n.output[0] in m.input for m in model.graph.node)]
+    assert len(ffn_in) == 2 and all(next(t for t in model.graph.initializer if t.name == n.input[3]).raw_data.strip(b"\0")
+                                    for n in ffn_in), "the BiasGelu bias went into the kernel"
     assert {"domain": "com.qcompile", "version": 1} in [{"domain": o.domain, "version": o.version}
                                                         for o in model.opset_import]
     meta = {p.key: p.value for p in model.metadata_props}

@@ -31,6 +31,7 @@ class PerTokenMatMul:
     bias: ir.Value | None       # constant float32 [N]
     output: ir.Value
     nodes: list[ir.Node]
+    bias_gelu: ir.Node | None = None   # a com.microsoft BiasGelu reading `output`: its bias moves into the kernel
 
 
 def match_per_token_matmul(mmi: ir.Node) -> PerTokenMatMul | None:
@@ -85,7 +86,27 @@ def match_per_token_matmul(mmi: ir.Node) -> PerTokenMatMul | None:
         nodes.append(add)
         output, bias = add.outputs[0], add.inputs[1]
     layer = mmi.name[:-len("_MatMulInteger")] if mmi.name.endswith("_MatMulInteger") else mmi.name
-    return PerTokenMatMul(layer, x, mmi.inputs[1], rescale_w.inputs[1], bias, output, nodes)
+    bias_gelu = _bias_gelu(output, n) if bias is None else None
+    if bias_gelu is not None:
+        bias = bias_gelu.inputs[1]
+    return PerTokenMatMul(layer, x, mmi.inputs[1], rescale_w.inputs[1], bias, output, nodes, bias_gelu)
+
+
+def _bias_gelu(output: ir.Value, n: int) -> ir.Node | None:
+    """The BiasGelu(output, bias[N]) `fuse` wrote after this layer, if it is the only reader.
+
+    onnxruntime's BiasGelu costs an Add and a Gelu (MiniLM's [16, 64, 1536]: 2.5 ms against
+    0.9 ms for Gelu alone); the kernel's epilogue adds a bias for free, so the bias moves into
+    the kernel and a plain Gelu stays."""
+    users = [u.node for u in output.uses()]
+    if len(users) != 1 or output.is_graph_output():
+        return None
+    node = users[0]
+    bias = const(node.inputs[1]) if node.op_type == "BiasGelu" and len(node.inputs) == 2 else None
+    if node.domain != "com.microsoft" or node.inputs[0] is not output or bias is None \
+            or bias.dtype != np.float32 or bias.shape != (n,):
+        return None
+    return node
 
 
 def qmatmul_spec(weight: ir.Value, isa: str, family: str = "cpu") -> KernelSpec:
@@ -112,4 +133,7 @@ def qmatmul_to_generated(graph: ir.Graph, match: PerTokenMatMul, spec: KernelSpe
     out.dtype, out.shape = ir.DataType.FLOAT, match.output.shape
     graph.append(node)
     take_over(graph, match.output, out, match.nodes[::-1])
+    if match.bias_gelu is not None:   # its bias is the kernel's now: the node becomes a plain Gelu, in
+        match.bias_gelu.op_type = "Gelu"  # place (its output may be the next layer's matched input)
+        match.bias_gelu.resize_inputs(1)
     return node
