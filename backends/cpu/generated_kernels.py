@@ -84,20 +84,13 @@ class GenerateKernels(QPass):
         graph = model.graph
         isa = self.ctx.target.variant if self.ctx.target.variant in _FAST_ISAS else "generic"
         served = served_ops(TEMPLATES)
-        planned = []                          # (lowering, match, spec), in graph order
-        for node in list(graph):
-            for lowering in LOWERINGS:
-                match = lowering.match(node)
-                if match is None:
-                    continue
-                spec = lowering.spec(match, isa, FAMILY)
-                if spec.op not in served:     # a family without this template: say so, keep the node as it is
-                    dims = ", ".join(f"{k}={v}" for k, v in spec.static_dims)
-                    self.ctx.warn(f"no {FAMILY} kernel template serves {spec.op} ({dims}): {match.layer} keeps "
-                                  f"the standard-op form")
-                else:
-                    planned.append((lowering, match, spec))
-                break
+        planned = list(self._matches(graph, isa))
+        for lowering, match, spec in planned:
+            if spec.op not in served:         # a family without this template: say so, keep the node as it is
+                dims = ", ".join(f"{k}={v}" for k, v in spec.static_dims)
+                self.ctx.warn(f"no {FAMILY} kernel template serves {spec.op} ({dims}): {match.layer} keeps "
+                              f"the standard-op form")
+        planned = [p for p in planned if p[2].op in served]
         if not planned:
             return False
         specs = sorted({spec for _, _, spec in planned}, key=lambda s: s.id)
@@ -112,7 +105,12 @@ class GenerateKernels(QPass):
             return False
         layers: dict[str, list[str]] = {}     # spec id -> the nodes it serves (the manifest's view)
         spec_of: dict[str, KernelSpec] = {}   # node -> its spec
-        for lowering, match, spec in planned:
+        built = {spec.id for spec in specs}
+        # matched again, one node at a time, as the graph changes: a rewrite replaces values (a
+        # layer's output) that the next layer's earlier match still held as its input
+        for lowering, match, spec in self._matches(graph, isa, rewrite=True):
+            if spec.id not in built:          # not planned above (no template): left as it is
+                continue
             lowering.rewrite(graph, match, spec)
             layers.setdefault(spec.id, []).append(match.layer)
             spec_of[match.layer] = spec
@@ -137,6 +135,19 @@ class GenerateKernels(QPass):
             "build": build_info}
         self.ctx.outputs.artifacts[KERNELS_DIR] = _writer(sources, library.path, doc)
         return True
+
+    @staticmethod
+    def _matches(graph: ir.Graph, isa: str, rewrite: bool = False):
+        """(lowering, match, spec) for each node a lowering serves, in graph order; with
+        `rewrite`, each is matched when the loop reaches it, after the rewrites before it."""
+        for node in list(graph):
+            if rewrite and node.graph is None:   # taken out by an earlier rewrite
+                continue
+            for lowering in LOWERINGS:
+                match = lowering.match(node)
+                if match is not None:
+                    yield lowering, match, lowering.spec(match, isa, FAMILY)
+                    break
 
 
 def _counts(planned) -> str:
