@@ -17,7 +17,6 @@ head_dim] input):
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import onnx_ir as ir
@@ -25,7 +24,7 @@ import onnx_ir as ir
 from qcompile.kernelgen import DOMAIN, KernelSpec
 from qcompile.qdq import take_over
 
-from .kernel_match import const, const_equal, producer
+from .kernel_match import const, const_equal, plain_attention, producer, softmax_scale, zero_int8_point
 
 OP = "QAttentionInt8"
 
@@ -50,16 +49,11 @@ class Int8Attention:
     layout: str               # per_head | per_tensor
 
 
-def _zero(node: ir.Node) -> bool:
-    zp = const(node.inputs[2]) if len(node.inputs) > 2 else None
-    return zp is not None and zp.dtype == np.int8 and not zp.any()
-
-
 def _qdq(value: ir.Value, axis: int | None) -> tuple[ir.Value, ir.Value] | None:
     """(source, scale) of DequantizeLinear(QuantizeLinear(source)) with one symmetric int8 codec."""
     dq = producer(value, "DequantizeLinear")
     q = producer(dq.inputs[0], "QuantizeLinear") if dq else None
-    if q is None or not (_zero(q) and _zero(dq)) or not const_equal(q.inputs[1], dq.inputs[1]):
+    if q is None or not (zero_int8_point(q) and zero_int8_point(dq)) or not const_equal(q.inputs[1], dq.inputs[1]):
         return None
     scale = const(q.inputs[1])
     if scale is None or scale.dtype != np.float32:
@@ -93,26 +87,22 @@ def _int8_input(value: ir.Value, heads: int) -> tuple[Int8Input, str] | None:
 
 def match_int8_attention(node: ir.Node) -> Int8Attention | None:
     """The FA3 form around this MultiHeadAttention, or None."""
-    if node.op_type != "MultiHeadAttention" or node.domain != "com.microsoft":
+    found = plain_attention(node)
+    if found is None:
         return None
-    inputs = list(node.inputs) + [None] * (8 - len(node.inputs))
-    query, key, value, qkv_bias, padding, bias, past_k, past_v = inputs[:8]
-    if any(v is not None for v in (qkv_bias, padding, past_k, past_v)) or len(inputs) > 8 or key is None \
-            or value is None or node.attributes.get_int("unidirectional", 0) \
-            or any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
-        return None
+    query, key, value, bias = found
     heads = node.attributes.get_int("num_heads", 0)
     width = query.shape[2] if query.shape is not None and query.shape.rank() == 3 else None
     if heads <= 0 or not isinstance(width, int) or width % heads:
         return None
-    found = [_int8_input(v, heads) for v in (query, key, value)]
-    if any(f is None for f in found) or len({layout for _, layout in found}) != 1:
+    quantized = [_int8_input(v, heads) for v in (query, key, value)]
+    if any(f is None for f in quantized) or len({layout for _, layout in quantized}) != 1:
         return None
-    if any(f.source.shape is None or f.source.shape.rank() != 3 for f, _ in found):
+    if any(f.source.shape is None or f.source.shape.rank() != 3 for f, _ in quantized):
         return None
     head_dim = width // heads
-    scale = node.attributes.get_float("scale", 0.0) or 1.0 / math.sqrt(head_dim)
-    (q, layout), (k, _), (v, _) = found
+    scale = softmax_scale(node, head_dim)
+    (q, layout), (k, _), (v, _) = quantized
     return Int8Attention(node.name, node, q, k, v, bias, heads, head_dim, scale, layout)
 
 

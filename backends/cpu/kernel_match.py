@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_ir as ir
 
@@ -38,3 +40,28 @@ def only_use(value: ir.Value, op: str) -> ir.Node | None:
 def is_scalar(value: ir.Value, expected: float) -> bool:
     array = const(value)
     return array is not None and array.size == 1 and float(array.reshape(())) == expected
+
+
+def zero_int8_point(node: ir.Node) -> bool:
+    """A QuantizeLinear/DequantizeLinear whose zero point is a constant int8 0 (symmetric int8)."""
+    zp = const(node.inputs[2]) if len(node.inputs) > 2 else None
+    return zp is not None and zp.dtype == np.int8 and not zp.any()
+
+
+def plain_attention(node: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value | None] | None:
+    """(query, key, value, attention_bias) of a com.microsoft MultiHeadAttention that uses
+    nothing else a generated attention does not serve: no packed Q/K/V bias, no key padding
+    mask, no past of its own, not `unidirectional`, and no reader of its present outputs."""
+    if node.op_type != "MultiHeadAttention" or node.domain != "com.microsoft" or len(node.inputs) > 8:
+        return None
+    query, key, value, qkv_bias, padding, bias, past_k, past_v = list(node.inputs) + [None] * (8 - len(node.inputs))
+    if any(v is not None for v in (qkv_bias, padding, past_k, past_v)) or None in (query, key, value):
+        return None
+    if node.attributes.get_int("unidirectional", 0) or any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+        return None
+    return query, key, value, bias
+
+
+def softmax_scale(node: ir.Node, head_dim: int) -> float:
+    """A fused attention's `scale` attribute, or its default 1/sqrt(head_dim)."""
+    return node.attributes.get_float("scale", 0.0) or 1.0 / math.sqrt(head_dim)

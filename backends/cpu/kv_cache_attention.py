@@ -17,7 +17,6 @@ The two cache codecs of passes/kv_cache.py are recognised:
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import onnx_ir as ir
@@ -25,7 +24,7 @@ import onnx_ir as ir
 from qcompile.kernelgen import DOMAIN, KernelSpec
 from qcompile.qdq import take_over
 
-from .kernel_match import const, const_equal, producer
+from .kernel_match import const, const_equal, plain_attention, producer, softmax_scale, zero_int8_point
 
 OP = "QAttentionKVCache"
 
@@ -65,7 +64,7 @@ def _dequantized_cache(value: ir.Value) -> tuple[ir.Value, ir.Value, str, list[i
             return None
         return dq.inputs[0], outer, "per_channel", [dq, mul]
     dq = producer(value, "DequantizeLinear")
-    if dq is None or len(dq.inputs) < 2 or dq.attributes.get_int("axis", 1) != 1 or not _zero_point(dq):
+    if dq is None or len(dq.inputs) < 2 or dq.attributes.get_int("axis", 1) != 1 or not zero_int8_point(dq):
         return None
     scale = const(dq.inputs[1])
     if scale is None or scale.ndim != 1:
@@ -76,7 +75,7 @@ def _dequantized_cache(value: ir.Value) -> tuple[ir.Value, ir.Value, str, list[i
 def _quantized_cache(value: ir.Value) -> tuple[ir.Value, ir.Value, str, list[ir.Node]] | None:
     """(float source, scale, layout, nodes) of a value the cache codec quantized, or None."""
     q = producer(value, "QuantizeLinear")
-    if q is None or not _zero_point(q):
+    if q is None or not zero_int8_point(q):
         return None
     if _unit_codec(q):
         div = producer(q.inputs[0], "Div")
@@ -89,14 +88,9 @@ def _quantized_cache(value: ir.Value) -> tuple[ir.Value, ir.Value, str, list[ir.
     return q.inputs[0], q.inputs[1], "per_head", [q]
 
 
-def _zero_point(node: ir.Node) -> bool:
-    zp = const(node.inputs[2]) if len(node.inputs) > 2 else None
-    return zp is not None and zp.dtype == np.int8 and not zp.any()
-
-
 def _unit_codec(node: ir.Node) -> bool:
     scale = const(node.inputs[1]) if len(node.inputs) > 1 else None
-    return scale is not None and scale.size == 1 and float(scale.reshape(())) == 1.0 and _zero_point(node)
+    return scale is not None and scale.size == 1 and float(scale.reshape(())) == 1.0 and zero_int8_point(node)
 
 
 def _repeated_heads(value: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
@@ -164,15 +158,11 @@ def _upstream(values: list[ir.Value], limit: int = 100_000) -> set[int]:
 
 def match_kv_cache_attention(node: ir.Node) -> KVCacheAttention | None:
     """The int8-cache form around this MultiHeadAttention, or None."""
-    if node.op_type != "MultiHeadAttention" or node.domain != "com.microsoft":
+    found = plain_attention(node)
+    if found is None:
         return None
-    inputs = list(node.inputs) + [None] * (8 - len(node.inputs))
-    query, key, value, qkv_bias, padding, bias, past_k, past_v = inputs[:8]
-    if qkv_bias is not None or padding is not None or past_k is not None or past_v is not None or len(inputs) > 8:
-        return None
-    if node.attributes.get_int("unidirectional", 0) or any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
-        return None
-    if query is None or query.shape is None or query.shape.rank() != 3:
+    query, key, value, bias = found
+    if query.shape is None or query.shape.rank() != 3:
         return None
     k_side, v_side = _cache_side(key), _cache_side(value)
     if k_side is None or v_side is None or k_side.layout != v_side.layout:
@@ -185,8 +175,8 @@ def match_kv_cache_attention(node: ir.Node) -> KVCacheAttention | None:
     redirected = {id(n) for n in k_side.outlet + v_side.outlet + [node]}   # their outputs become the new node's
     if redirected & _upstream([query, bias, k_side.fresh, v_side.fresh]):
         return None                          # the new node would feed itself
-    scale = node.attributes.get_float("scale", 0.0) or 1.0 / math.sqrt(head_dim)
-    return KVCacheAttention(node.name, node, query, bias, k_side, v_side, q_heads, kv_heads, head_dim, scale)
+    return KVCacheAttention(node.name, node, query, bias, k_side, v_side, q_heads, kv_heads, head_dim,
+                            softmax_scale(node, head_dim))
 
 
 def attention_spec(match: KVCacheAttention, isa: str, family: str) -> KernelSpec:
