@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kernel_paths import runnable_paths, session
+from kernel_harness import run_compiled, runnable_paths, session
 from qcompile.backends.cpu.generated_kernels import TEMPLATES
 from qcompile.backends.cpu.per_token_matmul import qmatmul_spec
 from qcompile.driver import compile_model
@@ -109,13 +109,6 @@ def _compile(bert, out: Path, **kw):
                          verify_data=bert["eval"], output_dir=out, progress=False, verify_samples=16, **kw)
 
 
-def _run(model: Path, feeds: dict, library: Path | None = None) -> np.ndarray:
-    opts = ort.SessionOptions()
-    if library is not None:
-        opts.register_custom_ops_library(str(library))
-    return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-
-
 def test_w8a8_dynamic_lowers_to_generated_kernels(bert, tmp_path):
     result = _compile(bert, tmp_path / "kernels")
     standard = _compile(bert, tmp_path / "standard", settings=("generate_kernels.enabled=false",))
@@ -147,8 +140,8 @@ def test_w8a8_dynamic_lowers_to_generated_kernels(bert, tmp_path):
     # the shipped kernels against the standard-op form, in onnxruntime, on held-out inputs
     feeds = dict(np.load(bert["eval"]))
     feeds = {k: v[:1] for k, v in feeds.items()}
-    got = _run(out / "model.onnx", feeds, out / "kernels" / LIBRARY)
-    want = _run(tmp_path / "standard" / "model.onnx", feeds)
+    got = run_compiled(out / "model.onnx", feeds, out / "kernels" / LIBRARY)
+    want = run_compiled(tmp_path / "standard" / "model.onnx", feeds)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     assert result.worst_output("sqnr_db") == pytest.approx(standard.worst_output("sqnr_db"), abs=0.05)
 
@@ -224,6 +217,6 @@ def test_a_layer_fed_by_another_generated_layer(tmp_path):
                   settings=("generate_kernels.enabled=false",), **kw)
     assert result.report["generated_kernels"]["layers"] == 2
     feeds = {"x": np.load(tmp_path / "data.npz")["x"][:1]}
-    got = _run(tmp_path / "kernels" / "model.onnx", feeds, tmp_path / "kernels" / "kernels" / LIBRARY)
-    want = _run(tmp_path / "standard" / "model.onnx", feeds)
+    got = run_compiled(tmp_path / "kernels" / "model.onnx", feeds, tmp_path / "kernels" / "kernels" / LIBRARY)
+    want = run_compiled(tmp_path / "standard" / "model.onnx", feeds)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

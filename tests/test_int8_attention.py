@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kernel_paths import runnable_paths, session
+from kernel_harness import attention_float64, run_compiled, runnable_paths, session
 from qcompile.backends.cpu.generated_kernels import TEMPLATES
 from qcompile.driver import compile_model
 from qcompile.kernelgen import KernelSpec
@@ -40,22 +40,14 @@ def int8_spec(head_dim, heads, bias, layout="per_head") -> KernelSpec:
 
 def reference(q, k, v, q_scale, k_scale, v_scale, bias, softmax_scale, heads):
     """int8 Q/K/V as QuantizeLinear makes them (round half to even, saturated), float64 attention."""
-    batch, seq, width = q.shape
-    d = width // heads
+    d = q.shape[2] // heads
 
     def deq(x, s):
         per = np.repeat(np.broadcast_to(s.reshape(-1), (heads,)), d).astype(np.float32)
         x8 = np.clip(np.round(x / per), -128, 127)
         return (x8 * per).astype(np.float64).reshape(x.shape[0], x.shape[1], heads, d).transpose(0, 2, 1, 3)
 
-    qf, kf, vf = deq(q, q_scale), deq(k, k_scale), deq(v, v_scale)
-    scores = softmax_scale * (qf @ kf.transpose(0, 1, 3, 2))
-    if bias is not None:
-        scores = scores + bias
-    scores -= scores.max(-1, keepdims=True)
-    p = np.exp(scores)
-    p /= p.sum(-1, keepdims=True)
-    return (p @ vf).transpose(0, 2, 1, 3).reshape(batch, seq, width)
+    return attention_float64(deq(q, q_scale), deq(k, k_scale), deq(v, v_scale), bias, softmax_scale)
 
 
 def one_node_model(spec, scales, softmax_scale, bias) -> bytes:
@@ -162,14 +154,6 @@ def _compile(bert, out, settings=()):
                          settings=tuple(settings))
 
 
-def _run(model, feeds, library=None):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    if library is not None:
-        opts.register_custom_ops_library(str(library))
-    return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-
-
 def test_w8a8_fa3_runs_its_attention_in_the_generated_kernel(bert, tmp_path):
     result = _compile(bert, tmp_path / "kernels")
     standard = _compile(bert, tmp_path / "standard", ("generate_kernels.enabled=false",))
@@ -185,7 +169,7 @@ def test_w8a8_fa3_runs_its_attention_in_the_generated_kernel(bert, tmp_path):
         record = result.report["layers"][node.name]
         assert record["kernel"] == "QAttentionInt8" and not any("not FA3 speed" in n for n in record.get("notes", []))
     feeds = {k: v[:1] for k, v in np.load(bert["eval"]).items()}   # compiled at batch 1
-    got = _run(out / "model.onnx", feeds, out / "kernels" / LIBRARY)
-    want = _run(tmp_path / "standard" / "model.onnx", feeds)
+    got = run_compiled(out / "model.onnx", feeds, out / "kernels" / LIBRARY)
+    want = run_compiled(tmp_path / "standard" / "model.onnx", feeds)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     assert result.worst_output("sqnr_db") == pytest.approx(standard.worst_output("sqnr_db"), abs=0.05)

@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kernel_paths import runnable_paths, session
+from kernel_harness import attention_float64, library_session, runnable_paths, session
 from qcompile.backends.cpu.generated_kernels import TEMPLATES
 from qcompile.driver import compile_model
 from qcompile.kernelgen import KernelSpec
@@ -56,14 +56,7 @@ def reference(q, k, v, past_k, past_v, k_scale, v_scale, bias, softmax_scale, q_
     keys = np.repeat(present_k.astype(np.float64) * ks, group, axis=1)
     values = np.repeat(present_v.astype(np.float64) * vs, group, axis=1)
     query = q.astype(np.float64).reshape(batch, seq, q_heads, d).transpose(0, 2, 1, 3)
-    scores = softmax_scale * (query @ keys.transpose(0, 1, 3, 2))
-    if bias is not None:
-        scores = scores + bias
-    scores -= scores.max(-1, keepdims=True)
-    p = np.exp(scores)
-    p /= p.sum(-1, keepdims=True)
-    out = (p @ values).transpose(0, 2, 1, 3).reshape(batch, seq, q_heads * d)
-    return out, present_k, present_v
+    return attention_float64(query, keys, values, bias, softmax_scale), present_k, present_v
 
 
 def one_node_model(spec: KernelSpec, k_scale, v_scale, softmax_scale: float, bias: bool) -> bytes:
@@ -167,11 +160,7 @@ def _compile(llama, out, granularity="per_channel", settings=()):
 
 def _decode_outputs(model_path, library, prompt, steps):
     """Every output of a prefill and `steps` greedy one-token steps, the cache fed back."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    if library is not None:
-        opts.register_custom_ops_library(str(library))
-    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    sess = library_session(model_path, library)
     names = [o.name for o in sess.get_outputs()]
     pasts = {i.name: (i.shape[1], i.shape[3]) for i in sess.get_inputs() if i.name.startswith("past")}
     total = prompt.shape[1]
