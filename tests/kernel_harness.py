@@ -12,6 +12,12 @@ import numpy as np
 import onnxruntime as ort
 
 
+# A compile that checks one generated op against its standard-op form: the companion norm kernel
+# (generate_kernels.norms, tested on its own in test_skip_layer_norm.py) stays out, so nothing
+# else differs between the two compiles.
+ONLY_THIS_OP = ("generate_kernels.norms=never",)
+
+
 def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()

@@ -202,7 +202,7 @@ def test_fusion_after_quantization_fuses_the_same_subgraphs(run_cli, tmp_path, b
     # the query/key/value projections kept their Q/DQ (restored) and reached an int8 kernel
     qkv = [name for name in report["layers"] if name.endswith(("query/MatMul", "key/MatMul", "value/MatMul"))]
     assert len(qkv) == 6 and all(report["layers"][n]["status"] == "quantized" for n in qkv)
-    assert all(report["layers"][n].get("kernel") == "MatMulInteger" for n in qkv)
+    assert all(report["layers"][n].get("kernel") == "MatMulIntegerToFloat" for n in qkv)
     swallowed = [name for name, rec in report["layers"].items() if "attention/self/MatMul" in name]
     assert swallowed and all(report["layers"][n]["status"] == "float" for n in swallowed)
 

@@ -10,6 +10,7 @@ inputs. The compiled model is checked against the standard-op form in onnxruntim
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kernel_harness import run_compiled, runnable_paths, session
+from kernel_harness import ONLY_THIS_OP, run_compiled, runnable_paths, session
 from qcompile.backends.cpu.generated_kernels import TEMPLATES
 from qcompile.backends.cpu.per_token_matmul import qmatmul_spec
 from qcompile.driver import compile_model
@@ -39,6 +40,18 @@ def reference(x: np.ndarray, w: np.ndarray, ws: np.ndarray, b: np.ndarray) -> np
     return ((acc.astype(np.float32) * s) * ws.astype(np.float32)) + b
 
 
+def gelu_reference(pre: np.ndarray) -> np.ndarray:
+    """GELU's erf form in float64 (com.microsoft Gelu), on the kernel's exact pre-activation."""
+    pre = pre.astype(np.float64)
+    return 0.5 * pre * (1.0 + np.vectorize(math.erf, otypes=[np.float64])(pre / math.sqrt(2.0)))
+
+
+def assert_gelu_close(got: np.ndarray, pre: np.ndarray, what: str) -> None:
+    """Within the vector erf's error (Abramowitz & Stegun 7.1.26: 1.5e-7) and fp32 rounding."""
+    np.testing.assert_allclose(got, gelu_reference(pre), rtol=1e-6, atol=1e-6 * max(1.0, float(np.abs(pre).max(initial=0))),
+                               err_msg=what)
+
+
 def one_node_model(w, ws, b, spec_id: str, k: int) -> bytes:
     node = helper.make_node("QMatMulPerToken", ["x", "w", "ws", "b"], ["y"], domain="com.qcompile", spec=spec_id)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
@@ -50,14 +63,18 @@ def one_node_model(w, ws, b, spec_id: str, k: int) -> bytes:
                              ).SerializeToString()
 
 
-def spec_for(k: int, n: int):
-    return qmatmul_spec(ir.Value(const_value=ir.tensor(np.zeros((k, n), np.int8))), "avx512_vnni")
+def spec_for(k: int, n: int, gelu: bool = False):
+    return qmatmul_spec(ir.Value(const_value=ir.tensor(np.zeros((k, n), np.int8))), "avx512_vnni", gelu=gelu)
+
+
+GELU_GRID = [(3, 5), (37, 70), (64, 256)]
 
 
 @pytest.fixture(scope="module")
 def grid_library() -> Path:
     """Every grid spec rendered and compiled into one library (all three ISA paths in each)."""
-    return build(render_sources(TEMPLATES, [spec_for(k, n) for k, n in GRID], "test"), find_headers()).path
+    specs = [spec_for(k, n) for k, n in GRID] + [spec_for(k, n, gelu=True) for k, n in GELU_GRID]
+    return build(render_sources(TEMPLATES, specs, "test"), find_headers()).path
 
 
 @pytest.mark.parametrize("path", runnable_paths())
@@ -73,6 +90,25 @@ def test_qmatmul_per_token_equals_numpy(grid_library, monkeypatch, path, k, n):
         (got,) = sess.run(None, {"x": x})
         np.testing.assert_array_equal(got, reference(x, w, ws, b), err_msg=f"{path} {shape}")
         assert got.shape == shape[:-1] + (n,)
+
+
+@pytest.mark.parametrize("path", runnable_paths())
+@pytest.mark.parametrize("k,n", GELU_GRID)
+def test_the_gelu_epilogue_equals_numpy(grid_library, monkeypatch, path, k, n):
+    """GELU on the exact pre-activation: the integer part stays exact, the erf is within 1e-6."""
+    rng = np.random.default_rng(k + n)
+    w = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    ws = (rng.random(n) * 0.02 / np.sqrt(k) + 1e-4).astype(np.float32)   # pre-activations around ±3
+    b = rng.standard_normal(n).astype(np.float32)
+    sess = session(one_node_model(w, ws, b, spec_for(k, n, gelu=True).id, k), grid_library, path, monkeypatch)
+    for shape in [(1, k), (9, k), (2, 7, k), (0, k)]:
+        x = (rng.standard_normal(shape) * 4).astype(np.float32)
+        (got,) = sess.run(None, {"x": x})
+        assert_gelu_close(got, reference(x, w, ws, b), f"{path} {shape}")
+    x = np.zeros((1, k), np.float32)                     # GELU(bias) alone, with large |bias|
+    big = np.linspace(-12, 12, n).astype(np.float32)
+    sess = session(one_node_model(w, ws, big, spec_for(k, n, gelu=True).id, k), grid_library, path, monkeypatch)
+    assert_gelu_close(sess.run(None, {"x": x})[0], reference(x, w, ws, big), f"{path} large")
 
 
 @pytest.mark.parametrize("path", runnable_paths())
@@ -104,9 +140,10 @@ def bert(tmp_path_factory) -> dict[str, Path]:
     return bert_block.write(tmp_path_factory.mktemp("bert"))
 
 
-def _compile(bert, out: Path, **kw):
+def _compile(bert, out: Path, settings=(), **kw):
     return compile_model(bert["model"], target="cpu", recipe="w8a8-dynamic", calib=bert["calib"],
-                         verify_data=bert["eval"], output_dir=out, progress=False, verify_samples=16, **kw)
+                         verify_data=bert["eval"], output_dir=out, progress=False, verify_samples=16,
+                         settings=ONLY_THIS_OP + tuple(settings), **kw)
 
 
 def test_w8a8_dynamic_lowers_to_generated_kernels(bert, tmp_path):
@@ -118,21 +155,29 @@ def test_w8a8_dynamic_lowers_to_generated_kernels(bert, tmp_path):
     quantized = [name for name, r in result.report["layers"].items() if r["status"] == "quantized"]
     assert len(generated) == len(quantized) == 12 and {n.name for n in generated} == set(quantized)
     assert not any(n.op_type in ("MatMulInteger", "Round", "ReduceMax") for n in model.graph.node)
-    # fuse's BiasGelu after the FFN input layer: its bias is the kernel's epilogue, a Gelu is left
+    # fuse's BiasGelu after the FFN input layer: its bias and its GELU are the kernel's epilogue
     ops = [n.op_type for n in model.graph.node]
-    assert "BiasGelu" not in ops and ops.count("Gelu") == 2
-    ffn_in = [n for n in generated if any(m.op_type == "Gelu" and n.output[0] in m.input for m in model.graph.node)]
+    assert "BiasGelu" not in ops and "Gelu" not in ops
+    manifest = json.loads((out / "kernels" / "manifest.json").read_text())
+    gelu_layers = {name for k in manifest["kernels"] if k["spec"]["epilogue"] == "bias+gelu" for name in k["layers"]}
+    ffn_in = [n for n in generated if n.name in gelu_layers]
     biases = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    assert len(ffn_in) == 2 and all(biases[n.input[3]].any() for n in ffn_in), "the BiasGelu bias went into the kernel"
+    assert len(ffn_in) == 2 and all("intermediate" in n.name for n in ffn_in)
+    assert all(biases[n.input[3]].any() for n in ffn_in), "the BiasGelu bias went into the kernel"
+    # verify compares each layer on a tensor that means the same in both graphs: the FFN input
+    # layer after its GELU (which the kernel now computes)
+    table = result.report["verification"]["layers"]
+    assert set(table) == set(quantized)
+    assert all(table[n.name]["tensor"].endswith("intermediate_act_fn/Mul_1_output_0") for n in ffn_in)
+    assert all(f"{n.name}_output_0" not in n.output for n in ffn_in)
     assert {"domain": "com.qcompile", "version": 1} in [{"domain": o.domain, "version": o.version}
                                                         for o in model.opset_import]
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["qcompile.kernels.library"] == f"kernels/{LIBRARY}"
     section = result.report["generated_kernels"]
-    # one kernel per distinct (K, N): 64x64 (Q, K, V, output), 64x256 (FFN in), 256x64 (FFN out)
+    # one kernel per distinct (K, N, epilogue): 64x64 (Q, K, V, output), 64x256 + GELU (FFN in), 256x64 (FFN out)
     assert section["built"] and section["layers"] == 12 and section["kernels"] == 3
     assert all(result.report["layers"][name]["kernel"] == "QMatMulPerToken" for name in quantized)
-    manifest = json.loads((out / "kernels" / "manifest.json").read_text())
     assert sorted(sum((k["layers"] for k in manifest["kernels"]), [])) == sorted(quantized)
     files = {p.name for p in (out / "kernels").iterdir()}
     assert {LIBRARY, "manifest.json", "CMakeLists.txt", "register.cpp", "qcompile_kernels.h"} <= files
@@ -158,12 +203,14 @@ def test_kernels_run_on_a_real_layers_inputs(bert, grid_library, monkeypatch, tm
     ws = (np.abs(wf).max(0) / 127).astype(np.float32)
     w = np.clip(np.round(wf / ws), -127, 127).astype(np.int8)
     k, n = w.shape
-    spec = spec_for(k, n)
-    library = build(render_sources(TEMPLATES, [spec], "test"), find_headers()).path
+    spec, gelu = spec_for(k, n), spec_for(k, n, gelu=True)     # the FFN input layer: GELU follows it
+    library = build(render_sources(TEMPLATES, [spec, gelu], "test"), find_headers()).path
     b = np.zeros(n, np.float32)
     for path in runnable_paths():
         sess = session(one_node_model(w, ws, b, spec.id, k), library, path, monkeypatch)
         np.testing.assert_array_equal(sess.run(None, {"x": x})[0], reference(x, w, ws, b), err_msg=path)
+        sess = session(one_node_model(w, ws, b, gelu.id, k), library, path, monkeypatch)
+        assert_gelu_close(sess.run(None, {"x": x})[0], reference(x, w, ws, b), path)
 
 
 def test_verify_cli_loads_the_kernels_beside_the_model(bert, tmp_path, run_cli):

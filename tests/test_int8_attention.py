@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kernel_harness import attention_float64, run_compiled, runnable_paths, session
+from kernel_harness import ONLY_THIS_OP, attention_float64, run_compiled, runnable_paths, session
 from qcompile.backends.cpu.generated_kernels import TEMPLATES
 from qcompile.driver import compile_model
 from qcompile.kernelgen import KernelSpec
@@ -151,7 +151,7 @@ def bert(tmp_path_factory):
 def _compile(bert, out, settings=()):
     return compile_model(bert["model"], target="cpu", recipe="w8a8-fa3", calib=bert["calib"],
                          verify_data=bert["eval"], output_dir=out, progress=False, verify_samples=16,
-                         settings=tuple(settings))
+                         settings=ONLY_THIS_OP + tuple(settings))
 
 
 def test_w8a8_fa3_runs_its_attention_in_the_generated_kernel(bert, tmp_path):

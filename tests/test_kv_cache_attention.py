@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kernel_harness import attention_float64, library_session, runnable_paths, session
+from kernel_harness import ONLY_THIS_OP, attention_float64, library_session, runnable_paths, session
 from qcompile.backends.cpu.generated_kernels import TEMPLATES
 from qcompile.driver import compile_model
 from qcompile.kernelgen import KernelSpec
@@ -155,7 +155,7 @@ def llama(tmp_path_factory):
 def _compile(llama, out, granularity="per_channel", settings=()):
     return compile_model(llama["model"], target="cpu", recipe="w8a8-kv8", calib=llama["calib"],
                          verify_data=llama["eval"], output_dir=out, progress=False, verify_samples=16,
-                         settings=(f"kv_cache.granularity={granularity}",) + tuple(settings))
+                         settings=(f"kv_cache.granularity={granularity}",) + ONLY_THIS_OP + tuple(settings))
 
 
 def _decode_outputs(model_path, library, prompt, steps):

@@ -28,6 +28,8 @@ from qcompile.numerics import FLOAT8_TYPES
 from qcompile.packing import matmulnbits_pack
 from qcompile.qdq import add_initializer, take_over
 
+from .kernel_match import bias_reader, take_over_layer
+
 _NBITS = {ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False),
           ir.DataType.INT8: (8, True), ir.DataType.UINT8: (8, False)}
 _FLOAT8 = {spec[2] for spec in FLOAT8_TYPES.values()}
@@ -195,26 +197,40 @@ def integer_matmul_candidate(matmul: ir.Node) -> bool:
     return not any(u.node.op_type == "QuantizeLinear" for u in matmul.outputs[0].uses())
 
 
-def to_integer_matmul(graph: ir.Graph, matmul: ir.Node) -> ir.Node:
-    """DQ(x)·DQ(W) → MatMulInteger(q_x, q_W, zp_x) → Cast → ·(s_x·s_W): what onnxruntime fuses into
-    MatMulIntegerToFloat. Written here because, for a MatMul followed by a bias Add and no output
-    Q, its optimizer first rewrites MatMul+Add into a Gemm behind Reshapes and then no longer
-    fuses the int8 kernel (MiniLM: 18 of 36 linears ran DequantizeLinear + float Gemm)."""
+def to_matmul_integer_to_float(graph: ir.Graph, matmul: ir.Node) -> ir.Value:
+    """DQ(x)·DQ(W) [+ bias] → one com.microsoft MatMulIntegerToFloat(q_x, q_W, s_x, s_W, zp_x, -, bias):
+    onnxruntime's int8 GEMM with the rescale and the bias in its output stage.
+
+    Written here because onnxruntime 1.31 builds no int8 kernel for this layer itself: for a
+    MatMul followed by a bias Add and no output Q it first rewrites MatMul+Add into a Gemm behind
+    Reshapes and then fuses nothing (MiniLM: 18 of 36 linears ran DequantizeLinear + float Gemm),
+    and its MatMulIntegerToFloatFusion only fires when s_x·s_W is a Mul node, which constant
+    folding removes for a static scale (the MatMulInteger → Cast → Mul form this pass wrote before
+    ran as three ops: on MiniLM at batch 16 the Cast and Mul took 18 of 93 ms). The bias of a
+    following Add, or of the BiasGelu `fuse` writes (which becomes a Gelu), moves into the node.
+    Returns the value holding the layer's result (kernel_match.take_over_layer)."""
     xq, xs, xz, _ = _dq_parts(matmul.inputs[0])
     wq, ws, _, _ = _dq_parts(matmul.inputs[1])
     base = matmul.name
-    inputs = [xq, wq]
-    if xz is not None:
-        inputs.append(add_initializer(graph, f"{base}_x_zero_point", np.asarray(xz).reshape(())))
-    f = ir.DataType.FLOAT
+    n = wq.const_value.shape[1]
     old = matmul.outputs[0]
-    mmi = ir.node("MatMulInteger", inputs, name=base)
-    mmi.outputs[0].name, mmi.outputs[0].dtype, mmi.outputs[0].shape = f"{base}_int32", ir.DataType.INT32, old.shape
-    cast = ir.node("Cast", [mmi.outputs[0]], {"to": f}, name=f"{base}_Cast")
-    cast.outputs[0].name, cast.outputs[0].dtype, cast.outputs[0].shape = f"{base}_acc", f, old.shape
-    scale = (np.float32(np.asarray(xs).reshape(())) * np.asarray(ws, dtype=np.float32).reshape(-1)).astype(np.float32)
-    mul = ir.node("Mul", [cast.outputs[0], add_initializer(graph, f"{base}_rescale", scale)], name=f"{base}_rescale")
-    mul.outputs[0].dtype, mul.outputs[0].shape = f, old.shape
-    graph.insert_before(matmul, [mmi, cast, mul])
-    take_over(graph, old, mul.outputs[0], [matmul])
-    return mmi
+    x_dq, w_dq = matmul.inputs[0].producer(), matmul.inputs[1].producer()
+    w_scale = w_dq.inputs[1] if ws.ndim <= 1 else add_initializer(graph, f"{base}_w_scale", ws.reshape(-1))
+    inputs = [xq, wq, x_dq.inputs[1], w_scale, None, None]
+    if xz is not None:
+        inputs[4] = add_initializer(graph, f"{base}_x_zero_point", np.asarray(xz).reshape(()))
+    remove, bias_gelu = [matmul], None
+    reader = bias_reader(old, n)
+    if reader is not None:
+        inputs.append(reader[1])
+        if reader[0].op_type == "Add":
+            remove.append(reader[0])
+            old = reader[0].outputs[0]
+        else:
+            bias_gelu = reader[0]
+    while inputs[-1] is None:
+        inputs.pop()
+    node = ir.node("MatMulIntegerToFloat", inputs, domain="com.microsoft", name=base)
+    node.outputs[0].dtype, node.outputs[0].shape = ir.DataType.FLOAT, old.shape
+    graph.insert_before(matmul, node)
+    return take_over_layer(graph, old, node.outputs[0], remove[::-1], bias_gelu)

@@ -4,7 +4,9 @@ onnxruntime has no op for what three quantized forms need, so they run as chains
 ops: per-token dynamic W8A8 MatMul (`w8a8-dynamic`, eleven ops around MatMulInteger:
 per_token_matmul.py), attention over an int8 KV cache (`w8a8-kv8`: the whole past
 dequantized and re-quantized every step: kv_cache_attention.py) and FA3's int8 attention
-(`w8a8-fa3`: Q/K/V dequantized in front of a float attention: int8_attention.py). This
+(`w8a8-fa3`: Q/K/V dequantized in front of a float attention: int8_attention.py). A
+companion goes along where the library ships anyway: the residual add + LayerNorm/RMSNorm that
+onnxruntime has but runs with a scalar loop (skip_layer_norm.py; `norms`). This
 lowering finds those forms (the `LOWERINGS` table: one entry per op), collects one
 `KernelSpec` per distinct specialisation, renders the family's templates
 (backends/cpu/kernels/), builds the library (compiler/kernelgen/build.py, cached), replaces
@@ -21,7 +23,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -37,7 +39,7 @@ from qcompile.ort_session import use_generated_library
 from qcompile.registry import QPass, register_pass
 from qcompile.versions import package_version
 
-from . import int8_attention, kv_cache_attention, per_token_matmul
+from . import int8_attention, kv_cache_attention, per_token_matmul, skip_layer_norm
 
 FAMILY = "cpu"
 TEMPLATES = Path(__file__).resolve().parent / "kernels"     # this family's Jinja templates and helpers
@@ -53,8 +55,11 @@ class KernelLowering:
     op: str
     match: Callable[[ir.Node], Any]                  # node -> match or None
     spec: Callable[[Any, str, str], KernelSpec]      # (match, isa, family) -> spec
-    rewrite: Callable[[ir.Graph, Any, KernelSpec], ir.Node]
+    rewrite: Callable[[ir.Graph, Any, KernelSpec], ir.Value]   # -> the value holding the layer's result
     what: str                                        # what the op replaces, for messages
+    # a companion serves an op onnxruntime has but runs slowly: lowered only where the compile
+    # ships a library for the quantized ops anyway, or `norms: always` (Config)
+    companion: bool = False
 
 
 LOWERINGS = (
@@ -65,6 +70,8 @@ LOWERINGS = (
                    "attention over an int8 KV cache"),
     KernelLowering(int8_attention.OP, int8_attention.match_int8_attention, int8_attention.int8_attention_spec,
                    int8_attention.int8_attention_to_generated, "FA3 int8 attention"),
+    KernelLowering(skip_layer_norm.OP, skip_layer_norm.match_skip_norm, skip_layer_norm.skip_norm_spec,
+                   skip_layer_norm.skip_norm_to_generated, "residual add + LayerNorm/RMSNorm", companion=True),
 )
 
 
@@ -75,6 +82,11 @@ class GenerateKernels(QPass):
     @dataclasses.dataclass(frozen=True)
     class Config:
         enabled: bool = True
+        # fuse's SkipLayerNormalization / SkipSimplifiedLayerNormalization as the generated
+        # SkipLayerNorm (skip_layer_norm.py says why): with_kernels = where the compile ships a
+        # kernel library for its quantized ops anyway; always = also where that makes a model
+        # need the library it would not otherwise; never
+        norms: Literal["with_kernels", "always", "never"] = "with_kernels"
 
     GIVES = frozenset({Fact.LOWERED})
 
@@ -91,6 +103,9 @@ class GenerateKernels(QPass):
                 self.ctx.warn(f"no {FAMILY} kernel template serves {spec.op} ({dims}): {match.layer} keeps "
                               f"the standard-op form")
         planned = [p for p in planned if p[2].op in served]
+        if self.config.norms == "never" or \
+                (self.config.norms == "with_kernels" and all(lowering.companion for lowering, _, _ in planned)):
+            planned = [p for p in planned if not p[0].companion]
         if not planned:
             return False
         specs = sorted({spec for _, _, spec in planned}, key=lambda s: s.id)
@@ -109,9 +124,12 @@ class GenerateKernels(QPass):
         # matched again, one node at a time, as the graph changes: a rewrite replaces values (a
         # layer's output) that the next layer's earlier match still held as its input
         for lowering, match, spec in self._matches(graph, isa, rewrite=True):
-            if spec.id not in built:          # not planned above (no template): left as it is
+            if spec.id not in built:          # not planned above (no template, a companion left out): left as it is
                 continue
-            lowering.rewrite(graph, match, spec)
+            result = lowering.rewrite(graph, match, spec)
+            record = self.ctx.layers.get(match.layer)
+            if record is not None and record.output_tensor:   # verify compares what the kernel computes
+                record.output_tensor = result.name
             layers.setdefault(spec.id, []).append(match.layer)
             spec_of[match.layer] = spec
         graph.sort()

@@ -114,7 +114,7 @@ def int8_attention_spec(match: Int8Attention, isa: str, family: str) -> KernelSp
                       epilogue="attention_bias" if match.bias is not None else "")
 
 
-def int8_attention_to_generated(graph: ir.Graph, match: Int8Attention, spec: KernelSpec) -> ir.Node:
+def int8_attention_to_generated(graph: ir.Graph, match: Int8Attention, spec: KernelSpec) -> ir.Value:
     """Replace the MultiHeadAttention (and, once unused, its Q/K/V quantization) by one QAttentionInt8 node."""
     inputs = [match.query.source, match.key.source, match.value.source,
               match.query.scale, match.key.scale, match.value.scale]
@@ -126,4 +126,4 @@ def int8_attention_to_generated(graph: ir.Graph, match: Int8Attention, spec: Ker
     old = match.attention.outputs[0]
     node.outputs[0].dtype, node.outputs[0].shape = ir.DataType.FLOAT, old.shape
     take_over(graph, old, node.outputs[0], [match.attention])
-    return node
+    return node.outputs[0]

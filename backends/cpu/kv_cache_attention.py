@@ -188,7 +188,7 @@ def attention_spec(match: KVCacheAttention, isa: str, family: str) -> KernelSpec
                       epilogue="attention_bias" if match.bias is not None else "")
 
 
-def attention_to_generated(graph: ir.Graph, match: KVCacheAttention, spec: KernelSpec) -> ir.Node:
+def attention_to_generated(graph: ir.Graph, match: KVCacheAttention, spec: KernelSpec) -> ir.Value:
     """Replace the MultiHeadAttention and both cache chains by one QAttentionKVCache node."""
     k, v = match.key, match.value
     inputs = [match.query, k.fresh, v.fresh, k.past, v.past, k.scale, v.scale]
@@ -205,4 +205,4 @@ def attention_to_generated(graph: ir.Graph, match: KVCacheAttention, spec: Kerne
     take_over(graph, old, out, [match.attention])
     for new, side in ((present_k, k), (present_v, v)):
         take_over(graph, side.present, new, [])
-    return node
+    return node.outputs[0]

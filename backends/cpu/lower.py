@@ -57,7 +57,7 @@ class CpuLower(QPass):
         # is already int8-quantized (W4A8) or whose scheme quantizes activations per group in
         # the kernel (w8a8-group) always use 4.
         weight_only_accuracy_level: Literal[0, 1, 2, 3, 4] = 0
-        # static int8 MatMuls without output Q/DQ as MatMulInteger -> Cast -> Mul (forms.py says why)
+        # static int8 MatMuls without output Q/DQ as com.microsoft MatMulIntegerToFloat (forms.py says why)
         integer_matmul: bool = True
 
     GIVES = frozenset({Fact.LOWERED})
@@ -109,8 +109,9 @@ class CpuLower(QPass):
         if self.config.integer_matmul:
             for node in list(graph):
                 if node.name in quantized and forms.integer_matmul_candidate(node):
-                    forms.to_integer_matmul(graph, node)
-                    quantized[node.name].lowering["lowered_to"] = "MatMulInteger -> Cast -> Mul"
+                    result = forms.to_matmul_integer_to_float(graph, node)
+                    quantized[node.name].output_tensor = result.name   # may now include the bias
+                    quantized[node.name].lowering["lowered_to"] = "MatMulIntegerToFloat"
                     integer += 1
         for record in quantized.values():
             if record.float8:
@@ -120,7 +121,7 @@ class CpuLower(QPass):
         if nbits or simulated or integer:
             graph.sort()
             common_passes.RemoveUnusedNodesPass()(model)  # the replaced weights' initializers
-            if "com.microsoft" not in model.opset_imports and nbits:
+            if "com.microsoft" not in model.opset_imports and (nbits or integer):
                 model.opset_imports["com.microsoft"] = 1
         self.ctx.reports["cpu_forms"] = {"matmulnbits": nbits, "integer_matmul": integer,
                                         "simulated_activation_qdq": dict(simulated)}

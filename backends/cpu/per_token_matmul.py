@@ -3,7 +3,8 @@
 onnxruntime has no fused op for per-token dynamic W8A8 MatMul (its DynamicQuantizeMatMul is
 per tensor), so `w8a8-dynamic` layers run as eleven standard ops around MatMulInteger. This
 module matches that chain back to its parts and replaces it with one
-`com.qcompile.QMatMulPerToken` node (backends/cpu/kernels/QMatMulPerToken.cpp.j2).
+`com.qcompile.QMatMulPerToken` node (backends/cpu/kernels/QMatMulPerToken.cpp.j2), which also
+takes the layer's bias and the GELU after it (a BiasGelu, or a Gelu after the bias Add).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.kernelgen import DOMAIN, KernelSpec
-from qcompile.qdq import add_initializer, take_over
+from qcompile.qdq import add_initializer
 
-from .kernel_match import const, is_scalar, only_use, producer
+from .kernel_match import bias_reader, const, gelu_reader, is_scalar, only_use, producer, take_over_layer
 
 OP = "QMatMulPerToken"
 
@@ -31,7 +32,7 @@ class PerTokenMatMul:
     bias: ir.Value | None       # constant float32 [N]
     output: ir.Value
     nodes: list[ir.Node]
-    bias_gelu: ir.Node | None = None   # a com.microsoft BiasGelu reading `output`: its bias moves into the kernel
+    gelu: bool = False          # the GELU after the layer (a com.microsoft Gelu, or BiasGelu) is the kernel's too
 
 
 def match_per_token_matmul(mmi: ir.Node) -> PerTokenMatMul | None:
@@ -79,50 +80,38 @@ def match_per_token_matmul(mmi: ir.Node) -> PerTokenMatMul | None:
     if len(scale.uses()) != 2 or scale.is_graph_output() or len(x.uses()) < 2:
         return None
     output, bias = rescale_w.outputs[0], None
-    add = only_use(output, "Add")
-    bias_array = const(add.inputs[1]) if add is not None else None
-    if bias_array is not None and bias_array.shape == (n,) and bias_array.dtype == np.float32 \
-            and add.inputs[0] is output:
-        nodes.append(add)
-        output, bias = add.outputs[0], add.inputs[1]
+    reader = bias_reader(output, n)
+    activation = None
+    if reader is not None and reader[0].op_type == "Add":
+        nodes.append(reader[0])
+        output, bias = reader[0].outputs[0], reader[1]
+        activation = gelu_reader(output)
+    elif reader is not None:              # BiasGelu: its bias and its GELU go into the kernel
+        activation, bias = reader
+    else:
+        activation = gelu_reader(output)
+    if activation is not None:
+        nodes.append(activation)
+        output = activation.outputs[0]
     layer = mmi.name[:-len("_MatMulInteger")] if mmi.name.endswith("_MatMulInteger") else mmi.name
-    bias_gelu = _bias_gelu(output, n) if bias is None else None
-    if bias_gelu is not None:
-        bias = bias_gelu.inputs[1]
-    return PerTokenMatMul(layer, x, mmi.inputs[1], rescale_w.inputs[1], bias, output, nodes, bias_gelu)
+    return PerTokenMatMul(layer, x, mmi.inputs[1], rescale_w.inputs[1], bias, output, nodes, activation is not None)
 
 
-def _bias_gelu(output: ir.Value, n: int) -> ir.Node | None:
-    """The BiasGelu(output, bias[N]) `fuse` wrote after this layer, if it is the only reader.
-
-    onnxruntime's BiasGelu costs an Add and a Gelu (MiniLM's [16, 64, 1536]: 2.5 ms against
-    0.9 ms for Gelu alone); the kernel's epilogue adds a bias for free, so the bias moves into
-    the kernel and a plain Gelu stays."""
-    users = [u.node for u in output.uses()]
-    if len(users) != 1 or output.is_graph_output():
-        return None
-    node = users[0]
-    bias = const(node.inputs[1]) if node.op_type == "BiasGelu" and len(node.inputs) == 2 else None
-    if node.domain != "com.microsoft" or node.inputs[0] is not output or bias is None \
-            or bias.dtype != np.float32 or bias.shape != (n,):
-        return None
-    return node
-
-
-def qmatmul_spec(weight: ir.Value, isa: str, family: str = "cpu") -> KernelSpec:
+def qmatmul_spec(weight: ir.Value, isa: str, family: str = "cpu", gelu: bool = False) -> KernelSpec:
     k, n = weight.const_value.shape
     return KernelSpec(op=OP, family=family, isa=isa,
                       dtypes=(("activation", "int8"), ("weight", "int8"), ("output", "float32")),
                       static_dims=(("K", int(k)), ("N", int(n))), dynamic_dims=("M",),
-                      scale_layout="per_token x per_channel", epilogue="bias")
+                      scale_layout="per_token x per_channel", epilogue="bias+gelu" if gelu else "bias")
 
 
 def matched_spec(match: PerTokenMatMul, isa: str, family: str) -> KernelSpec:
-    return qmatmul_spec(match.weight, isa, family)
+    return qmatmul_spec(match.weight, isa, family, match.gelu)
 
 
-def qmatmul_to_generated(graph: ir.Graph, match: PerTokenMatMul, spec: KernelSpec) -> ir.Node:
-    """Replace the matched standard-op chain by one com.qcompile.QMatMulPerToken node."""
+def qmatmul_to_generated(graph: ir.Graph, match: PerTokenMatMul, spec: KernelSpec) -> ir.Value:
+    """Replace the matched standard-op chain by one com.qcompile.QMatMulPerToken node; returns
+    the value holding the layer's result (kernel_match.take_over_layer)."""
     base = match.layer
     bias = match.bias
     if bias is None:
@@ -132,8 +121,4 @@ def qmatmul_to_generated(graph: ir.Graph, match: PerTokenMatMul, spec: KernelSpe
     out = node.outputs[0]
     out.dtype, out.shape = ir.DataType.FLOAT, match.output.shape
     graph.append(node)
-    take_over(graph, match.output, out, match.nodes[::-1])
-    if match.bias_gelu is not None:   # its bias is the kernel's now: the node becomes a plain Gelu, in
-        match.bias_gelu.op_type = "Gelu"  # place (its output may be the next layer's matched input)
-        match.bias_gelu.resize_inputs(1)
-    return node
+    return take_over_layer(graph, match.output, out, match.nodes[::-1])

@@ -124,4 +124,20 @@ using QAttentionInt8Factory = std::unique_ptr<QAttentionInt8Kernel> (*)(
     const float* q_scale, const float* k_scale, const float* v_scale, int64_t n_scales, float softmax_scale,
     const char* force_path);
 
+// Residual add + LayerNorm (or RMSNorm) over the last dimension, a row at a time; gamma, beta
+// and bias are the node's constants, taken when the session creates the kernel.
+class SkipLayerNormKernel {
+ public:
+  virtual ~SkipLayerNormKernel() = default;
+  virtual int64_t hidden() const = 0;
+  virtual const char* path() const = 0;   // "avx512", "avx2" or "scalar"
+  // x [rows, H]; skip [skip_rows, H], row r reads skip row r % skip_rows; sum (or null) [rows, H]
+  // receives x + skip + bias, out [rows, H] the normalised rows.
+  virtual void run(const float* x, const float* skip, int64_t skip_rows, float* sum, float* out, int64_t rows,
+                   const ParallelFor& parallel_for) const = 0;
+};
+
+using SkipLayerNormFactory = std::unique_ptr<SkipLayerNormKernel> (*)(
+    const float* gamma, const float* beta, const float* bias, float epsilon, const char* force_path);
+
 }  // namespace qcompile
