@@ -1,17 +1,22 @@
 """Generated kernels against what a user would otherwise run, in one run.
 
 Why: a generated kernel exists to close a measured gap (issue: kernel generation, part 1).
-For each model this compiles `w8a8-dynamic` twice — with the generated per-token W8A8 MatMul
+For each model this compiles
+`w8a8-dynamic` twice — with the generated per-token W8A8 MatMul
 (`com.qcompile.QMatMulPerToken`) and in the standard-op form it replaces
 (`--set generate_kernels.enabled=false`) — and `w8a8-fa3` twice (the generated int8 attention
 `com.qcompile.QAttentionInt8`, and the standard-op form), next to onnxruntime's
 `quantize_dynamic` (per-channel S8 weights), `w8a8-smooth` (FA3's linears with a float
-attention) and fp32, and reports:
+attention; a plain onnxruntime graph), `w8a8-smooth` with the generated SkipLayerNorm the two
+kernel rows carry along (`--set generate_kernels.norms=always`: the same norms as
+`w8a8-fa3 (kernels)`, so that pair differs only in the attention) and fp32, and reports:
 
 * accuracy on held-out data (SQNR and cosine of the output against fp32, the same samples for
   every row);
 * latency at batch 1 and 16, 2 threads, each (model, pass) in a fresh process, best quiet pass
   (tools/benchlib/latency.py), as ratios to fp32 and to quantize_dynamic taken in this run;
+* the issue's speed bars (`BARS`) timed again with their models alternating in one process
+  (latency.paired_latency): ratios of a few per cent that the drift between fresh processes hides;
 * the kernel build: first build (empty cache), cached build, library size, kernels and layers.
 
     python tools/bench_kernels.py --out docs/benchmarks/kernels --work build/bench-kernels
@@ -49,26 +54,33 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from benchlib import kernel_decoders  # noqa: E402
 from benchlib.evaluate import compare, run_model  # noqa: E402
-from benchlib.latency import latency_many  # noqa: E402
+from benchlib.latency import latency_many, paired_latency  # noqa: E402
 from benchlib.measure import run_environment  # noqa: E402
 from benchlib.setups import setup_model  # noqa: E402
 
 B16 = 16
-# (row, recipe, generated kernels on): each compiled at batch 1 (verified) and batch 16
-VARIANTS = (("w8a8-dynamic (standard ops)", "w8a8-dynamic", False), ("w8a8-dynamic (kernels)", "w8a8-dynamic", True),
-            ("w8a8-smooth", "w8a8-smooth", True), ("w8a8-fa3 (standard ops)", "w8a8-fa3", False),
-            ("w8a8-fa3 (kernels)", "w8a8-fa3", True))
+STANDARD_OPS = ("generate_kernels.enabled=false",)
+NORMS_ALWAYS = ("generate_kernels.norms=always",)
+# (row, recipe, settings, work folder): each compiled at batch 1 (verified) and batch 16
+VARIANTS = (("w8a8-dynamic (standard ops)", "w8a8-dynamic", STANDARD_OPS, "w8a8-dynamic-standard"),
+            ("w8a8-dynamic (kernels)", "w8a8-dynamic", (), "w8a8-dynamic-kernels"),
+            ("w8a8-smooth", "w8a8-smooth", (), "w8a8-smooth-kernels"),
+            ("w8a8-smooth (norm kernels)", "w8a8-smooth", NORMS_ALWAYS, "w8a8-smooth-norms"),
+            ("w8a8-fa3 (standard ops)", "w8a8-fa3", STANDARD_OPS, "w8a8-fa3-standard"),
+            ("w8a8-fa3 (kernels)", "w8a8-fa3", (), "w8a8-fa3-kernels"))
+# the issue's speed bars, timed again alternating in one process: (row, against)
+BARS = (("w8a8-dynamic (kernels)", "quantize_dynamic"), ("w8a8-fa3 (kernels)", "w8a8-smooth"),
+        ("w8a8-fa3 (kernels)", "w8a8-smooth (norm kernels)"))
 
 
-def compile_variant(setup, out: Path, *, batch: int, kernels: bool, verify: bool,
+def compile_variant(setup, out: Path, *, batch: int, settings: tuple[str, ...], verify: bool,
                     recipe: str = "w8a8-dynamic") -> dict:
     from qcompile.driver import compile_model
     shapes = {k: [batch, *v[1:]] for k, v in setup.shapes.items()}
     started = time.perf_counter()
     result = compile_model(setup.model, target="cpu", recipe=recipe, calib=setup.calib,
                            verify_data=setup.eval if verify else None, verify=verify, output_dir=out,
-                           input_shapes=shapes, progress=False,
-                           settings=() if kernels else ("generate_kernels.enabled=false",))
+                           input_shapes=shapes, progress=False, settings=settings)
     return {"path": str(out / "model.onnx"), "seconds": round(time.perf_counter() - started, 2),
             "generated_kernels": result.report.get("generated_kernels")}
 
@@ -121,23 +133,26 @@ def bench_model(name: str, args) -> dict:
     setup = setup_model(name, work / "setup", args)
     row = {"model": name, "notes": setup.notes}
     artifacts = {"quantize_dynamic": quantize_dynamic_peer(setup.model, work / "quantize_dynamic" / "model.onnx")}
-    for (label, recipe, kernels), (batch, suffix) in itertools.product(VARIANTS, ((1, "b1"), (B16, "b16"))):
-        artifacts[f"{label} {suffix}"] = compile_variant(
-            setup, work / f"{recipe}-{'kernels' if kernels else 'standard'}-{suffix}", batch=batch, kernels=kernels,
-            verify=batch == 1, recipe=recipe)
+    for (label, recipe, settings, folder), (batch, suffix) in itertools.product(VARIANTS, ((1, "b1"), (B16, "b16"))):
+        artifacts[f"{label} {suffix}"] = compile_variant(setup, work / f"{folder}-{suffix}", batch=batch,
+                                                         settings=settings, verify=batch == 1, recipe=recipe)
     row["compile"] = artifacts
     row["accuracy"] = accuracy({"quantize_dynamic": artifacts["quantize_dynamic"]["path"],
-                                **{label: artifacts[f"{label} b1"]["path"] for label, _, _ in VARIANTS}},
+                                **{label: artifacts[f"{label} b1"]["path"] for label, *_ in VARIANTS}},
                                setup.model, setup.eval, args.eval_samples)
     row["build"] = build_cost(work / "w8a8-dynamic-kernels-b1" / "kernels" / "manifest.json")
     row["build_fa3"] = build_cost(work / "w8a8-fa3-kernels-b1" / "kernels" / "manifest.json")
-    latency = {}
+    latency, paired = {}, {}
     for batch, suffix in ((1, "b1"), (B16, "b16")):
         models = {"fp32": setup.model, "quantize_dynamic": artifacts["quantize_dynamic"]["path"],
-                  **{label: artifacts[f"{label} {suffix}"]["path"] for label, _, _ in VARIANTS}}
+                  **{label: artifacts[f"{label} {suffix}"]["path"] for label, *_ in VARIANTS}}
         latency[suffix] = latency_many(models, setup.shapes, batch=batch, runs=args.runs, threads=2,
                                        passes=args.passes, python=args.python)
+        in_bars = sorted({k for pair in BARS for k in pair})
+        paired[suffix] = paired_latency({k: models[k] for k in in_bars}, setup.shapes, batch=batch, threads=2,
+                                        python=args.python)
     row["latency"] = latency
+    row["paired"] = paired
     return row
 
 
@@ -167,6 +182,17 @@ def render(rows: list[dict], meta: dict) -> str:
                 for base in ("fp32", "quantize_dynamic", "w8a8-smooth"):
                     other = lat.get(base)
                     cells.append(f"{other['ms'] / mine['ms']:.2f}" if isinstance(other, dict) else "")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "The speed bars again, the models alternating in one process (A B C, C B A, …; "
+                  "12 rounds of 5 runs, median; intra-op threads not spinning, so absolute times sit above "
+                  "the fresh-process ones): the host's drift between fresh processes is larger than "
+                  "these differences.", "", "| row | against | b1 speed-up | b16 speed-up |", "|---|---|---|---|"]
+        for mine, base in BARS:
+            cells = [mine, base]
+            for b in ("b1", "b16"):
+                ms = row.get("paired", {}).get(b, {}).get("ms", {})
+                cells.append(f"{ms[base] / ms[mine]:.2f} ({ms[mine]:.2f} vs {ms[base]:.2f} ms)"
+                             if mine in ms and base in ms else str(row.get("paired", {}).get(b, {}).get("error", "—"))[:120])
             lines.append("| " + " | ".join(cells) + " |")
         for recipe, key in (("w8a8-dynamic", "build"), ("w8a8-fa3", "build_fa3")):
             b = row.get(key)

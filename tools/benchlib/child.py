@@ -1,7 +1,7 @@
 """The benches' one child process: `python tools/benchlib/child.py KIND SPEC_JSON`.
 
 KIND: `peer` (an onnxruntime quantizer, measured by the parent), `latency` (one latency pass of
-one model), `decode_latency` (one process of decode-step timing), and the LLM peers'
+one model), `paired_latency` (several models alternating in one process), `decode_latency` (one process of decode-step timing), and the LLM peers'
 (llm_peers.py): `llm_ckpt` (a GGUF to a Hugging Face checkpoint), `llm_eval` (perplexity of a
 genai / llama.cpp / ONNX model over text windows), `llm_decode` (greedy decode tokens/s).
 Prints one `@@RESULT {json}` line; exits 0 unless the result holds an error.
@@ -25,6 +25,9 @@ def main(argv: list[str]) -> int:
     elif kind == "latency":
         from benchlib.latency import latency_pass
         result = latency_pass(spec)
+    elif kind == "paired_latency":
+        from benchlib.latency import paired_latency_pass
+        result = paired_latency_pass(spec)
     elif kind == "decode_latency":
         from benchlib.latency import decode_latency_pass
         result = decode_latency_pass(spec)

@@ -33,13 +33,16 @@ def shape_arg(shapes: dict[str, list[int]]) -> str:
     return " ".join(f"{k}:{','.join(map(str, v))}" for k, v in shapes.items())
 
 
-def session(model_path, threads: int = 2, level: str = "ORT_ENABLE_ALL"):
+def session(model_path, threads: int = 2, level: str = "ORT_ENABLE_ALL", spin: bool = True):
     """CPU session; ``level`` names a GraphOptimizationLevel member (the benchmark always uses
-    ORT_ENABLE_ALL, except for a peer model that only loads at a lower level -- it says so)."""
+    ORT_ENABLE_ALL, except for a peer model that only loads at a lower level -- it says so);
+    ``spin=False`` lets the intra-op threads sleep between runs (several sessions in one process)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     so.log_severity_level = 3
     library = generated_library(model_path)

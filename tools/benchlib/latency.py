@@ -31,6 +31,42 @@ def timed_runs(sess, feeds, n: int) -> list[float]:
 
 
 # --------------------------------------------------------------------- latency
+def paired_latency_pass(spec: dict) -> dict:
+    """In the child: several models in one process, timed in alternating rounds (A B C, C B A,
+    ...), per model the median of its rounds' medians. For ratios of a few per cent, which
+    this host's drift between fresh processes hides (fp32 MiniLM b16 moved 15 % across runs):
+    every model sees the same drift. The intra-op threads do not spin between runs: with
+    spinning on, the idle sessions' pools spin against the one being timed (MiniLM b1 came out
+    2-3x its fresh-process time, unevenly across models)."""
+    try:
+        sessions = {k: session(p, spec["threads"], spin=False) for k, p in spec["paths"].items()}
+        feeds = {k: random_feeds(s, spec["shapes"], spec["batch"], spec.get("seed", 0)) for k, s in sessions.items()}
+        for k, s in sessions.items():
+            timed_runs(s, feeds[k], spec["warmup"])
+        rounds: dict[str, list[float]] = {k: [] for k in sessions}
+        order = list(sessions)
+        for i in range(spec["rounds"]):
+            for k in (order if i % 2 == 0 else order[::-1]):
+                rounds[k].append(float(np.median(timed_runs(sessions[k], feeds[k], spec["runs"]))))
+        return {"ms": {k: float(np.median(v)) for k, v in rounds.items()}, "rounds": spec["rounds"],
+                "runs_per_round": spec["runs"]}
+    except Exception as exc:
+        return dict(error=f"{type(exc).__name__}: {exc}"[:600])
+
+
+def paired_latency(models: dict, shapes: dict, *, batch: int, threads: int = 2, rounds: int = 12, runs: int = 5,
+                   warmup: int = 3, python: str = sys.executable) -> dict:
+    """{key: ms} of `paired_latency_pass` in one fresh child process, or {"error": ...}."""
+    spec = dict(paths={k: str(v) for k, v in models.items()}, shapes=shapes, batch=batch, threads=threads,
+                rounds=rounds, runs=runs, warmup=warmup)
+    try:
+        p = subprocess.run(child_command(python, "paired_latency", spec), capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return {"error": "paired latency process timed out"}
+    return child_result(p.stdout) or {
+        "error": f"paired latency process exited {p.returncode}: {(p.stderr or p.stdout).strip()[-400:]}"}
+
+
 def latency_pass(spec: dict) -> dict:
     """In the child: one model, one batch size, one pass (warm-up, then timed runs)."""
     try:
