@@ -1,7 +1,7 @@
 """Target backends: one sub-package per target family (descriptor data, lowering passes,
 emitters). Importing this package registers their passes."""
 
-from . import ascend, cpu  # noqa: F401
+from . import ascend, cpu, cuda  # noqa: F401
 
 
 def reference_lowering(model, report: dict | None = None):

@@ -16,7 +16,7 @@ import yaml
 from .errors import TargetError, UsageError
 
 # Backend packages whose *.yaml files are target descriptors.
-BACKEND_PACKAGES = ("qcompile.backends.cpu", "qcompile.backends.ascend")
+BACKEND_PACKAGES = ("qcompile.backends.cpu", "qcompile.backends.ascend", "qcompile.backends.cuda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +73,8 @@ def load_target(spec: str) -> Target:
     if not variant and data.get("detect") == "host_isa":
         from .hostinfo import detect_isa
         variant = detect_isa(list(variants))
+    if not variant:
+        variant = data.get("default_variant")
     return Target(
         name=name, summary=data.get("summary", ""), family=data.get("family", name),
         opset_min=int(data["opset"]["min"]), opset_convert_to=int(data["opset"]["convert_to"]),

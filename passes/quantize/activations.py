@@ -140,6 +140,23 @@ class StaticActivations:
                     self._consumers.setdefault(v.name, set()).add(node)
         return []
 
+    def join_skips(self, skips: list[tuple[ir.Node, ir.Value]], act: ActivationScheme) -> int:
+        """Quantize each residual Add's skip input for that Add (residuals.py): with the tensor's
+        own parameters, or the pair it already has as a layer input; returns how many (a skip
+        with no calibrated range stays float)."""
+        joined = 0
+        for add, skip in skips:
+            if skip.name not in self.params:
+                params = activation_params(self.stats, skip, act, activation_dtype(act, self.target), self.target)
+                if isinstance(params, str):
+                    continue
+                self.params[skip.name] = (*params, activation_dtype(act, self.target))
+            self._values.setdefault(skip.name, skip)
+            if self._consumers.get(skip.name, set()) is not None:
+                self._consumers.setdefault(skip.name, set()).add(add)
+            joined += 1
+        return joined
+
     def insert(self, graph: ir.Graph, through_graph_output: set[str]) -> int:
         """Insert the Q/DQ pairs; `through_graph_output`: tensors whose graph output is routed too."""
         for name, value in self._values.items():

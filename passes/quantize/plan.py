@@ -98,8 +98,10 @@ def plan_layers(model: ir.Model, config: QuantizeConfig, target=None) -> tuple[l
             weight_index, axis = found
         acts = tuple(v for i, v in enumerate(node.inputs[:2]) if v is not None and i != weight_index
                      and v.const_value is None)
-        out = node.outputs[0] if (static and (node.op_type == "Conv" or config.output_quantization == "all")) \
-            else None
+        # the target's placement may keep layer outputs unquantized (TensorRT: Q/DQ on inputs only)
+        outputs_quantized = target is None or target.setting("quantize_layer_outputs", True)
+        out = node.outputs[0] if (static and outputs_quantized
+                                  and (node.op_type == "Conv" or config.output_quantization == "all")) else None
         folded = None
         if out is not None and config.fold_activations and not activation_symmetric(act, target) \
                 and act.dtype in ("auto", "uint8", "uint4"):

@@ -23,6 +23,7 @@ from .activations import StaticActivations, activation_dtype, fall_back_by_range
 from .config import QuantizeConfig, schemes
 from .plan import LayerPlan, const, plan_layers, wants_ranges
 from .regions import int8_region
+from .residuals import residual_skips
 from .weights import (initializer_bytes, layer_granularity, quantize_bias, quantize_weight, takes_int32_bias,
                       u8s8_safe, why_granularity)
 
@@ -94,13 +95,16 @@ class Quantize(QPass):
 
     @classmethod
     def wants_ranges(cls, model: ir.Model, config, target) -> RangeRequest:
-        """The layers' tensors (plan.wants_ranges) and the outputs of the int8 region's members."""
+        """The layers' tensors (plan.wants_ranges), the outputs of the int8 region's members and,
+        where the target's placement asks for them, the residual Adds' skip inputs."""
         plans, _ = plan_layers(model, config, target)
         request = wants_ranges(model, config, target, plans)
-        if not (config.int8_regions and target is not None and target.setting("int8_elementwise")):
-            return request
-        region = int8_region(model, plans, target.setting("int8_elementwise"))
-        return dataclasses.replace(request, tensors=request.tensors | {n.outputs[0].name for n in region})
+        extra = set()
+        if config.int8_regions and target is not None and target.setting("int8_elementwise"):
+            extra |= {n.outputs[0].name for n in int8_region(model, plans, target.setting("int8_elementwise"))}
+        if target is not None and target.setting("residual_skip_inputs"):
+            extra |= {skip.name for _, skip in residual_skips(model, plans)}
+        return dataclasses.replace(request, tensors=request.tensors | extra) if extra else request
 
     # -- rewriting ----------------------------------------------------------------
     def run(self, model: ir.Model) -> bool:
@@ -129,8 +133,10 @@ class Quantize(QPass):
                 acts.route(p)
             ctx.layers.set(record)
         region = self._int8_region(model, usable, acts)
+        skips = self._residual_skips(model, usable, acts)
         conv_outputs = {p.node.outputs[0].name for p in usable if p.node.op_type == "Conv" and p.static}
-        act_tensors = acts.insert(graph, conv_outputs if cfg.quantize_graph_outputs else set())
+        through_outputs = cfg.quantize_graph_outputs and (ctx.target is None or ctx.target.setting("quantize_layer_outputs", True))
+        act_tensors = acts.insert(graph, conv_outputs if through_outputs else set())
         for name, reason in skipped.items():
             ctx.layers.set(LayerRecord.float(name, op_of.get(name), reason))
         graph.sort()
@@ -141,6 +147,7 @@ class Quantize(QPass):
             "quantized": len(usable), "float": len(skipped), "schemes": labels,
             "activation_tensors": act_tensors,
             "int8_region": dict(sorted(collections.Counter(n.op_type for n in region).items())),
+            "residual_skip_inputs": skips,
             "weights": {"float_bytes": sizes["float"], "quantized_bytes": sizes["quantized"],
                         "compression": round(sizes["float"] / sizes["quantized"], 3) if sizes["quantized"] else None},
             "model_initializer_bytes": {"before": before_bytes, "after": after_bytes,
@@ -162,6 +169,13 @@ class Quantize(QPass):
             if not missing:
                 return members
             without |= frozenset(missing)
+
+    def _residual_skips(self, model: ir.Model, usable: list[LayerPlan], acts: StaticActivations) -> int:
+        """Residual Adds quantized on their skip input, where the target's placement asks for it."""
+        static = [p for p in usable if p.static]
+        if not (static and self.ctx.target is not None and self.ctx.target.setting("residual_skip_inputs")):
+            return 0
+        return acts.join_skips(residual_skips(model, static), static[0].scheme.activation)
 
     def _quantize_layer(self, graph, p: LayerPlan, acts: StaticActivations, cache: dict, sizes: dict) -> LayerRecord:
         node, scheme, target = p.node, p.scheme, self.ctx.target
@@ -219,7 +233,8 @@ class Quantize(QPass):
                                         observed.channel_mean() if observed is not None else None, bias, notes,
                                         plain_weights=plain)
                 node.replace_input_with(p.weight_index, qw.value)
-                if bias is not None and takes_int32_bias(p, act_dtype, granularity):
+                int32_bias = target is None or target.setting("int32_bias", True)   # TensorRT: float bias
+                if bias is not None and int32_bias and takes_int32_bias(p, act_dtype, granularity):
                     note = quantize_bias(graph, node, bias, acts.scale_of(p.activations[0]), qw.scale)
                     if note:
                         notes.append(note)
