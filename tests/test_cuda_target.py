@@ -35,7 +35,9 @@ def residual_cnn(seed: int = 0) -> onnx.ModelProto:
         inits.append(numpy_helper.from_array((rng.standard_normal(n) * 0.05).astype(np.float32), name))
         return name
 
-    conv = lambda x, wn, bn, out, name, **kw: helper.make_node("Conv", [x, wn, bn], [out], name=name, pads=[1, 1, 1, 1], **kw)  # noqa: E731
+    def conv(x, wn, bn, out, name, **kw):
+        return helper.make_node("Conv", [x, wn, bn], [out], name=name, pads=[1, 1, 1, 1], **kw)
+
     nodes = [conv("x", w("w0", 8, 3, 3, 3), b("b0", 8), "c0", "/stem/Conv"),
              helper.make_node("Relu", ["c0"], ["a"], name="/stem/Relu"),
              conv("a", w("w1", 8, 8, 3, 3), b("b1", 8), "c1", "/block/conv1/Conv"),

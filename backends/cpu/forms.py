@@ -209,7 +209,7 @@ def to_matmul_integer_to_float(graph: ir.Graph, matmul: ir.Node) -> ir.Value:
     ran as three ops: on MiniLM at batch 16 the Cast and Mul took 18 of 93 ms). The bias of a
     following Add, or of the BiasGelu `fuse` writes (which becomes a Gelu), moves into the node.
     Returns the value holding the layer's result (kernel_match.take_over_layer)."""
-    xq, xs, xz, _ = _dq_parts(matmul.inputs[0])
+    xq, _, xz, _ = _dq_parts(matmul.inputs[0])
     wq, ws, _, _ = _dq_parts(matmul.inputs[1])
     base = matmul.name
     n = wq.const_value.shape[1]

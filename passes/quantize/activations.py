@@ -144,13 +144,13 @@ class StaticActivations:
         """Quantize each residual Add's skip input for that Add (residuals.py): with the tensor's
         own parameters, or the pair it already has as a layer input; returns how many (a skip
         with no calibrated range stays float)."""
-        joined = 0
+        joined, dtype = 0, activation_dtype(act, self.target)
         for add, skip in skips:
             if skip.name not in self.params:
-                params = activation_params(self.stats, skip, act, activation_dtype(act, self.target), self.target)
+                params = activation_params(self.stats, skip, act, dtype, self.target)
                 if isinstance(params, str):
                     continue
-                self.params[skip.name] = (*params, activation_dtype(act, self.target))
+                self.params[skip.name] = (*params, dtype)
             self._values.setdefault(skip.name, skip)
             if self._consumers.get(skip.name, set()) is not None:
                 self._consumers.setdefault(skip.name, set()).add(add)

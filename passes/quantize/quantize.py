@@ -135,7 +135,8 @@ class Quantize(QPass):
         region = self._int8_region(model, usable, acts)
         skips = self._residual_skips(model, usable, acts)
         conv_outputs = {p.node.outputs[0].name for p in usable if p.node.op_type == "Conv" and p.static}
-        through_outputs = cfg.quantize_graph_outputs and (ctx.target is None or ctx.target.setting("quantize_layer_outputs", True))
+        through_outputs = cfg.quantize_graph_outputs and \
+            (ctx.target is None or ctx.target.setting("quantize_layer_outputs", True))
         act_tensors = acts.insert(graph, conv_outputs if through_outputs else set())
         for name, reason in skipped.items():
             ctx.layers.set(LayerRecord.float(name, op_of.get(name), reason))
