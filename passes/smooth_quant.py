@@ -25,8 +25,9 @@ Where the division goes, by subgraph kind (recipe `kinds`):
   alone;
 * otherwise, with `explicit_mul: true`, a Mul(X, 1/s) is inserted in front of the group only
   (the other consumers of X — e.g. a residual Add after a post-LN BERT LayerNorm, whose
-  output also feeds the residual — keep X), except after an activation function (a BERT
-  FFN's output dense after GELU: measured to hurt; passes/equalization/groups.py); without
+  output also feeds the residual — keep X), except after an activation function, one op or
+  spelled out in elementwise ops (a BERT FFN's output dense after GELU: measured to hurt;
+  passes/equalization/groups.py `is_activation`); without
   it the group is left alone and the report says why.
 
 The per-channel |X| maxima come from one onnxruntime pass over the calibration data, which

@@ -38,6 +38,9 @@ from .channels import channel_shaped, per_channel_shape, times_channels
 # activation functions (fused or plain) after which no Mul is inserted (see `explicit-mul`)
 _ACTIVATIONS = ("Gelu", "BiasGelu", "FastGelu", "QuickGelu", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu",
                 "Selu", "HardSigmoid", "HardSwish", "Softplus", "Mish", "Clip")
+# the nonlinearity inside an activation function spelled out in elementwise ops: GELU's
+# x·0.5·(1 + erf(x/√2)) (or its tanh form), SiLU/Swish's x·sigmoid(x), HardSwish's x·hardsigmoid(x)
+_ACTIVATION_CORES = ("Erf", "Tanh", "Sigmoid", "HardSigmoid")
 _NORMS = {"LayerNormalization": (1, 2), "SimplifiedLayerNormalization": (1, None), "RMSNormalization": (1, None),
           "SkipLayerNormalization": (2, 3), "SkipSimplifiedLayerNormalization": (2, None)}
 
@@ -166,7 +169,7 @@ def _classify(group: Group, config, outputs: set, mul_after_activation: bool) ->
         why = "the affine's output also feeds other nodes" if not exclusive else f"kind {kind!r} is not in kinds"
     else:
         why = f"produced by {producer.op_type if producer is not None else 'a graph input'}, which cannot absorb a scale"
-    if producer is not None and producer.op_type in _ACTIVATIONS and not mul_after_activation:
+    if producer is not None and is_activation(producer) and not mul_after_activation:
         group.reason = (f"{why}; no Mul is inserted after an activation function (an FFN down projection: "
                         "measured to hurt the model although the layer's simulated error fell)")
         return
@@ -174,6 +177,23 @@ def _classify(group: Group, config, outputs: set, mul_after_activation: bool) ->
         group.kind, group.reason = "explicit-mul", why
     else:
         group.reason = why + " (explicit_mul: true would insert a Mul)"
+
+
+def is_activation(node: ir.Node, depth: int = 3) -> bool:
+    """An activation function: one op (Gelu, Relu, ...), or the last Mul of one spelled out in
+    elementwise ops — GELU exported unfused (a target whose `fuse` leaves it, e.g. cuda) is
+    Mul(Mul(x, 0.5), Add(Erf(x/√2), 1)): an Erf/Tanh/Sigmoid within `depth` producers of the Mul."""
+    if node.op_type in _ACTIVATIONS:
+        return True
+    if node.op_type != "Mul":
+        return False
+    frontier, seen = [node], set()
+    for _ in range(depth):
+        frontier = [v.producer() for n in frontier for v in n.inputs if v is not None and v.producer() is not None]
+        frontier = [n for n in frontier if id(n) not in seen and not seen.add(id(n))]
+        if any(n.op_type in _ACTIVATION_CORES for n in frontier):
+            return True
+    return False
 
 
 def _linear_producer(group: Group, producer: ir.Node) -> bool:
