@@ -14,6 +14,7 @@ from qcompile.schemes import ActivationScheme
 
 from .config import RangeGuard
 from .plan import LayerPlan, activation_symmetric, concat_parts
+from .shifts import apply_shift, shift_params, shiftable
 
 # entropy/MSE ranges search an integer grid; FP8 activations use int8's as their proxy
 _GRID_FOR_RANGE = {"float8e4m3fn": "int8", "float8e5m2": "int8", "int4": "int4", "uint4": "uint4"}
@@ -156,6 +157,28 @@ class StaticActivations:
                 self._consumers.setdefault(skip.name, set()).add(add)
             joined += 1
         return joined
+
+    def shift_one_sided(self, graph: ir.Graph) -> list[str]:
+        """Symmetric int8 tensors whose range is one-sided, read only by MatMuls: quantized as
+        with a zero point through a shift (shifts.py); the names of those shifted."""
+        done = []
+        for name in list(self._values):
+            scale, zp, dtype = self.params[name]
+            value = self._values[name]
+            readers = shiftable(value, self._consumers.get(name)) if dtype == "int8" and not np.any(zp) else None
+            found = self.stats.range(name, dtype="int8", symmetric=False) if readers else None
+            params = shift_params(*found, float(np.asarray(scale).reshape(()))) if found else None
+            if params is None:
+                continue
+            s, shift = params
+            shifted = apply_shift(graph, value, shift, readers)
+            del self._values[name]
+            consumers = self._consumers.pop(name)
+            self._values[shifted.name] = shifted
+            self._consumers[shifted.name] = consumers
+            self.params[shifted.name] = (np.float32(s), np.zeros((), np.int8), dtype)
+            done.append(name)
+        return done
 
     def insert(self, graph: ir.Graph, through_graph_output: set[str]) -> int:
         """Insert the Q/DQ pairs; `through_graph_output`: tensors whose graph output is routed too."""

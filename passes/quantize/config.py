@@ -67,6 +67,10 @@ class QuantizeConfig:
     # elementwise operators between quantized tensors run on int8 too, where the target has
     # kernels for them (its `int8_elementwise`) and the region closes (passes/quantize/regions.py)
     int8_regions: bool = True
+    # on a target whose int8 is symmetric only and that asks for it (its
+    # `shift_one_sided_activations`: cuda), a one-sided tensor read only by MatMuls is quantized
+    # as if with a zero point, through a shift (passes/quantize/shifts.py); false: never
+    shift_one_sided: bool = True
     fallback: Fallback = Fallback()
     range_guard: RangeGuard = RangeGuard()
     # subtract each layer's weight-quantization mean shift ΔW·E[x] from its bias (DFQ's bias

@@ -134,6 +134,8 @@ class Quantize(QPass):
             ctx.layers.set(record)
         region = self._int8_region(model, usable, acts)
         skips = self._residual_skips(model, usable, acts)
+        shifted = acts.shift_one_sided(graph) if cfg.shift_one_sided and ctx.target is not None and \
+            ctx.target.setting("shift_one_sided_activations") else []
         conv_outputs = {p.node.outputs[0].name for p in usable if p.node.op_type == "Conv" and p.static}
         through_outputs = cfg.quantize_graph_outputs and \
             (ctx.target is None or ctx.target.setting("quantize_layer_outputs", True))
@@ -149,6 +151,7 @@ class Quantize(QPass):
             "activation_tensors": act_tensors,
             "int8_region": dict(sorted(collections.Counter(n.op_type for n in region).items())),
             "residual_skip_inputs": skips,
+            "shifted_one_sided_activations": shifted,
             "weights": {"float_bytes": sizes["float"], "quantized_bytes": sizes["quantized"],
                         "compression": round(sizes["float"] / sizes["quantized"], 3) if sizes["quantized"] else None},
             "model_initializer_bytes": {"before": before_bytes, "after": after_bytes,
