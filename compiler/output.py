@@ -14,13 +14,23 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from .errors import OutputError
 
 # the files every compile writes: a folder holding both is a previous compile's output
 OUTPUT_MARKERS = ("report.json", "recipe.resolved.yaml")
+
+
+def script_writer(text: str) -> Callable[[Path], None]:
+    """A target artifact writer (TargetOutputs.artifacts) for a shell script, made executable."""
+    def write(path: Path) -> None:
+        Path(path).write_text(text)
+        os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return write
 
 
 def keep_only(folder: Path, inner: Path) -> None:

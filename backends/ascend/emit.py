@@ -5,9 +5,7 @@ its deploy model)."""
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import shlex
-import stat
 from pathlib import Path
 from typing import Callable
 
@@ -63,14 +61,6 @@ def atc_script(*, soc_version: str, target: str, input_shape: str, model_file: s
     lines += [f"# Note: {n}" for n in notes]
     lines += ["set -e", 'cd "$(dirname "$0")"', " ".join(shlex.quote(c) for c in cmd) + ' "$@"', ""]
     return "\n".join(lines)
-
-
-def script_writer(text: str) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        Path(path).write_text(text)
-        mode = os.stat(path).st_mode
-        os.chmod(path, mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return write
 
 
 def model_writer(model: ir.Model) -> Callable[[Path], None]:

@@ -32,6 +32,7 @@ import onnx_ir.passes.common as common_passes
 from qcompile.errors import ModelError, TargetError
 from qcompile.facts import Fact
 from qcompile.model_io import convert_opset, opset_of
+from qcompile.output import script_writer
 from qcompile.numerics import dequantize
 from qcompile.registry import QPass, register_pass
 
@@ -120,7 +121,7 @@ class AscendLower(QPass):
             notes += sparse_notes
             script = emit.atc_script(soc_version=soc, target=tgt.name + (f":{tgt.variant}" if tgt.variant else ""),
                                      input_shape=input_shape, opset=opset_of(model), notes=notes, flags=flags)
-            ctx.outputs.artifacts["atc.sh"] = emit.script_writer(script)
+            ctx.outputs.artifacts["atc.sh"] = script_writer(script)
             info["atc_command"] = script.strip().splitlines()[-1]
         info["input_shape"] = input_shape
         ctx.reports["ascend"] = info

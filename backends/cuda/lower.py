@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from qcompile.errors import TargetError
 from qcompile.facts import Fact
+from qcompile.output import script_writer
 from qcompile.registry import QPass, register_pass
 
 from .placement import placement
@@ -68,9 +69,8 @@ class CudaLower(QPass):
                                "ran_on_gpu": False}
         if self.config.trtexec_script:
             script = TRTEXEC.format(target=f"{target.name}:{target.variant}", gpu=target.setting("gpu"))
-            ctx.outputs.artifacts["trtexec.sh"] = _script_writer(script)
+            ctx.outputs.artifacts["trtexec.sh"] = script_writer(script)
         return False
-
 
     def _fp8_reference(self, model: ir.Model) -> int:
         """Where the graph holds FP8 activation Q/DQ, verification runs a copy with them as the
@@ -89,13 +89,3 @@ class CudaLower(QPass):
 
 
 _FLOAT8 = (ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2)
-
-
-def _script_writer(text: str):
-    def write(path) -> None:
-        import os
-        import stat
-        from pathlib import Path
-        Path(path).write_text(text)
-        os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return write
