@@ -134,8 +134,10 @@ class Quantize(QPass):
             ctx.layers.set(record)
         region = self._int8_region(model, usable, acts)
         skips = self._residual_skips(model, usable, acts)
+        # after the layers: their int32 biases (if the target takes them) used the unshifted scale,
+        # so a target shifting must keep biases float (cuda does: int32_bias false)
         shifted = acts.shift_one_sided(graph) if cfg.shift_one_sided and ctx.target is not None and \
-            ctx.target.setting("shift_one_sided_activations") else []
+            ctx.target.setting("shift_one_sided_activations") and not ctx.target.setting("int32_bias", True) else []
         conv_outputs = {p.node.outputs[0].name for p in usable if p.node.op_type == "Conv" and p.static}
         through_outputs = cfg.quantize_graph_outputs and \
             (ctx.target is None or ctx.target.setting("quantize_layer_outputs", True))
