@@ -117,12 +117,13 @@ def test_bert_block_for_cuda_has_no_onnxruntime_only_ops(tmp_path):
     model = onnx.load(out / "model.onnx")
     assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
     found = placement(ir.serde.deserialize_model(model).graph)
-    # 12 linears and, as ModelOpt's default (disable_mha_qdq=False) has it, the two attention
-    # products of each layer, both inputs quantized
-    assert len(found.layers) == 16 and found.float_inputs == [] and found.outputs_unexpected == []
-    assert sum("attention/self/MatMul" in n for n in found.layers) == 4
-    # 23.2 dB here against 25.5 on cpu (the quantized attention products cost 2 dB; docs/cuda.md)
-    assert result.report["verification"]["outputs"]["last_hidden_state"]["sqnr_db"] > 20
+    # the 12 linears; the attention products (Q·Kᵀ, P·V) stay float on this target (cuda.yaml says why)
+    assert len(found.layers) == 12 and found.float_inputs == [] and found.outputs_unexpected == []
+    products = [n for n, r in result.report["layers"].items() if "attention/self/MatMul" in n]
+    assert len(products) == 4 and all(result.report["layers"][n]["status"] == "float" for n in products)
+    assert all("quantize_activation_products" in result.report["layers"][n]["reason"] for n in products)
+    # 23.9 dB on these 8 samples (25.2 on 16) against 25.5 on cpu (docs/cuda.md)
+    assert result.report["verification"]["outputs"]["last_hidden_state"]["sqnr_db"] > 22
 
 
 def test_fp8_needs_sm89_or_later(tmp_path, run_cli):

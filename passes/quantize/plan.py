@@ -93,6 +93,10 @@ def plan_layers(model: ir.Model, config: QuantizeConfig, target=None) -> tuple[l
             if not static or node.op_type != "MatMul":
                 skipped[name] = found
                 continue
+            if target is not None and not target.setting("quantize_activation_products", True):
+                skipped[name] = (f"a product of two activations (attention's Q·Kᵀ or P·V): {target.name}'s placement "
+                                 "keeps it float (its descriptor's quantize_activation_products)")
+                continue
             weight_index, axis = None, None  # MatMul of two activations: both quantized
         else:
             weight_index, axis = found
