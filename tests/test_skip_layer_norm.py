@@ -23,6 +23,7 @@ from qcompile.kernelgen import KernelSpec
 from qcompile.kernelgen.build import build
 from qcompile.kernelgen.ort_headers import find_headers
 from qcompile.kernelgen.render import render_sources
+from test_schemes import ops
 
 GRID = [(h, norm) for h in (384, 37, 16, 7) for norm in ("layer_norm", "rms")]
 EPS = 1e-6
@@ -134,16 +135,12 @@ def _compile(files, out: Path, recipe: str, *settings):
     return onnx.load(out / "model.onnx"), result.report
 
 
-def _ops(model) -> list[str]:
-    return [n.op_type for n in model.graph.node]
-
-
 def test_a_compile_with_quantized_kernels_takes_the_norms_along(bert, tmp_path):
     model, report = _compile(bert, tmp_path / "with", "w8a8-dynamic")
     without, without_report = _compile(bert, tmp_path / "without", "w8a8-dynamic", "generate_kernels.norms=never")
     norms = [n for n in model.graph.node if n.op_type == OP]
-    assert len(norms) == 5 and "SkipLayerNormalization" not in _ops(model)
-    assert _ops(without).count("SkipLayerNormalization") == 5 and OP not in _ops(without)
+    assert len(norms) == 5 and "SkipLayerNormalization" not in ops(model)
+    assert ops(without).count("SkipLayerNormalization") == 5 and OP not in ops(without)
     assert report["generated_kernels"]["ops"][OP] == sorted(n.name for n in norms)
     # the norms' own float rounding can flip a per-token int8 rounding downstream, so the two
     # graphs are not equal bit for bit; their accuracy is the same
@@ -157,7 +154,7 @@ def test_a_compile_without_quantized_kernels_stays_plain_onnxruntime_unless_aske
     assert "generated_kernels" not in report and not (tmp_path / "plain" / "kernels").exists()
     assert not any(n.domain == "com.qcompile" for n in plain.graph.node)
     asked, asked_report = _compile(bert, tmp_path / "asked", "w8a8-smooth", "generate_kernels.norms=always")
-    assert _ops(asked).count(OP) == 5 and asked_report["generated_kernels"]["built"]
+    assert ops(asked).count(OP) == 5 and asked_report["generated_kernels"]["built"]
     a = report["verification"]["outputs"]["last_hidden_state"]["sqnr_db"]
     b = asked_report["verification"]["outputs"]["last_hidden_state"]["sqnr_db"]
     assert abs(a - b) < 0.1
@@ -168,7 +165,7 @@ def test_the_llama_block_rmsnorms_lower_with_its_kv_cache_attention(tmp_path):
     files = llama_block.write(tmp_path / "llama")
     model, report = _compile(files, tmp_path / "kv8", "w8a8-kv8")
     norms = [n for n in model.graph.node if n.op_type == OP]
-    assert norms and "SkipSimplifiedLayerNormalization" not in _ops(model)
+    assert norms and "SkipSimplifiedLayerNormalization" not in ops(model)
     manifest = json.loads((tmp_path / "kv8" / "kernels" / "manifest.json").read_text())
     specs = {k["spec"]["epilogue"] for k in manifest["kernels"] if k["spec"]["op"] == OP}
     assert specs == {"rms"}

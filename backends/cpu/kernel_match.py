@@ -31,22 +31,25 @@ def producer(value: ir.Value | None, op: str) -> ir.Node | None:
     return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
 
 
+def sole_reader(value: ir.Value) -> ir.Node | None:
+    """The one node reading `value` (which is no graph output), or None."""
+    users = [u.node for u in value.uses()]
+    return users[0] if len(users) == 1 and not value.is_graph_output() else None
+
+
 def only_use(value: ir.Value, op: str) -> ir.Node | None:
     """The one `op` node reading `value` (which is no graph output), or None."""
-    users = [u.node for u in value.uses()]
-    if len(users) != 1 or users[0].op_type != op or value.is_graph_output():
-        return None
-    return users[0]
+    node = sole_reader(value)
+    return node if node is not None and node.op_type == op else None
 
 
 def bias_reader(output: ir.Value, n: int) -> tuple[ir.Node, ir.Value] | None:
     """(node, bias) when `output`'s one reader adds a constant float32 bias [N] a MatMul kernel's
     epilogue can take instead: an Add(output, bias), or the com.microsoft BiasGelu `fuse` writes
     after an FFN input layer (which then becomes a plain Gelu: `take_over_layer`)."""
-    users = [u.node for u in output.uses()]
-    if len(users) != 1 or output.is_graph_output() or len(users[0].inputs) != 2 or users[0].inputs[0] is not output:
+    node = sole_reader(output)
+    if node is None or len(node.inputs) != 2 or node.inputs[0] is not output:
         return None
-    node = users[0]
     plain_add = node.op_type == "Add" and node.domain in ("", "ai.onnx")
     bias_gelu = node.op_type == "BiasGelu" and node.domain == "com.microsoft"
     bias = const(node.inputs[1])
@@ -58,11 +61,9 @@ def bias_reader(output: ir.Value, n: int) -> tuple[ir.Node, ir.Value] | None:
 def gelu_reader(output: ir.Value) -> ir.Node | None:
     """The com.microsoft Gelu that is `output`'s one reader (`fuse`'s GELU, or a BiasGelu whose
     bias moved into the MatMul before it), or None."""
-    users = [u.node for u in output.uses()]
-    if len(users) != 1 or output.is_graph_output():
-        return None
-    node = users[0]
-    ok = node.op_type == "Gelu" and node.domain == "com.microsoft" and len(node.inputs) == 1 and node.inputs[0] is output
+    node = sole_reader(output)
+    ok = node is not None and node.op_type == "Gelu" and node.domain == "com.microsoft" and len(node.inputs) == 1 \
+        and node.inputs[0] is output
     return node if ok else None
 
 

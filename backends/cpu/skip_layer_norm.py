@@ -56,7 +56,7 @@ def match_skip_norm(node: ir.Node) -> SkipNorm | None:
     if x is None or skip is None or gamma_array is None or gamma_array.ndim != 1:
         return None
     hidden = int(gamma_array.shape[0])
-    if not _vector(gamma, hidden) or any(v is not None and not _vector(v, hidden) for v in (beta, bias)):
+    if gamma_array.dtype != np.float32 or any(v is not None and not _vector(v, hidden) for v in (beta, bias)):
         return None
     if x.dtype not in (None, ir.DataType.FLOAT) or skip.dtype not in (None, ir.DataType.FLOAT):
         return None
@@ -86,6 +86,6 @@ def skip_norm_to_generated(graph: ir.Graph, match: SkipNorm, spec: KernelSpec) -
     pairs = [(node.outputs[0], new.outputs[0])] + ([(total, new.outputs[1])] if total is not None else [])
     for old, value in pairs:
         value.dtype, value.shape = ir.DataType.FLOAT, old.shape
-    for i, (old, value) in enumerate(pairs):
-        take_over(graph, old, value, [node] if i == len(pairs) - 1 else [])
+        take_over(graph, old, value, [])
+    graph.remove(node, safe=True)
     return new.outputs[0]

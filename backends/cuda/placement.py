@@ -15,6 +15,8 @@ import dataclasses
 
 import onnx_ir as ir
 
+from qcompile.passes.quantize.residuals import residual_skip
+
 LAYERS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _STANDARD = ("", "ai.onnx")
 
@@ -104,13 +106,7 @@ def placement(graph: ir.Graph) -> Placement:
                 found.outputs_unexpected.append(node.name)
     conv_outputs = {n.outputs[0] for n in quantized if n.op_type in ("Conv", "ConvTranspose")}
     for node in graph:
-        if node.op_type != "Add" or node.domain not in _STANDARD or len(node.inputs) != 2:
-            continue
-        a, b = node.inputs
-        if a is None or b is None or (a in conv_outputs) == (b in conv_outputs):
-            continue
-        skip = b if a in conv_outputs else a
-        if skip.const_value is not None:
-            continue
-        (found.residual_skips_quantized if _dq(skip) is not None else found.residual_skips_float).append(node.name)
+        skip = residual_skip(node, conv_outputs)
+        if skip is not None:
+            (found.residual_skips_quantized if _dq(skip) is not None else found.residual_skips_float).append(node.name)
     return found

@@ -4,8 +4,9 @@ Templates live with their family (`backends/<family>/kernels/`, handed in as a f
 core knows no family): `<Op>.cpp.j2` renders one specialisation
 (it sees only `spec`, its `dims` and `header`), `register.cpp.j2` renders the library's
 entry point over every spec, other `*.j2` files are macros the templates import, and plain
-files there (`*.h`) are shared helpers copied as they are. The environment has no globals and undefined names raise (`StrictUndefined`),
-so a template reads nothing but its spec and the same spec renders the same bytes.
+files there (`*.h`) are shared helpers copied as they are. The environment has no globals and
+undefined names raise (`StrictUndefined`), so a template reads nothing but its spec and the
+same spec renders the same bytes.
 """
 
 from __future__ import annotations

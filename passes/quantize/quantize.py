@@ -134,10 +134,7 @@ class Quantize(QPass):
             ctx.layers.set(record)
         region = self._int8_region(model, usable, acts)
         skips = self._residual_skips(model, usable, acts)
-        # after the layers: their int32 biases (if the target takes them) used the unshifted scale,
-        # so a target shifting must keep biases float (cuda does: int32_bias false)
-        shifted = acts.shift_one_sided(graph) if cfg.shift_one_sided and ctx.target is not None and \
-            ctx.target.setting("shift_one_sided_activations") and not ctx.target.setting("int32_bias", True) else []
+        shifted = self._shift_one_sided(graph, acts)
         conv_outputs = {p.node.outputs[0].name for p in usable if p.node.op_type == "Conv" and p.static}
         through_outputs = cfg.quantize_graph_outputs and \
             (ctx.target is None or ctx.target.setting("quantize_layer_outputs", True))
@@ -182,6 +179,16 @@ class Quantize(QPass):
         if not (static and self.ctx.target is not None and self.ctx.target.setting("residual_skip_inputs")):
             return 0
         return acts.join_skips(residual_skips(model, static), static[0].scheme.activation)
+
+    def _shift_one_sided(self, graph: ir.Graph, acts: StaticActivations) -> list[str]:
+        """One-sided tensors quantized as with a zero point (shifts.py), where the target asks for
+        it. After the layers were rewritten, so only where biases stay float: an int32 bias
+        would have been computed with the unshifted scale (cuda keeps them float)."""
+        target = self.ctx.target
+        if not (self.config.shift_one_sided and target is not None and target.setting("shift_one_sided_activations")
+                and not target.setting("int32_bias", True)):
+            return []
+        return acts.shift_one_sided(graph)
 
     def _quantize_layer(self, graph, p: LayerPlan, acts: StaticActivations, cache: dict, sizes: dict) -> LayerRecord:
         node, scheme, target = p.node, p.scheme, self.ctx.target
@@ -239,8 +246,7 @@ class Quantize(QPass):
                                         observed.channel_mean() if observed is not None else None, bias, notes,
                                         plain_weights=plain)
                 node.replace_input_with(p.weight_index, qw.value)
-                int32_bias = target is None or target.setting("int32_bias", True)   # TensorRT: float bias
-                if bias is not None and int32_bias and takes_int32_bias(p, act_dtype, granularity):
+                if bias is not None and takes_int32_bias(p, act_dtype, granularity, target):
                     note = quantize_bias(graph, node, bias, acts.scale_of(p.activations[0]), qw.scale)
                     if note:
                         notes.append(note)

@@ -15,19 +15,22 @@ import onnx_ir as ir
 from .plan import LayerPlan
 
 
+def residual_skip(node: ir.Node, branches: set[ir.Value]) -> ir.Value | None:
+    """The skip input of a two-input Add one of whose inputs is in `branches` (quantized Conv
+    outputs: what TensorRT fuses the Add into) and the other a computed tensor; None for any
+    other node, an Add of two such branches or one with a constant (no single skip)."""
+    if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if a is None or b is None or a.const_value is not None or b.const_value is not None:
+        return None
+    if (a in branches) == (b in branches):
+        return None
+    return b if a in branches else a
+
+
 def residual_skips(model: ir.Model, plans: list[LayerPlan]) -> list[tuple[ir.Node, ir.Value]]:
-    """(Add, skip input) for each two-input Add one of whose inputs is a static quantized Conv's
-    output (the branch TensorRT fuses the Add into) and the other a computed tensor; an Add of
-    two such Convs, or with a constant, has no single skip and is left alone."""
+    """(Add, skip input) for each residual Add after a static quantized Conv."""
     conv_outputs = {p.node.outputs[0] for p in plans if p.static and p.node.op_type == "Conv"}
-    found = []
-    for node in model.graph:
-        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
-            continue
-        a, b = node.inputs
-        if a is None or b is None or a.const_value is not None or b.const_value is not None:
-            continue
-        if (a in conv_outputs) == (b in conv_outputs):
-            continue
-        found.append((node, b if a in conv_outputs else a))
-    return found
+    found = [(node, residual_skip(node, conv_outputs)) for node in model.graph]
+    return [(node, skip) for node, skip in found if skip is not None]

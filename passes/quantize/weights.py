@@ -123,10 +123,12 @@ def round_weight(w: np.ndarray, name: str, scheme: WeightScheme, axis, block):
     return q, scale, zp
 
 
-def takes_int32_bias(plan: LayerPlan, act_dtype: str | None, granularity: str) -> bool:
-    """A static int8/uint8 layer with per-tensor/per-channel integer weights: its bias goes int32."""
+def takes_int32_bias(plan: LayerPlan, act_dtype: str | None, granularity: str, target=None) -> bool:
+    """A static int8/uint8 layer with per-tensor/per-channel integer weights: its bias goes int32,
+    unless the target keeps biases float (its descriptor's `int32_bias: false`: TensorRT)."""
     return plan.static and bool(plan.activations) and act_dtype in ("int8", "uint8") \
-        and granularity != "per_group" and not is_float8(plan.scheme.weight.dtype)
+        and granularity != "per_group" and not is_float8(plan.scheme.weight.dtype) \
+        and (target is None or target.setting("int32_bias", True))
 
 
 def quantize_bias(graph: ir.Graph, node: ir.Node, bias: ir.Value, x_scale: np.ndarray,

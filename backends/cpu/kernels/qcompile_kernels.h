@@ -48,6 +48,17 @@ inline int32_t quantize_value(float x, float scale) {
   return static_cast<int32_t>(std::min(127.0f, std::max(-127.0f, r)));
 }
 
+// Softmax's numerator over a row in place, p = exp(p - peak), and its sum (the scalar paths; the
+// vector ones are simd.j2's exp_shift_sum_<isa>, whose tails do the same).
+inline float exp_shift_sum_scalar(float* p, int64_t n, float peak) {
+  float sum = 0.0f;
+  for (int64_t t = 0; t < n; ++t) {
+    p[t] = std::exp(p[t] - peak);
+    sum += p[t];
+  }
+  return sum;
+}
+
 // A per-token W8A8 MatMul specialisation: y[m, :] = (x[m, :] quantized) @ W, rescaled.
 class QMatMulPerTokenKernel {
  public:
