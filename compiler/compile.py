@@ -112,12 +112,14 @@ def _compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     timing = PassTiming()
     model = run_pipeline(model, rec, ctx, [timing, DumpAfter(plan.dump_after, folder / "dumps")])
     if half is not None:
-        for graph in (model, ctx.outputs.reference_model):
+        for graph in (model, ctx.outputs.reference_model, *(c.model for c in ctx.outputs.companions.values())):
             if graph is not None:
                 narrow_io(graph, half)
         ctx.reports["half_precision"] = half.describe()
     out_model = folder / MODEL_FILE
     save_model(model, out_model, external_data=plan.external_data)
+    for name, companion in sorted(ctx.outputs.companions.items()):
+        save_model(companion.model, folder / name, external_data=plan.external_data)
     for name, write in sorted(ctx.outputs.artifacts.items()):
         write(folder / name)
 
@@ -177,7 +179,25 @@ def _verify(plan: CompilePlan, dataset, specs, ctx: PassContext, folder: Path, o
             shutil.rmtree(checked.parent, ignore_errors=True)
     for name, entry in result.get("layers", {}).items():
         ctx.layers[name].error = LayerError(entry["tensor"], entry["sqnr_db"], entry.get("added_sqnr_db"))
+    companions = {name: _verify_companion(plan, vdata, folder / name, companion, ctx.rescales)
+                  for name, companion in sorted(ctx.outputs.companions.items())}
+    if companions:
+        result["companions"] = companions
     return result
+
+
+def _verify_companion(plan: CompilePlan, vdata, path: Path, companion, rescales) -> dict:
+    """A second shipped graph (model.kernels.onnx) against the original: its outputs' errors, or
+    why it could not run here. Its custom nodes run through `companion.reference_library`,
+    which the lowering registered for every session of this compile."""
+    if companion.reference_library is None:
+        return {"checked": None, "reason": "no library here runs its custom nodes (see the warnings)"}
+    try:
+        found = verify_models(plan.model, path, vdata, samples=plan.verify.samples, rescales=rescales,
+                              progress=plan.progress)
+    except Exception as err:     # the companion's failure must not hide model.onnx's verification
+        return {"checked": None, "reason": f"onnxruntime could not run it: {err}"}
+    return {"checked": companion.what, **{k: v for k, v in found.items() if k in ("outputs", "task", "samples")}}
 
 
 def keeps_dynamic_shapes(model, tgt: Target, rec: Recipe) -> bool:

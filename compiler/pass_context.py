@@ -42,6 +42,17 @@ class Warnings:
 
 
 @dataclasses.dataclass
+class CompanionModel:
+    """A second graph a lowering ships beside model.onnx (e.g. model.kernels.onnx: the same model
+    with generated-kernel nodes), verified against the original like model.onnx."""
+    model: ir.Model
+    # an onnxruntime custom-op library that runs its custom nodes in verification (their
+    # reference: the CPU family's kernels for the same ops); None: it cannot be verified here
+    reference_library: Path | None
+    what: str                     # what verification runs, for the report
+
+
+@dataclasses.dataclass
 class TargetOutputs:
     """What a target's lowering emits beside model.onnx."""
     # extra files (name -> writer(path)), e.g. atc.sh
@@ -49,6 +60,8 @@ class TargetOutputs:
     # an onnxruntime-runnable equivalent of the shipped graph, when onnxruntime cannot run the
     # shipped graph itself (custom target ops): verification runs this instead
     reference_model: ir.Model | None = None
+    # further graphs to write beside model.onnx and verify (file name -> CompanionModel)
+    companions: dict[str, CompanionModel] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

@@ -109,6 +109,16 @@ def print_summary(report: dict, console: Console | None = None, *, header: bool 
             console.print(f"perplexity over {task['tokens']} tokens: original {task['perplexity_original']}, "
                           f"compiled {task['perplexity_compiled']} ({task['perplexity_delta_pct']:+.2f} %); "
                           f"next-token top-1 agreement {task['top1_agreement']}")
+        for file, found in ver.get("companions", {}).items():
+            if found.get("outputs"):
+                first, m = next(iter(found["outputs"].items()))
+                extra = ""
+                if found.get("task", {}).get("metric") == "perplexity":
+                    extra = f", perplexity {found['task']['perplexity_compiled']}"
+                console.print(f"{file}: {first} SQNR {m['sqnr_db']} dB, cosine mean {m['cosine_mean']}{extra} "
+                              f"({found['checked']})")
+            else:
+                console.print(f"[yellow]{file} not verified:[/yellow] {found.get('reason')}")
         worst = sorted((v["added_sqnr_db"], k) for k, v in ver.get("layers", {}).items()  # inf: adds no error
                        if isinstance(v.get("added_sqnr_db"), (int, float)) and math.isfinite(v["added_sqnr_db"]))[:5]
         if worst:

@@ -57,11 +57,15 @@ def residual_cnn(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+# the generated CUDA kernels are tests/test_cuda_kernels.py's; here only TensorRT's graph
+NO_KERNELS = ("cuda_kernels.enabled=false",)
+
+
 def _compile(tmp_path, model, target="cuda", recipe="w8a8", name="m"):
     path, npz = TinyModels.save(model, tmp_path / f"in-{name}", "model", TinyModels.data((3, 16, 16), 32))
     out = tmp_path / f"out-{name}"
     result = compile_model(path, target=target, recipe=recipe, calib=npz, output_dir=out, progress=False,
-                           verify_samples=8)
+                           verify_samples=8, settings=NO_KERNELS if target == "cuda" else ())
     return onnx.load(out / "model.onnx"), result.report, out
 
 
@@ -113,7 +117,8 @@ def test_bert_block_for_cuda_has_no_onnxruntime_only_ops(tmp_path):
     files = bert_block.write(tmp_path / "bert")
     out = tmp_path / "out"
     result = compile_model(files["model"], target="cuda", recipe="w8a8-smooth", calib=files["calib"],
-                           verify_data=files["eval"], output_dir=out, progress=False, verify_samples=8)
+                           verify_data=files["eval"], output_dir=out, progress=False, verify_samples=8,
+                           settings=NO_KERNELS)
     model = onnx.load(out / "model.onnx")
     assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
     found = placement(ir.serde.deserialize_model(model).graph)
@@ -189,7 +194,7 @@ def test_a_one_sided_input_is_quantized_as_with_a_zero_point(tmp_path):
                            ("plain", ("quantize.shift_one_sided=false",))):
         out = tmp_path / name
         result = compile_model(path, target="cuda", recipe="w8a8", calib=npz, output_dir=out, progress=False,
-                               verify_samples=16, settings=settings)
+                               verify_samples=16, settings=settings + NO_KERNELS)
         outs[name] = (onnx.load(out / "model.onnx"), result.report)
     model, report = outs["shifted"]
     assert report["quantize"]["shifted_one_sided_activations"] == ["x"]

@@ -4,8 +4,8 @@ The quantize pass already placed the Q/DQ the cuda descriptor asks for (int8 sym
 only, residual skip inputs); this pass reads the result back rule by rule (placement.py),
 records it in report.json (`cuda`), warns where a rule does not hold, refuses operators
 TensorRT's ONNX parser does not know (a custom domain), gives verification an onnxruntime-
-runnable twin where FP8 Q/DQ would not run there, and writes OUT/trtexec.sh. What it does
-not do yet: generated CUDA kernels (the issue's second half); nothing here ran on a GPU.
+runnable twin where FP8 Q/DQ would not run there, and writes OUT/trtexec.sh. The generated
+CUDA kernels are the next lowering step's (cuda_kernels.py); nothing here ran on a GPU.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ class CudaLower(QPass):
                                "verified": "model.onnx" if not simulated else
                                f"a reference lowering: {simulated} FP8 activation Q/DQ pairs as Cast arithmetic "
                                "(onnxruntime CPU has no FP8 kernels and its optimizer would fuse them into int8 ones)",
-                               "built_kernels": "none yet: generated CUDA kernels are not part of this target yet",
                                "ran_on_gpu": False}
         if self.config.trtexec_script:
             script = TRTEXEC.format(target=f"{target.name}:{target.variant}", gpu=target.setting("gpu"))

@@ -1,10 +1,11 @@
 """Render kernel sources from a family's Jinja templates.
 
 Templates live with their family (`backends/<family>/kernels/`, handed in as a folder, so this
-core knows no family): `<Op>.cpp.j2` renders one specialisation
-(it sees only `spec`, its `dims` and `header`), `register.cpp.j2` renders the library's
-entry point over every spec, other `*.j2` files are macros the templates import, and plain
-files there (`*.h`) are shared helpers copied as they are. The environment has no globals and
+core knows no family): `<Op>.<unit>.j2` renders one specialisation (it sees only `spec`, its
+`dims` and `header`; `unit` is `cpp` for the CPU family, `cu` for CUDA), the family's
+library-level templates (`register.cpp.j2`: the onnxruntime entry point; `qcompile_cuda_kernels.h.j2`:
+a C header) render over every spec, other `*.j2` files are macros the templates import, and
+plain files there (`*.h`, `*.cuh`) are shared helpers copied as they are. The environment has no globals and
 undefined names raise (`StrictUndefined`), so a template reads nothing but its spec and the
 same spec renders the same bytes.
 """
@@ -25,9 +26,10 @@ def environment(templates: Path) -> jinja2.Environment:
                               trim_blocks=True, lstrip_blocks=True, autoescape=False)
 
 
-def served_ops(templates: Path) -> set[str]:
+def served_ops(templates: Path, unit: str = "cpp") -> set[str]:
     """The ops a family's template folder has a template for."""
-    return {p.name[:-len(".cpp.j2")] for p in Path(templates).glob("*.cpp.j2")} - {"register"}
+    suffix = f".{unit}.j2"
+    return {p.name[:-len(suffix)] for p in Path(templates).glob(f"*{suffix}")} - {"register"}
 
 
 def header_comment(spec: KernelSpec | None, version: str) -> str:
@@ -37,18 +39,22 @@ def header_comment(spec: KernelSpec | None, version: str) -> str:
     return "\n".join(lines)
 
 
-def render_sources(templates: Path, specs: list[KernelSpec], version: str) -> dict[str, str]:
+def render_sources(templates: Path, specs: list[KernelSpec], version: str, *, unit: str = "cpp",
+                   library_templates: tuple[str, ...] = ("register.cpp.j2",)) -> dict[str, str]:
     """{file name: text} for the library serving `specs` (sorted, so the order never matters),
-    from the family's template folder `templates`."""
+    from the family's template folder `templates`: one `<symbol>.<unit>` per spec, each of
+    `library_templates` rendered over all specs (named without `.j2`), the helpers copied."""
     env = environment(templates)
     specs = sorted(set(specs), key=lambda s: (s.op, s.id))
     files = {}
     for spec in specs:
-        template = env.get_template(f"{spec.op}.cpp.j2")
-        files[f"{spec.symbol}.cpp"] = template.render(spec=spec, dims=spec.dims(),
-                                                      header=header_comment(spec, version))
-    files["register.cpp"] = env.get_template("register.cpp.j2").render(
-        specs=specs, ops=sorted({s.op for s in specs}), domain=DOMAIN, header=header_comment(None, version))
-    for helper in sorted(Path(templates).glob("*.h")):
-        files[helper.name] = helper.read_text()
+        template = env.get_template(f"{spec.op}.{unit}.j2")
+        files[f"{spec.symbol}.{unit}"] = template.render(spec=spec, dims=spec.dims(),
+                                                         header=header_comment(spec, version))
+    for name in library_templates:
+        files[name[:-len(".j2")]] = env.get_template(name).render(
+            specs=specs, ops=sorted({s.op for s in specs}), domain=DOMAIN, header=header_comment(None, version))
+    for pattern in ("*.h", "*.cuh"):
+        for helper in sorted(Path(templates).glob(pattern)):
+            files[helper.name] = helper.read_text()
     return files
