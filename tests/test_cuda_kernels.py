@@ -338,6 +338,12 @@ def test_a_shape_the_gemm_cannot_serve_keeps_its_qdq_form(tmp_path):
     twin = ir.load(tmp_path / "o" / KERNELS_MODEL)
     ops = {n.name: n.op_type for n in twin.graph}
     assert ops["narrow"] == "MatMul" and ops["wide"] == "QMatMulPerToken"
+    # model.onnx shifts the one-sided ReLU output for its static symmetric scale (shifts.py); the
+    # per-token kernel reads the ReLU output itself and the compensation Add is gone
+    assert result.report["quantize"]["shifted_one_sided_activations"] == ["r"]
+    wide = next(n for n in twin.graph if n.name == "wide")
+    assert wide.inputs[0].producer().op_type == "Relu"
+    assert not any(n.op_type == "Add" for n in twin.graph)
     assert any("keep the Q/DQ form" in w for w in result.warnings)
 
 

@@ -18,9 +18,10 @@ writes, beside model.onnx:
   layers.npz (one real layer per kernel: its input on calibration sample 0, its weights, and
   the output onnxruntime computed for it in model.onnx) and check.py, the GPU harness.
 
-Layers a template cannot serve (K not a multiple of 16, N not a multiple of 4, a weight that is
-not int8 per channel) keep their Q/DQ form in both files, with the reason in report.json
-(`cuda_kernels.not_served`). Nothing here runs on a GPU: check.py does, where one is.
+Layers a template cannot serve (qdq_matmul.py says why: K not a multiple of 16, N not a multiple
+of 4, a weight that is not int8 per channel, a Gemm) keep their Q/DQ form in both files, with
+the reason in report.json (`cuda_kernels.not_served`). Nothing here runs on a GPU: check.py
+does, where one is.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from qcompile.backends.cpu import per_token_matmul
-from qcompile.backends.cpu.kernel_match import bias_reader, const, producer, take_over_layer
+from qcompile.backends.cpu.generated_kernels import TEMPLATES as CPU_TEMPLATES
+from qcompile.backends.cpu.kernel_match import take_over_layer
 from qcompile.facts import Fact
 from qcompile.kernelgen import DOMAIN, KernelSpec, manifest
 from qcompile.kernelgen.build import (CUDA_LIBRARY, BuildFailed, build, build_cuda, cuda_cmakelists, cuda_commands)
@@ -45,12 +47,14 @@ from qcompile.kernelgen.render import header_comment, render_sources
 from qcompile.kernelgen.spec import DOMAIN_VERSION
 from qcompile.ort_session import use_generated_library
 from qcompile.pass_context import CompanionModel
+from qcompile.qdq import add_initializer
 from qcompile.registry import QPass, register_pass
 from qcompile.versions import package_version
 
+from .qdq_matmul import StaticQdqMatMul, match_static_qdq_matmul
+
 FAMILY = "cuda"
 TEMPLATES = Path(__file__).resolve().parent / "kernels"
-CPU_TEMPLATES = Path(__file__).resolve().parent.parent / "cpu" / "kernels"
 KERNELS_DIR = "kernels"
 KERNELS_MODEL = "model.kernels.onnx"
 LIBRARY_TEMPLATES = ("qcompile_cuda_kernels.h.j2", "ort_ops.cu.j2")
@@ -58,50 +62,6 @@ GRAPH_TABLE = "qcompile_graph_specs.h"
 REFERENCE_ISA = "avx512_vnni"     # the CPU reference library's spec (its vector paths are picked at run time)
 # nvcc architectures per variant: Hopper's GEMM uses wgmma, which only the arch-specific sm_90a has
 ARCHITECTURES = {"sm80": ("80",), "sm89": ("89",), "sm90": ("90a",)}
-
-
-@dataclasses.dataclass
-class StaticQdqMatMul:
-    """A MatMul of model.onnx in TensorRT's explicit-quantization form, matched back to its parts."""
-    layer: str
-    x: ir.Value                 # the float tensor the activation QuantizeLinear reads
-    weight: ir.Value            # constant int8 [K, N]
-    weight_scale: ir.Value      # constant float32 [N] or scalar
-    bias: ir.Value | None       # constant float32 [N] of an Add after the MatMul
-    output: ir.Value            # the layer's result (after the bias Add when there is one)
-    nodes: list[ir.Node]        # what the kernel replaces (the activation Q/DQ may be shared: left to cleanup)
-
-
-def match_static_qdq_matmul(node: ir.Node) -> StaticQdqMatMul | str | None:
-    """The parts of a Q/DQ-quantized MatMul, a reason it cannot be served, or None (not one)."""
-    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
-        return None
-    act_dq, w_dq = producer(node.inputs[0], "DequantizeLinear"), producer(node.inputs[1], "DequantizeLinear")
-    act_q = producer(act_dq.inputs[0], "QuantizeLinear") if act_dq is not None else None
-    if act_q is None or w_dq is None:
-        return None
-    weight = const(w_dq.inputs[0])
-    if weight is None or weight.dtype != np.int8 or weight.ndim != 2:
-        return "its weight is not an int8 matrix (int8 per-channel weights only)"
-    if act_dq.inputs[0].dtype != ir.DataType.INT8:
-        return "its activation is not int8"
-    k, n = weight.shape
-    w_scale = const(w_dq.inputs[1])
-    w_zero = const(w_dq.inputs[2]) if len(w_dq.inputs) > 2 and w_dq.inputs[2] is not None else None
-    if w_scale is None or w_scale.dtype != np.float32 or w_scale.size not in (1, n) or \
-            (w_scale.size == n and w_dq.attributes.get_int("axis", 1) not in (1, -1)) or \
-            (w_zero is not None and np.any(w_zero != 0)):
-        return "its weight scale is not one per output column (or a zero point is not 0)"
-    if k % 16 or n % 4:
-        return f"K={k} is not a multiple of 16 or N={n} not of 4 (the GEMM reads 16-byte vectors)"
-    if node.outputs[0].dtype not in (ir.DataType.FLOAT, None):
-        return "its output is not float32"
-    output, bias, nodes = node.outputs[0], None, [node, w_dq]
-    reader = bias_reader(output, n)
-    if reader is not None and reader[0].op_type == "Add":
-        nodes.append(reader[0])
-        output, bias = reader[0].outputs[0], reader[1]
-    return StaticQdqMatMul(node.name, act_q.inputs[0], w_dq.inputs[0], w_dq.inputs[1], bias, output, nodes)
 
 
 def graph_spec(match: StaticQdqMatMul) -> KernelSpec:
@@ -157,7 +117,8 @@ class CudaKernels(QPass):
         if not matches:
             return False
         graph_specs = {m.layer: graph_spec(m) for m in matches}
-        pairs = {graph_specs[m.layer].id: cuda_specs(m, variant) for m in matches}
+        kernels_of = {m.layer: cuda_specs(m, variant) for m in matches}      # layer -> (quantize, gemm)
+        pairs = {graph_specs[layer].id: kernels for layer, kernels in kernels_of.items()}
         specs = sorted({s for pair in pairs.values() for s in pair}, key=lambda s: (s.op, s.id))
         version = package_version("qcompile") or "unknown"
         sources = render_sources(TEMPLATES, specs, version, unit="cu", library_templates=LIBRARY_TEMPLATES)
@@ -165,13 +126,14 @@ class CudaKernels(QPass):
         archs = ARCHITECTURES[variant]
         built, build_info = self._build(sources, archs)
         layers = {}
-        for m in matches:
-            for spec in pairs[graph_specs[m.layer].id]:
-                layers.setdefault(spec.id, []).append(m.layer)
+        for layer, kernels in kernels_of.items():
+            for spec in kernels:
+                layers.setdefault(spec.id, []).append(layer)
         doc = manifest(specs, layers=layers, library=CUDA_LIBRARY if built else None, build=build_info)
         doc["graph_ops"] = {gid: {"op": per_token_matmul.OP, "kernels": [s.symbol for s in pair]}
                             for gid, pair in sorted(pairs.items())}
-        recorded = self._record(model, matches, pairs) if self.config.record_layers and ctx.data is not None else {}
+        recorded = self._record(model, matches, kernels_of) if self.config.record_layers and ctx.data is not None \
+            else {}
         companion = self._kernels_model(model, matches, graph_specs)
         ctx.outputs.companions[KERNELS_MODEL] = companion
         report.update({"kernels": len(specs), "library": f"{KERNELS_DIR}/{CUDA_LIBRARY}" if built else None,
@@ -181,14 +143,15 @@ class CudaKernels(QPass):
         ctx.outputs.artifacts[KERNELS_DIR] = _writer(sources, built, doc, recorded, archs)
         return False          # model.onnx itself is unchanged
 
-    def _build(self, sources: dict[str, str], archs: tuple[int, ...]):
+    def _build(self, sources: dict[str, str], archs: tuple[str, ...]):
         """(the built library or None, what happened): a failure leaves the sources and says why."""
+        placeholders = (Path("$CUTLASS_INCLUDE_DIR"), Path("$ORT_INCLUDE_DIR"))
+        command = " && ".join(" ".join(c) for c in cuda_commands(sources, archs, placeholders))
         try:
             includes = (find_cutlass().include_dir, find_headers().include_dir)
         except (CutlassUnavailable, HeadersUnavailable) as err:
             self.ctx.warn(f"cuda kernels: not built ({err}); the sources are in {KERNELS_DIR}/")
-            return None, {"built": False, "reason": str(err)}
-        command = " && ".join(" ".join(c) for c in cuda_commands(sources, archs, ("$CUTLASS", "$ORT")))
+            return None, {"built": False, "reason": str(err), "command": command}
         if not self.config.build:
             return None, {"built": False, "reason": "cuda_kernels.build is false", "command": command}
         try:
@@ -200,29 +163,32 @@ class CudaKernels(QPass):
                               "cached": library.cached, "architectures": [f"sm_{a}" for a in archs],
                               "command": command}
 
-    def _record(self, model: ir.Model, matches, pairs) -> dict[str, np.ndarray]:
+    def _record(self, model: ir.Model, matches, kernels_of) -> dict[str, np.ndarray]:
         """One layer per kernel, run on calibration sample 0: its input, its weights, and the
-        output onnxruntime computed for it in model.onnx."""
+        output onnxruntime computed for it in model.onnx (keys `<kernel id>/<name>`)."""
         from qcompile.passes.activation_stream import stream_tensors
-        first: dict[str, StaticQdqMatMul] = {}
+        quantizers, gemms = {}, {}
         for m in matches:
-            for spec in pairs[graph_spec(m).id]:
-                first.setdefault(spec.id, m)
-        wanted = {v.name: v for m in first.values() for v in (m.x, m.output)}
-        values, _ = next(stream_tensors(model, list(wanted.values()), self.ctx.data, samples=1,
-                                        label="recording kernel inputs", progress=False))
+            quant, gemm = kernels_of[m.layer]
+            quantizers.setdefault(quant.id, m)
+            gemms.setdefault(gemm.id, m)
+        wanted = {v.name: v for m in (*quantizers.values(), *gemms.values()) for v in (m.x, m.output)}
+        stream = stream_tensors(model, list(wanted.values()), self.ctx.data, samples=1,
+                                label="recording kernel inputs", progress=False)
+        values, _ = next(stream)
+        stream.close()
         recorded = {}
-        for spec_id, m in first.items():
-            x = values[m.x.name]
+        for kernel_id, m in quantizers.items():
+            recorded[f"{kernel_id}/x"] = values[m.x.name].reshape(-1, m.weight.const_value.shape[0]).astype(np.float32)
+        for kernel_id, m in gemms.items():
             k, n = m.weight.const_value.shape
-            recorded[f"{spec_id}/x"] = x.reshape(-1, k).astype(np.float32)
-            if spec_id in {pairs[graph_spec(m).id][1].id}:       # the GEMM: weights and the layer's output
-                recorded[f"{spec_id}/weight_nk"] = np.ascontiguousarray(m.weight.const_value.numpy().T)
-                recorded[f"{spec_id}/weight_scale"] = np.broadcast_to(
-                    m.weight_scale.const_value.numpy().astype(np.float32).reshape(-1), (n,)).copy()
-                recorded[f"{spec_id}/bias"] = m.bias.const_value.numpy() if m.bias is not None \
-                    else np.zeros(n, np.float32)
-                recorded[f"{spec_id}/layer_output"] = values[m.output.name].reshape(-1, n).astype(np.float32)
+            recorded[f"{kernel_id}/x"] = values[m.x.name].reshape(-1, k).astype(np.float32)
+            recorded[f"{kernel_id}/weight_nk"] = np.ascontiguousarray(m.weight.const_value.numpy().T)
+            recorded[f"{kernel_id}/weight_scale"] = np.broadcast_to(
+                m.weight_scale.const_value.numpy().astype(np.float32).reshape(-1), (n,)).copy()
+            recorded[f"{kernel_id}/bias"] = m.bias.const_value.numpy() if m.bias is not None \
+                else np.zeros(n, np.float32)
+            recorded[f"{kernel_id}/layer_output"] = values[m.output.name].reshape(-1, n).astype(np.float32)
         return recorded
 
     def _kernels_model(self, model: ir.Model, matches, graph_specs) -> CompanionModel:
@@ -236,7 +202,6 @@ class CudaKernels(QPass):
             spec = graph_specs[m.layer]
             bias = m.bias
             if bias is None:
-                from qcompile.qdq import add_initializer
                 bias = add_initializer(twin.graph, f"{m.layer}_bias", np.zeros(spec.dims()["N"], np.float32))
             kernel = ir.node(per_token_matmul.OP, [m.x, m.weight, m.weight_scale, bias], {"spec": spec.id},
                              domain=DOMAIN, name=m.layer)
@@ -271,7 +236,7 @@ def graph_table(pairs: dict[str, tuple[KernelSpec, KernelSpec]], version: str) -
     return "\n".join([header_comment(None, version), "// {spec id, K, N, quantize, gemm} rows of kGraphSpecs", *rows, ""])
 
 
-def _writer(sources: dict[str, str], library: Path | None, doc: dict, recorded: dict, archs: tuple[int, ...]):
+def _writer(sources: dict[str, str], library: Path | None, doc: dict, recorded: dict, archs: tuple[str, ...]):
     def write(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for name, text in sorted(sources.items()):
