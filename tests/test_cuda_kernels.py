@@ -278,6 +278,8 @@ def test_a_cuda_compile_writes_the_kernel_graph_and_its_sources(bert, tmp_path):
     assert len(qmatmuls) == 12
     assert not any(n.op_type == "MatMul" and n.inputs[1].producer() is not None and
                    n.inputs[1].producer().op_type == "DequantizeLinear" for n in kernels_graph.graph)
+    assert kernels_graph.metadata_props["qcompile.kernels.cuda_library"] == f"kernels/{CUDA_LIBRARY}"
+    assert "qcompile.kernels.library" not in kernels_graph.metadata_props   # not a CPU session's library
     plain = ir.load(out / "model.onnx")                       # TensorRT's graph is untouched
     assert not any(n.domain == "com.qcompile" for n in plain.graph)
     # verified: the per-token kernels against the original, as model.onnx is

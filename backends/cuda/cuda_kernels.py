@@ -59,6 +59,7 @@ KERNELS_DIR = "kernels"
 KERNELS_MODEL = "model.kernels.onnx"
 LIBRARY_TEMPLATES = ("qcompile_cuda_kernels.h.j2", "ort_ops.cu.j2")
 GRAPH_TABLE = "qcompile_graph_specs.h"
+CUDA_LIBRARY_METADATA = "qcompile.kernels.cuda_library"   # model.kernels.onnx: its library, for CUDAExecutionProvider
 REFERENCE_ISA = "avx512_vnni"     # the CPU reference library's spec (its vector paths are picked at run time)
 # nvcc architectures per variant: Hopper's GEMM uses wgmma, which only the arch-specific sm_90a has
 ARCHITECTURES = {"sm80": ("80",), "sm89": ("89",), "sm90": ("90a",)}
@@ -212,8 +213,9 @@ class CudaKernels(QPass):
         twin.graph.sort()
         common_passes.RemoveUnusedNodesPass()(twin)
         twin.opset_imports[DOMAIN] = DOMAIN_VERSION
-        twin.metadata_props["qcompile.kernels.library"] = f"{KERNELS_DIR}/{CUDA_LIBRARY}"
-        twin.metadata_props["qcompile.kernels.execution_provider"] = "CUDAExecutionProvider"
+        # its own key: the CPU family's `qcompile.kernels.library` is registered in CPU sessions
+        # (qcompile verify), where this library's CUDA-only ops have no kernel
+        twin.metadata_props[CUDA_LIBRARY_METADATA] = f"{KERNELS_DIR}/{CUDA_LIBRARY}"
         reference = None
         cpu_specs = sorted(set(graph_specs.values()), key=lambda s: s.id)
         try:
