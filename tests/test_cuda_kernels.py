@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from kernel_harness import session
 from qcompile.backends.cpu.generated_kernels import TEMPLATES as CPU_TEMPLATES
 from qcompile.backends.cpu.per_token_matmul import qmatmul_spec
-from qcompile.backends.cuda.cuda_kernels import ARCHITECTURES, KERNELS_MODEL, TEMPLATES
+from qcompile.backends.cuda.cuda_kernels import ARCHITECTURES, KERNELS_MODEL, TEMPLATES, kernel_spec
 from qcompile.driver import compile_model
 from qcompile.kernelgen import KernelSpec
 from qcompile.kernelgen.build import CUDA_LIBRARY, build, build_cuda
@@ -42,19 +42,17 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is
 LIBRARY_TEMPLATES = ("qcompile_cuda_kernels.h.j2", "ort_ops.cu.j2")
 
 
-def _check_module():
-    spec = importlib.util.spec_from_file_location("qcompile_cuda_check", TEMPLATES / "check.py")
+def _harness_module(name: str):
+    """check.py or check_references.py as OUT/kernels/ has them (not a package: loaded from the file)."""
+    sys.path.insert(0, str(TEMPLATES))                  # check.py imports check_references.py beside it
+    spec = importlib.util.spec_from_file_location(f"qcompile_cuda_{name}", TEMPLATES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-check = _check_module()
-
-
-def cuda_spec(op, dtypes, dims, variant, epilogue="", layout="") -> KernelSpec:
-    return KernelSpec(op=op, family="cuda", isa=variant, dtypes=tuple(dtypes.items()), static_dims=tuple(dims.items()),
-                      dynamic_dims=("M",), scale_layout=layout, epilogue=epilogue)
+check = _harness_module("check")
+reference = _harness_module("check_references")
 
 
 def grid(variant: str) -> list[KernelSpec]:
@@ -62,21 +60,21 @@ def grid(variant: str) -> list[KernelSpec]:
     signed and zero-point int4, both KV-cache codecs, head dims 64 and 128 (LLM shapes)."""
     gemm = {"activation": "int8", "weight": "int8"}
     return [
-        cuda_spec("QuantizePerToken", {"activation": "float32"}, {"K": 384}, variant),
-        cuda_spec("QuantizePerToken", {"activation": "float16"}, {"K": 4096}, variant, "rms_norm"),
-        cuda_spec("QGemmW8A8", {**gemm, "output": "float32"}, {"K": 384, "N": 1536}, variant, "bias+gelu",
+        kernel_spec("QuantizePerToken", {"activation": "float32"}, {"K": 384}, variant),
+        kernel_spec("QuantizePerToken", {"activation": "float16"}, {"K": 4096}, variant, "rms_norm"),
+        kernel_spec("QGemmW8A8", {**gemm, "output": "float32"}, {"K": 384, "N": 1536}, variant, "bias+gelu",
                   "per_token x per_channel"),
-        cuda_spec("QGemmW8A8", {**gemm, "output": "float16"}, {"K": 4096, "N": 11008}, variant, "",
+        kernel_spec("QGemmW8A8", {**gemm, "output": "float16"}, {"K": 4096, "N": 11008}, variant, "",
                   "per_token x per_channel"),
-        cuda_spec("QGemmW4A16", {"activation": "float16", "weight": "int4"}, {"K": 4096, "N": 4096, "G": 128},
+        kernel_spec("QGemmW4A16", {"activation": "float16", "weight": "int4"}, {"K": 4096, "N": 4096, "G": 128},
                   variant, "bias", "per_group"),
-        cuda_spec("QGemmW4A16", {"activation": "float32", "weight": "uint4"}, {"K": 576, "N": 1536, "G": 32},
+        kernel_spec("QGemmW4A16", {"activation": "float32", "weight": "uint4"}, {"K": 576, "N": 1536, "G": 32},
                   variant, "", "per_group+zero_point"),
-        cuda_spec("QAttentionInt8", {"activation": "float16"}, {"head_dim": 128, "heads": 32}, variant),
-        cuda_spec("QAttentionInt8", {"activation": "float32"}, {"head_dim": 64, "heads": 12}, variant),
-        cuda_spec("QAttentionKVCache", {"activation": "float32"}, {"head_dim": 64, "q_heads": 9, "kv_heads": 3},
+        kernel_spec("QAttentionInt8", {"activation": "float16"}, {"head_dim": 128, "heads": 32}, variant),
+        kernel_spec("QAttentionInt8", {"activation": "float32"}, {"head_dim": 64, "heads": 12}, variant),
+        kernel_spec("QAttentionKVCache", {"activation": "float32"}, {"head_dim": 64, "q_heads": 9, "kv_heads": 3},
                   variant, layout="per_channel"),
-        cuda_spec("QAttentionKVCache", {"activation": "float16"}, {"head_dim": 128, "q_heads": 32, "kv_heads": 8},
+        kernel_spec("QAttentionKVCache", {"activation": "float16"}, {"head_dim": 128, "q_heads": 32, "kv_heads": 8},
                   variant, layout="per_head"),
     ]
 
@@ -105,14 +103,14 @@ def test_templates_differ_by_what_the_spec_says():
     """The rendering reads the spec: the sm90 GEMM is the CUTLASS 3 one, the epilogue follows
     `epilogue`, int4 signedness and zero points follow dtypes and layout."""
     gemm = {"activation": "int8", "weight": "int8", "output": "float32"}
-    files = render_sources(TEMPLATES, [cuda_spec("QGemmW8A8", gemm, {"K": 64, "N": 64}, "sm90", "bias+gelu"),
-                                       cuda_spec("QGemmW8A8", gemm, {"K": 64, "N": 64}, "sm80", "")], "t", unit="cu",
+    files = render_sources(TEMPLATES, [kernel_spec("QGemmW8A8", gemm, {"K": 64, "N": 64}, "sm90", "bias+gelu"),
+                                       kernel_spec("QGemmW8A8", gemm, {"K": 64, "N": 64}, "sm80", "")], "t", unit="cu",
                            library_templates=())
     sm90, sm80 = (text for name, text in sorted(files.items(), key=lambda kv: "Sm90EVT" not in kv[1])
                   if name.endswith(".cu"))
     assert "KernelTmaWarpSpecializedPingpong" in sm90 and "thread::GELU" in sm90 and "using Bias =" in sm90
     assert "Sm80EVT" in sm80 and "thread::GELU" not in sm80 and "using Bias =" not in sm80
-    w4 = render_sources(TEMPLATES, [cuda_spec("QGemmW4A16", {"activation": "float16", "weight": "uint4"},
+    w4 = render_sources(TEMPLATES, [kernel_spec("QGemmW4A16", {"activation": "float16", "weight": "uint4"},
                                               {"K": 64, "N": 64, "G": 32}, "sm80", "", "per_group+zero_point")],
                         "t", unit="cu", library_templates=())
     text = next(t for n, t in w4.items() if n.endswith(".cu"))
@@ -139,8 +137,8 @@ def test_w8a8_reference_is_the_cpu_kernels_arithmetic(monkeypatch):
                                                                    helper.make_opsetid("com.qcompile", 1)])
     sess = session(model.SerializeToString(), library, "scalar", monkeypatch)
     x = (rng.standard_normal((7, k)) * rng.choice([0.01, 1, 300], size=(7, 1))).astype(np.float32)
-    q, s = check.ref_quantize_per_token(x, None, 0.0)
-    want = check.ref_gemm_w8a8(q, np.ascontiguousarray(w.T), s, ws, b, "bias")
+    q, s = reference.ref_quantize_per_token(x, None, 0.0)
+    want = reference.ref_gemm_w8a8(q, np.ascontiguousarray(w.T), s, ws, b, "bias")
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
 
 
@@ -172,9 +170,9 @@ def test_w4a16_reference_is_onnx_blocked_dequantization():
         want = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
                                     ).run(None, {"x": x})[0]
         packed = _packed(w)
-        unpacked = check.unpack_int4(packed, (k, n), signed)
+        unpacked = reference.unpack_int4(packed, (k, n), signed)
         np.testing.assert_array_equal(unpacked, w)
-        got = check.ref_w4a16(x, unpacked, scale, check.unpack_int4(_packed(zps), (k // g, n), signed) if zp else None,
+        got = reference.ref_w4a16(x, unpacked, scale, reference.unpack_int4(_packed(zps), (k // g, n), signed) if zp else None,
                               None, g)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
@@ -216,7 +214,7 @@ def test_kv_cache_reference_is_the_cpu_kernels_arithmetic(monkeypatch):
     causal = np.arange(p + s)[None, :] > (p + np.arange(s))[:, None]
     feeds["bias"] = np.where(causal, np.finfo(np.float32).min, 0).astype(np.float32)[None, None].repeat(b, 0)
     out, pk, pv = session(model.SerializeToString(), library, "scalar", monkeypatch).run(None, feeds)
-    want, want_k, want_v = check.ref_kv_attention(feeds["q"], feeds["k"], feeds["v"], feeds["past_k"], feeds["past_v"],
+    want, want_k, want_v = reference.ref_kv_attention(feeds["q"], feeds["k"], feeds["v"], feeds["past_k"], feeds["past_v"],
                                                   ks.reshape(kvh, d), vs.reshape(kvh, d), feeds["bias"], 0.25, qh, kvh, d)
     np.testing.assert_array_equal(pk, want_k)
     np.testing.assert_array_equal(pv, want_v)
@@ -248,7 +246,7 @@ def test_int8_attention_reference_is_the_cpu_kernels_arithmetic(monkeypatch):
     bias[..., 0] = 0.0
     feeds["bias"] = bias
     (out,) = session(model.SerializeToString(), library, "scalar", monkeypatch).run(None, feeds)
-    want = check.ref_attention_int8(feeds["q"], feeds["k"], feeds["v"], *scales, bias, 0.25, heads, d)
+    want = reference.ref_attention_int8(feeds["q"], feeds["k"], feeds["v"], *scales, bias, 0.25, heads, d)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
@@ -303,9 +301,9 @@ def test_a_cuda_compile_writes_the_kernel_graph_and_its_sources(bert, tmp_path):
         recorded_out = layers[f"{gemm['id']}/layer_output"]
         assert x.shape[1] == gemm["spec"]["static_dims"]["K"] and w.shape == (gemm["spec"]["static_dims"]["N"], x.shape[1])
         # the recorded output is model.onnx's for that layer: the kernel's per-token result is close to it
-        q, s = check.ref_quantize_per_token(x, None, 0.0)
-        ours = check.ref_gemm_w8a8(q, w, s, ws, bias, "bias")
-        assert check.sqnr_db(ours, recorded_out) > 25
+        q, s = reference.ref_quantize_per_token(x, None, 0.0)
+        ours = reference.ref_gemm_w8a8(q, w, s, ws, bias, "bias")
+        assert reference.sqnr_db(ours, recorded_out) > 25
 
 
 @needs_nvcc

@@ -7,8 +7,8 @@
 `prepare` (here) renders every kernel at the shapes the issue asks for — the trained decoder's
 (SmolLM2-135M: hidden 576, FFN 1536, 9 query / 3 KV heads of 64) and a 7B-class layer's (4096 x
 4096, 4096 x 11008, 11008 x 4096; 32 heads of 128, 8 KV heads) — and writes them with
-manifest.json, check.py, the CUTLASS headers and run.sh into one folder. The GPU machine
-needs only nvcc, numpy and PyTorch (no onnxruntime, no qcompile install, no network): run.sh
+manifest.json, check.py and check_references.py, the CUTLASS headers and run.sh into one
+folder. The GPU machine needs only nvcc, numpy and PyTorch (no onnxruntime, no qcompile install, no network): run.sh
 compiles the library for the variant's architecture and runs check.py, which checks every
 kernel against its numpy reference and times it against cuBLASLt int8 (`torch._int_mm`),
 fp16 `torch.matmul` and fp16 SDPA at M = 1, 16, 512, 4096 (GEMMs), 1..16 (W4A16, as achieved
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qcompile.backends.cuda.cuda_kernels import ARCHITECTURES, TEMPLATES  # noqa: E402
+from qcompile.backends.cuda.cuda_kernels import ARCHITECTURES, HARNESS, TEMPLATES, kernel_spec  # noqa: E402
 from qcompile.kernelgen import KernelSpec, manifest  # noqa: E402
 from qcompile.kernelgen.build import CUDA_LIBRARY, ORT_WRAPPER, cuda_cmakelists, cuda_commands  # noqa: E402
 from qcompile.kernelgen.cutlass_headers import find_cutlass  # noqa: E402
@@ -40,21 +40,16 @@ ATTENTION = [(64, 9), (128, 32)]                     # (head_dim, heads) for pre
 DECODE = [(64, 9, 3), (128, 32, 8)]                  # (head_dim, query heads, KV heads)
 
 
-def spec(op: str, dtypes: dict, dims: dict, variant: str, epilogue: str = "", layout: str = "") -> KernelSpec:
-    return KernelSpec(op=op, family="cuda", isa=variant, dtypes=tuple(dtypes.items()), static_dims=tuple(dims.items()),
-                      dynamic_dims=("M",), scale_layout=layout, epilogue=epilogue)
-
-
 def llm_specs(variant: str) -> list[KernelSpec]:
     gemm = {"activation": "int8", "weight": "int8", "output": "float16"}
-    specs = [spec("QGemmW8A8", gemm, {"K": k, "N": n}, variant, "", "per_token x per_channel") for k, n in GEMMS]
-    specs += [spec("QuantizePerToken", {"activation": "float16"}, {"K": k}, variant, "rms_norm", "per_token")
+    specs = [kernel_spec("QGemmW8A8", gemm, {"K": k, "N": n}, variant, "", "per_token x per_channel") for k, n in GEMMS]
+    specs += [kernel_spec("QuantizePerToken", {"activation": "float16"}, {"K": k}, variant, "rms_norm", "per_token")
               for k in sorted({k for k, _ in GEMMS})]
-    specs += [spec("QGemmW4A16", {"activation": "float16", "weight": "int4"}, {"K": k, "N": n, "G": W4A16_GROUP},
+    specs += [kernel_spec("QGemmW4A16", {"activation": "float16", "weight": "int4"}, {"K": k, "N": n, "G": W4A16_GROUP},
                    variant, "", "per_group") for k, n in GEMMS if k % W4A16_GROUP == 0]
-    specs += [spec("QAttentionInt8", {"activation": "float16"}, {"head_dim": d, "heads": h}, variant)
+    specs += [kernel_spec("QAttentionInt8", {"activation": "float16"}, {"head_dim": d, "heads": h}, variant)
               for d, h in ATTENTION]
-    specs += [spec("QAttentionKVCache", {"activation": "float16"}, {"head_dim": d, "q_heads": qh, "kv_heads": kvh},
+    specs += [kernel_spec("QAttentionKVCache", {"activation": "float16"}, {"head_dim": d, "q_heads": qh, "kv_heads": kvh},
                    variant, layout="per_channel") for d, qh, kvh in DECODE]
     return specs
 
@@ -89,7 +84,8 @@ def prepare(variant: str, out: Path) -> Path:
     for name, text in sources.items():
         (out / name).write_text(text)
     shutil.copytree(find_cutlass().include_dir, out / "cutlass-include")
-    shutil.copyfile(TEMPLATES / "check.py", out / "check.py")
+    for harness in HARNESS:
+        shutil.copyfile(TEMPLATES / harness, out / harness)
     archs = ARCHITECTURES[variant]
     (out / "CMakeLists.txt").write_text(cuda_cmakelists(sources, archs))
     doc = manifest(specs, layers={}, library=CUDA_LIBRARY, build={"architectures": list(archs)})

