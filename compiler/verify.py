@@ -97,7 +97,9 @@ def _tensor_names(model_path: Path) -> set[str]:
 def _session(model_path: Path, extra: list[str] = ()) -> ort.InferenceSession:
     """A session over the file; the model is re-serialized only to expose `extra` outputs or to
     lower an IR version newer than onnxruntime reads (a recent onnx writes IR 14, onnxruntime
-    1.31 reads up to 13; the compiled model is saved at the lowest IR its opset needs)."""
+    1.31 reads up to 13; the compiled model is saved at the lowest IR its opset needs). The
+    re-serialized graph carries no weights: they stay in the model's external data file, which
+    onnxruntime reads itself, so a model past protobuf's 2 GB limit verifies too."""
     opts = session_options(level="all" if not extra else "basic")
     proto = None
     if not extra:
@@ -109,13 +111,12 @@ def _session(model_path: Path, extra: list[str] = ()) -> ort.InferenceSession:
                 raise err from None
     proto = proto or onnx.load(str(model_path), load_external_data=False)
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
-    onnx.external_data_helper.load_external_data_for_model(proto, str(Path(model_path).parent))
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                  str(Path(model_path).resolve().parent))
     present = {o.name for o in proto.graph.output}
-    known = {v.name: v.type.tensor_type.elem_type for v in proto.graph.value_info}   # a float16 model's own types
     for name in extra:
-        if name not in present:
-            elem = known.get(name) or onnx.TensorProto.FLOAT
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+        if name not in present:   # untyped: onnxruntime takes the type inference gives it (float16 models)
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

@@ -307,7 +307,7 @@ def test_truncated_external_data_is_named(run_cli, work, tmp_path):
     data = tmp_path / "ext.onnx.data"
     data.write_bytes(data.read_bytes()[:1000])
     res = run_cli(compile_args(work, tmp_path / "ext.onnx"))
-    assert_clean_failure(res, EXIT_MODEL, work["out"], mentions=("ext.onnx.data", "truncated"))
+    assert_clean_failure(res, EXIT_MODEL, work["out"], mentions=("ext.onnx.data", "truncated", "ends at byte 1000"))
 
 
 def test_calibration_folder_with_mixed_shapes_names_the_odd_file(run_cli, work):
