@@ -23,11 +23,12 @@ def write_with_data(out_dir, filename: str, model: onnx.ModelProto, sample_input
     return paths
 
 
-def plant_outliers(rng: np.random.Generator, hidden: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """`count` hidden channels and a 10-20x gain for each: where a builder plants activation
-    outliers (what SmoothQuant-style passes must handle)."""
+def plant_outliers(rng: np.random.Generator, hidden: int, count: int,
+                   gain: tuple[float, float] = (10.0, 20.0)) -> tuple[np.ndarray, np.ndarray]:
+    """`count` hidden channels and a gain in `gain` (10-20x) for each: where a builder plants
+    activation outliers (what SmoothQuant-style passes must handle)."""
     outliers = rng.choice(hidden, size=min(count, hidden), replace=False)
-    return outliers, rng.uniform(10.0, 20.0, size=outliers.size)
+    return outliers, rng.uniform(*gain, size=outliers.size)
 
 
 class GraphBuilder:
@@ -61,3 +62,40 @@ class GraphBuilder:
         out = output or f"{name}_output_0"
         self.nodes.append(helper.make_node(op, inputs, [out], name=name, **attrs))
         return out
+
+
+class ExternalDataBuilder(GraphBuilder):
+    """A GraphBuilder that streams every initializer of `threshold` bytes or more to one
+    external data file as it is made, so a model of any size is built in the memory of its
+    largest tensor. Offsets are 64-byte aligned (memory-mapped readers want that)."""
+
+    def __init__(self, data_path, threshold: int = 1024):
+        from pathlib import Path
+
+        super().__init__()
+        self.data_path = Path(data_path)
+        self.threshold = threshold
+        self._file = open(self.data_path, "wb")
+        self.bytes_written = 0
+
+    def init(self, name: str, array, dtype=np.float32) -> str:
+        if name in self._init_names:
+            return name
+        arr = np.ascontiguousarray(np.asarray(array, dtype=dtype))
+        if arr.nbytes < self.threshold:
+            return super().init(name, arr, dtype)
+        offset = -(-self.bytes_written // 64) * 64
+        self._file.write(b"\0" * (offset - self.bytes_written))
+        self._file.write(arr.tobytes())
+        self.bytes_written = offset + arr.nbytes
+        tensor = onnx.TensorProto(name=name, dims=arr.shape,
+                                  data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
+        for key, value in (("location", self.data_path.name), ("offset", offset), ("length", arr.nbytes)):
+            tensor.external_data.add(key=key, value=str(value))
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        self.inits.append(tensor)
+        self._init_names.add(name)
+        return name
+
+    def close(self) -> None:
+        self._file.close()

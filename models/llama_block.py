@@ -62,36 +62,45 @@ def rope_cache(max_pos: int, head_dim: int, theta: float = 10000.0) -> tuple[np.
 
 def build(seed: int = 0, *, vocab: int = 512, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
           head_dim: int = 16, layers: int = 2, intermediate: int = 128, rope_theta: float = 10000.0,
-          max_pos: int = 256, eps: float = 1e-6, outlier_channels: int = 2) -> onnx.ModelProto:
+          max_pos: int = 256, eps: float = 1e-6, outlier_channels: int = 2, outlier_gain: tuple = (10.0, 20.0),
+          dtype=np.float32, builder: GraphBuilder | None = None, check: bool = True) -> onnx.ModelProto:
     """The decoder as a ModelProto (opset 17, IR 8), weights drawn from `seed`.
 
     `max_pos` bounds position_ids (the size of the rotary caches). A few hidden channels
-    (`outlier_channels`, the same in every RMSNorm) get a norm weight 10-20x larger, so the
-    inputs of the q/k/v and gate/up projections carry activation outliers."""
+    (`outlier_channels`, the same in every RMSNorm) get a norm weight `outlier_gain` times
+    larger, so the inputs of the q/k/v and gate/up projections carry activation outliers.
+    `dtype` float16 makes every float tensor (weights, activations, graph I/O) half, as a
+    float16 export is; `builder` may be an ExternalDataBuilder, which streams the weights to a
+    .data file (models/llama_scale.py: a 7B-class decoder). float32 weights draw in float64,
+    so the seeded float32 model is what it always was; float16 ones draw in float32 (faster)."""
     if heads % kv_heads:
         raise ValueError(f"heads {heads} is not a multiple of kv_heads {kv_heads}")
     n_rep = heads // kv_heads
+    fdt = np.dtype(dtype)
     rng = np.random.default_rng(seed)
-    b = _Builder()
-    outliers, outlier_gain = plant_outliers(rng, hidden, outlier_channels)
+    b = builder or _Builder()
+    outliers, outlier_gain = plant_outliers(rng, hidden, outlier_channels, outlier_gain)
+
+    def normal(shape):
+        return rng.standard_normal(shape) if fdt == np.float32 else rng.standard_normal(shape, dtype=np.float32)
 
     def rms_norm(x, scope, prefix, output=None, big=True):
         w = rng.uniform(0.8, 1.2, hidden)
         if big:
             w[outliers] *= outlier_gain
-        t = b.node("Pow", [x, b.const(2.0)], scope)
+        t = b.node("Pow", [x, b.const(2.0, fdt)], scope)
         t = b.node("ReduceMean", [t], scope, axes=[-1], keepdims=1)
-        t = b.node("Add", [t, b.const(eps)], scope)
+        t = b.node("Add", [t, b.const(eps, fdt)], scope)
         t = b.node("Sqrt", [t], scope)
         t = b.node("Reciprocal", [t], scope)
         t = b.node("Mul", [x, t], scope)
-        return b.node("Mul", [b.init(f"{prefix}.weight", w), t], scope, output=output)
+        return b.node("Mul", [b.init(f"{prefix}.weight", w, fdt), t], scope, output=output)
 
     def proj(x, scope, prefix, d_in, d_out, gain=1.0, from_norm=True):
-        w = rng.standard_normal((d_in, d_out)) * (gain / math.sqrt(d_in))
+        w = normal((d_in, d_out)) * (gain / math.sqrt(d_in))
         if from_norm:  # rows that read the outlier channels are smaller, so pre-activations stay sane
             w[outliers] /= outlier_gain[:, None]
-        return b.node("MatMul", [x, b.init(f"{prefix}.weight", w)], scope)
+        return b.node("MatMul", [x, b.init(f"{prefix}.weight", w, fdt)], scope)
 
     def rotate(x, cos, sin, scope):
         """x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1)."""
@@ -102,14 +111,14 @@ def build(seed: int = 0, *, vocab: int = 512, hidden: int = 64, heads: int = 4, 
         rot = b.node("Concat", [b.node("Neg", [x2], scope), x1], scope, axis=-1)
         return b.node("Add", [b.node("Mul", [x, cos], scope), b.node("Mul", [rot, sin], scope)], scope)
 
-    h = b.node("Gather", [b.init("model.embed_tokens.weight", rng.standard_normal((vocab, hidden))), "input_ids"],
+    h = b.node("Gather", [b.init("model.embed_tokens.weight", normal((vocab, hidden)), fdt), "input_ids"],
                "/model/embed_tokens")
 
     # -- rotary tables for these positions: [B, S, D]
     cos_np, sin_np = rope_cache(max_pos, head_dim, rope_theta)
     r = "/model/rotary_emb"
-    cos = b.node("Gather", [b.init("model.rotary_emb.cos_cached", cos_np), "position_ids"], r)
-    sin = b.node("Gather", [b.init("model.rotary_emb.sin_cached", sin_np), "position_ids"], r)
+    cos = b.node("Gather", [b.init("model.rotary_emb.cos_cached", cos_np, fdt), "position_ids"], r)
+    sin = b.node("Gather", [b.init("model.rotary_emb.sin_cached", sin_np, fdt), "position_ids"], r)
 
     # -- causal + padding mask [B, 1, S, T]: query i (absolute position past+i) sees key j
     #    when j <= past+i and attention_mask[b, j] == 1
@@ -125,7 +134,7 @@ def build(seed: int = 0, *, vocab: int = 512, hidden: int = 64, heads: int = 4, 
     pad = b.node("Unsqueeze", ["attention_mask", b.const([1, 2], np.int64)], m)
     pad = b.node("Cast", [pad], m, to=TensorProto.BOOL)                # [B, 1, 1, T]
     allowed = b.node("And", [causal, pad], m)                          # [B, 1, S, T]
-    mask = b.node("Where", [allowed, b.const(0.0), b.const(MASK_MIN)], m)
+    mask = b.node("Where", [allowed, b.const(0.0, fdt), b.const(float(np.finfo(fdt).min), fdt)], m)
 
     for i in range(layers):
         p, sd = f"/model/layers.{i}", f"model.layers.{i}"
@@ -154,7 +163,7 @@ def build(seed: int = 0, *, vocab: int = 512, hidden: int = 64, heads: int = 4, 
         v = b.node("Reshape", [b.node("Expand", [b.node("Unsqueeze", [v, b.const([2], np.int64)], a), rep], a),
                                to_heads], a)
         scores = b.node("MatMul", [q, b.node("Transpose", [k], a, perm=[0, 1, 3, 2])], a)
-        scores = b.node("Mul", [scores, b.const(1.0 / math.sqrt(head_dim))], a)
+        scores = b.node("Mul", [scores, b.const(1.0 / math.sqrt(head_dim), fdt)], a)
         scores = b.node("Add", [scores, mask], a)
         probs = b.node("Softmax", [scores], a, axis=-1)
         ctx = b.node("MatMul", [probs, v], a)
@@ -171,10 +180,10 @@ def build(seed: int = 0, *, vocab: int = 512, hidden: int = 64, heads: int = 4, 
                     from_norm=False)
         h = b.node("Add", [h, down], p)
     x = rms_norm(h, "/model/norm", "model.norm", big=False)
-    b.node("MatMul", [x, b.init("lm_head.weight", rng.standard_normal((hidden, vocab)) * (2.0 / math.sqrt(hidden)))],
+    b.node("MatMul", [x, b.init("lm_head.weight", normal((hidden, vocab)) * (2.0 / math.sqrt(hidden)), fdt)],
            "/lm_head", output="logits")
 
-    f32 = TensorProto.FLOAT
+    f32 = helper.np_dtype_to_tensor_dtype(fdt)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
               helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
@@ -189,7 +198,8 @@ def build(seed: int = 0, *, vocab: int = 512, hidden: int = 64, heads: int = 4, 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="qcompile-models")
     model.ir_version = 8
-    onnx.checker.check_model(model)
+    if check:
+        onnx.checker.check_model(model)
     return model
 
 
@@ -199,9 +209,11 @@ def past_names(layers: int = 2) -> list[str]:
 
 
 def sample_inputs(n: int, seed: int, seq: int = 16, vocab: int = 512, layers: int = 2, kv_heads: int = 2,
-                  head_dim: int = 16, pad_fraction: float = 0.5, min_len: int = 4) -> dict[str, np.ndarray]:
+                  head_dim: int = 16, pad_fraction: float = 0.5, min_len: int = 4,
+                  dtype=np.float32) -> dict[str, np.ndarray]:
     """`n` prefills (past length 0) of token ids in [1, vocab); about `pad_fraction` of
-    the rows have a padded tail (mask 0, id PAD_ID=0). position_ids = 0..seq-1."""
+    the rows have a padded tail (mask 0, id PAD_ID=0). position_ids = 0..seq-1. The (empty)
+    past arrays are `dtype`, the model's float type."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, vocab, size=(n, seq)).astype(np.int64)
     lengths = np.where(rng.random(n) < pad_fraction, rng.integers(min(min_len, seq), seq, size=n), seq)
@@ -210,7 +222,7 @@ def sample_inputs(n: int, seed: int, seq: int = 16, vocab: int = 512, layers: in
     feeds = {"input_ids": ids, "attention_mask": mask,
              "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (n, seq)).copy()}
     for name in past_names(layers):
-        feeds[name] = np.zeros((n, kv_heads, 0, head_dim), dtype=np.float32)
+        feeds[name] = np.zeros((n, kv_heads, 0, head_dim), dtype=dtype)
     return feeds
 
 
