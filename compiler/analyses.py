@@ -93,16 +93,24 @@ class PrecomputedWeight:
 
 
 class PrecomputedWeights:
-    """Weight initializer name -> the PrecomputedWeight chosen for it."""
+    """Weight initializer name -> the PrecomputedWeight chosen for it. Under --max-memory the
+    integers wait in the weight spill file (compiler/weight_store.py) until quantize reads them."""
 
     def __init__(self):
-        self._by_weight: dict[str, PrecomputedWeight] = {}
+        self._by_weight: dict[str, tuple[PrecomputedWeight, object]] = {}
 
     def put(self, weight: str, chosen: PrecomputedWeight) -> None:
-        self._by_weight[weight] = chosen
+        from .weight_store import stored_tensor
+        self._by_weight[weight] = (dataclasses.replace(chosen, q=None), stored_tensor(chosen.q, f"{weight}_q"))
 
     def get(self, weight: str) -> PrecomputedWeight | None:
-        return self._by_weight.get(weight)
+        if weight not in self._by_weight:
+            return None
+        chosen, q = self._by_weight[weight]
+        ints = np.array(q.numpy())       # a copy: a spilled tensor is unmapped at once
+        if hasattr(q, "release"):
+            q.release()
+        return dataclasses.replace(chosen, q=ints)
 
 
 class Rescales:

@@ -22,7 +22,10 @@ from .calib_data import Dataset, model_input_specs, open_dataset, shapes_from_da
 from .errors import DataError, ModelError, UsageError
 from .facts import Fact
 from .float16 import narrow_io, widen
+from .hostinfo import PhaseMeter
 from .layers import LayerError, LayerTable
+from .layerwise import partition_for
+from .memory_plan import MemoryPlan
 from .model_io import (convert_opset, dynamic_inputs, file_sha256, fix_input_shapes, infer_shapes, load_model,
                        opset_of, save_model)
 from .model_kind import is_decoder
@@ -34,11 +37,14 @@ from .plan import CompilePlan
 from .recipe import Recipe
 from .targets import Target
 from .verify import verify_models
+from .verify_blockwise import verify_blockwise
+from .weight_store import weight_spill
 from .versions import package_version
 
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "report.json"
 RECIPE_FILE = "recipe.resolved.yaml"
+SCRATCH_DIR = ".scratch"   # --max-memory's activation cache and spilled weights, removed before commit
 _VERSIONED = ("qcompile", "onnx", "onnx-ir", "onnxruntime", "onnxscript", "numpy", "ml_dtypes")
 
 
@@ -55,6 +61,7 @@ class CompileResult:
     stats: ActivationStats
     seconds: float
     strategy: dict = dataclasses.field(default_factory=dict)   # a search strategy's sections (budget, ...)
+    phases: dict = dataclasses.field(default_factory=dict)     # load / write / verify: seconds, peak RSS
     # set at commit (compiler/driver.py)
     output_dir: Path | None = None
     files: list[Path] = dataclasses.field(default_factory=list)
@@ -70,12 +77,20 @@ class CompileResult:
 
 def compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     """Run `plan` once, writing its files into `folder` (created)."""
-    with generated_kernel_scope():   # a kernel library the lowering builds serves this compile's sessions
-        return _compile_once(plan, folder)
+    spill = folder / SCRATCH_DIR / "weights" if plan.max_memory is not None else None
+    # a kernel library the lowering builds serves this compile's sessions; under --max-memory
+    # rewritten weights go to the scratch folder until model.onnx is written
+    with generated_kernel_scope(), weight_spill(spill):
+        try:
+            return _compile_once(plan, folder)
+        finally:
+            shutil.rmtree(folder / SCRATCH_DIR, ignore_errors=True)
 
 
 def _compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     started = time.perf_counter()
+    phases = {}
+    meter = PhaseMeter()
     folder.mkdir(parents=True, exist_ok=True)
     tgt, rec = plan.target, plan.recipe
     model = load_model(plan.model)
@@ -103,12 +118,16 @@ def _compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     else:
         infer_shapes(model)
     widened = {s.name: np.dtype(np.float32) for s in specs if half and s.name in half.inputs}
+    memory = _memory_plan(plan, model, folder)
     ctx = PassContext(target=tgt, data=dataset.cast_to(widened) if dataset is not None and widened else dataset,
-                      progress=plan.progress, stats=ActivationStats(plan.reuse))
+                      progress=plan.progress, stats=ActivationStats(plan.reuse), memory=memory)
+    if memory is not None:
+        ctx.reports["memory"] = {**memory.describe(), **partition_for(model, memory).describe()}
     still_dynamic = dynamic_inputs(model)
     if still_dynamic and needs_ranges and dataset is None:
         raise UsageError(f"inputs {sorted(still_dynamic)} have dynamic dimensions and no calibration data "
                          "fixes them", hint="pass --input-shape NAME:D,D,... (or --calib data)")
+    phases["load"] = meter.done()
     timing = PassTiming()
     model = run_pipeline(model, rec, ctx, [timing, DumpAfter(plan.dump_after, folder / "dumps")])
     if half is not None:
@@ -117,9 +136,14 @@ def _compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
                 narrow_io(graph, half)
         ctx.reports["half_precision"] = half.describe()
     out_model = folder / MODEL_FILE
-    save_model(model, out_model, external_data=plan.external_data)
+    # under --max-memory the weights go to model.onnx.data tensor by tensor, and verification
+    # reads them from there block by block
+    external = plan.external_data if plan.external_data is not None or memory is None else True
+    log.info("writing %s", out_model.name)
+    meter = PhaseMeter()
+    save_model(model, out_model, external_data=external)
     for name, companion in sorted(ctx.outputs.companions.items()):
-        save_model(companion.model, folder / name, external_data=plan.external_data)
+        save_model(companion.model, folder / name, external_data=external)
     for name, write in sorted(ctx.outputs.artifacts.items()):
         write(folder / name)
 
@@ -133,12 +157,25 @@ def _compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
         header["model_export"] = exported
     (folder / RECIPE_FILE).write_text(yaml.safe_dump(_resolved(plan, rec, dataset, header), sort_keys=False))
 
+    phases["write"] = meter.done()
     verification = None
     if plan.verify.enabled:
+        meter = PhaseMeter()
         verification = _verify(plan, dataset, specs, ctx, folder, out_model)
+        phases["verify"] = meter.done()
     return CompileResult(plan=plan, folder=folder, header=header, layers=ctx.layers, sections=ctx.reports,
                          timings=timing.records, warnings=ctx.warnings, verification=verification,
-                         stats=ctx.stats, seconds=time.perf_counter() - started)
+                         stats=ctx.stats, seconds=time.perf_counter() - started, phases=phases)
+
+
+def _memory_plan(plan: CompilePlan, model, folder: Path) -> MemoryPlan | None:
+    """--max-memory: the bound, a scratch folder inside the staging folder (removed at commit),
+    and a first partition, so a bound too small for one block is refused before any work."""
+    if plan.max_memory is None:
+        return None
+    memory = MemoryPlan(plan.max_memory, folder / SCRATCH_DIR)
+    partition_for(model, memory)
+    return memory
 
 
 def _resolved(plan: CompilePlan, rec: Recipe, dataset: Dataset | None, header: dict) -> dict:
@@ -165,10 +202,11 @@ def _verify(plan: CompilePlan, dataset, specs, ctx: PassContext, folder: Path, o
     if ctx.outputs.reference_model is not None:  # the shipped graph uses target ops: check its reference lowering
         checked = folder / ".reference" / MODEL_FILE
         checked.parent.mkdir()
-        save_model(ctx.outputs.reference_model, checked)
+        save_model(ctx.outputs.reference_model, checked, external_data=True if ctx.memory is not None else None)
     try:
-        result = verify_models(plan.model, checked, vdata, samples=plan.verify.samples, layers=tensors,
-                               rescales=ctx.rescales, progress=plan.progress)
+        log.info("verifying %s against %s", checked.name, plan.model.name)
+        result = _verify_pair(plan.model, checked, vdata, ctx.memory, samples=plan.verify.samples, layers=tensors,
+                              rescales=ctx.rescales, progress=plan.progress)
         result["checked"] = "reference lowering of model.onnx" if checked != out_model else "model.onnx"
     except DataError:
         raise
@@ -179,22 +217,29 @@ def _verify(plan: CompilePlan, dataset, specs, ctx: PassContext, folder: Path, o
             shutil.rmtree(checked.parent, ignore_errors=True)
     for name, entry in result.get("layers", {}).items():
         ctx.layers[name].error = LayerError(entry["tensor"], entry["sqnr_db"], entry.get("added_sqnr_db"))
-    companions = {name: _verify_companion(plan, vdata, folder / name, companion, ctx.rescales)
+    companions = {name: _verify_companion(plan, vdata, folder / name, companion, ctx.rescales, ctx.memory)
                   for name, companion in sorted(ctx.outputs.companions.items())}
     if companions:
         result["companions"] = companions
     return result
 
 
-def _verify_companion(plan: CompilePlan, vdata, path: Path, companion, rescales) -> dict:
+def _verify_pair(original: Path, compiled: Path, vdata, memory: MemoryPlan | None, **options) -> dict:
+    """verify_models, or its block-by-block twin under --max-memory (the same numbers)."""
+    if memory is not None:
+        return verify_blockwise(original, compiled, vdata, memory=memory, **options)
+    return verify_models(original, compiled, vdata, **options)
+
+
+def _verify_companion(plan: CompilePlan, vdata, path: Path, companion, rescales, memory) -> dict:
     """A second shipped graph (model.kernels.onnx) against the original: its outputs' errors, or
     why it could not run here. Its custom nodes run through `companion.reference_library`,
     which the lowering registered for every session of this compile."""
     if companion.reference_library is None:
         return {"checked": None, "reason": "no library here runs its custom nodes (see the warnings)"}
     try:
-        found = verify_models(plan.model, path, vdata, samples=plan.verify.samples, rescales=rescales,
-                              progress=plan.progress)
+        found = _verify_pair(plan.model, path, vdata, memory, samples=plan.verify.samples, rescales=rescales,
+                             progress=plan.progress)
     except Exception as err:     # the companion's failure must not hide model.onnx's verification
         return {"checked": None, "reason": f"onnxruntime could not run it: {err}"}
     return {"checked": companion.what, **{k: v for k, v in found.items() if k in ("outputs", "task", "samples")}}

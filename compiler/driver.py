@@ -46,7 +46,8 @@ def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str | 
                   dump_after: tuple[str, ...] = (), progress: bool = True,
                   external_data: bool | None = None, exclude_layers: tuple[str, ...] = (),
                   overrides: dict[str, dict] | None = None, stats: dict | None = None,
-                  custom_ops: tuple[str, ...] = (), settings: tuple[str, ...] = ()) -> CompileResult:
+                  custom_ops: tuple[str, ...] = (), settings: tuple[str, ...] = (),
+                  max_memory: int | None = None) -> CompileResult:
     """Compile `model_path` for `target` with `recipe`; outputs land in `output_dir` only on success.
 
     `recipe` None: chosen from the model (compiler/recipe_choice.py: `prequantized` for a model
@@ -58,13 +59,14 @@ def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str | 
     earlier compile of the same model and data (tensor name -> observer, or that compile's
     `result.stats`): calibration then only observes tensors missing from it. `custom_ops`:
     onnxruntime custom-op libraries for ops of the model onnxruntime lacks; `settings`:
-    `PASS.KEY=VALUE` recipe overrides as the CLI's `--set` takes them.
+    `PASS.KEY=VALUE` recipe overrides as the CLI's `--set` takes them. `max_memory` (bytes):
+    the layer-wise compile under that bound (compiler/memory_plan.py).
     """
     plan = prepare_plan(model_path, target=target, recipe=recipe, calib=calib, input_shapes=input_shapes,
                         verify=verify, verify_data=verify_data, verify_samples=verify_samples, dump_after=dump_after,
                         progress=progress, external_data=external_data, exclude_layers=exclude_layers,
                         overrides=overrides, stats=stats, custom_ops=custom_ops,
-                        settings=settings)
+                        settings=settings, max_memory=max_memory)
     return _staged(plan, output_dir, lambda staged: compile_plan(plan, staged.staging))
 
 

@@ -60,7 +60,7 @@ def widen(model: ir.Model) -> HalfPrecisionIO | None:
     inits = 0
     for value in model.graph.initializers.values():
         if value.dtype in HALF and value.const_value is not None:
-            value.const_value = ir.tensor(np.asarray(value.const_value.numpy(), dtype=np.float32), name=value.name)
+            value.const_value = widened_tensor(value.const_value, value.name)
             value.dtype = ir.DataType.FLOAT
             inits += 1
     nodes = 0
@@ -73,6 +73,21 @@ def widen(model: ir.Model) -> HalfPrecisionIO | None:
         if value.dtype in HALF:
             value.dtype = ir.DataType.FLOAT
     return HalfPrecisionIO(dtype, inputs, outputs, inits, nodes)
+
+
+def widened_tensor(tensor, name: str):
+    """`tensor` as float32. One still in the model's external data file stays there: a lazy
+    tensor reads and widens it at each use and keeps nothing (a 7B float16 model would be
+    27 GB widened in memory); one already in memory is widened once."""
+    if not isinstance(tensor, ir.ExternalTensor):
+        return ir.tensor(np.asarray(tensor.numpy(), dtype=np.float32), name=name)
+
+    def load():
+        array = np.asarray(tensor.numpy(), dtype=np.float32)
+        tensor.release()   # unmap the half-precision bytes
+        return ir.tensor(array, name=name)
+
+    return ir.LazyTensor(load, dtype=ir.DataType.FLOAT, shape=tensor.shape, name=name)
 
 
 def _widen_node(node: ir.Node) -> int:

@@ -1,4 +1,5 @@
-"""What the host CPU can do: the ISA picks onnxruntime's fast int8 path."""
+"""What the host can do and is doing: the CPU's ISA picks onnxruntime's fast int8 path; the
+process's peak RSS per phase goes into report.json (passes, phases)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,35 @@ def detect_isa(known: list[str]) -> str:
         if isa in flags:
             return isa
     return known[-1] if known else ""
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak RSS since the last reset_peak_rss (VmHWM), in MB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class PhaseMeter:
+    """Wall time and peak RSS of one phase of a compile."""
+
+    def __init__(self):
+        import time
+        self._clock = time.perf_counter
+        reset_peak_rss()
+        self._start = self._clock()
+
+    def done(self) -> dict:
+        return {"seconds": round(self._clock() - self._start, 3), "peak_rss_mb": peak_rss_mb()}

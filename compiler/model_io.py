@@ -64,10 +64,15 @@ def check_external_data(model: ir.Model, path: Path) -> None:
                     f"initializer {value.name!r} of {path.name} refers to external data file "
                     f"{tensor.location!r}, which is missing (looked in {data.parent})",
                     hint="keep the .data file next to the model, under the name the model records")
+            if not os.access(data, os.R_OK):
+                raise ModelError(f"external data file {data} (initializer {value.name!r}) is not readable",
+                                 hint="check its permissions")
             if tensor.offset is not None and tensor.length is not None:
-                if data.stat().st_size < (tensor.offset or 0) + tensor.length:
-                    raise ModelError(f"external data file {data} is shorter than initializer "
-                                     f"{value.name!r} needs (truncated?)")
+                size = data.stat().st_size
+                if size < (tensor.offset or 0) + tensor.length:
+                    raise ModelError(f"external data file {data} ends at byte {size}, but initializer {value.name!r} "
+                                     f"is at bytes {tensor.offset or 0}..{(tensor.offset or 0) + tensor.length} "
+                                     "(truncated?)", hint="re-copy the .data file next to the model")
 
 
 def opset_of(model: ir.Model) -> int:
@@ -88,18 +93,26 @@ def convert_opset(model: ir.Model, target: int) -> ir.Model:
     except Exception as err:
         raise ModelError(f"onnx's version converter could not take the model from opset "
                          f"{opset_of(model)} to {target}: {err}") from None
-    return ir.from_proto(converted)
+    result = ir.from_proto(converted)
+    base_dirs = {v.const_value.base_dir for v in model.graph.initializers.values()
+                 if isinstance(v.const_value, ir.ExternalTensor)}
+    if base_dirs:   # the proto round trip keeps external references but not where they are
+        ir.external_data.set_base_dir(result.graph, base_dirs.pop())
+    return result
 
 
 def weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+def ir_version_for(opset: int) -> int:
+    """Lowest IR version carrying `opset`, capped at what onnxruntime reads."""
+    needed = min((irv for version, irv in _MIN_IR_FOR_OPSET.items() if version >= opset), default=MAX_IR_VERSION)
+    return min(max(needed, 7), MAX_IR_VERSION)
+
+
 def set_ir_version(model: ir.Model) -> None:
-    """Lowest IR version carrying the model's opset, capped at what onnxruntime reads."""
-    needed = min((irv for opset, irv in _MIN_IR_FOR_OPSET.items() if opset >= opset_of(model)),
-                 default=MAX_IR_VERSION)
-    model.ir_version = min(max(needed, 7), MAX_IR_VERSION)
+    model.ir_version = ir_version_for(opset_of(model))
 
 
 def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:

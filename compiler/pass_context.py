@@ -18,6 +18,7 @@ import onnx_ir as ir
 from .analyses import ActivationStats, PrecomputedWeights, RangeRequest, Rescales, SparseWeights
 from .calib_data import Dataset
 from .layers import LayerTable
+from .memory_plan import MemoryPlan
 from .targets import Target
 
 log = logging.getLogger("qcompile")
@@ -78,6 +79,7 @@ class PassContext:
     reports: dict[str, Any] = dataclasses.field(default_factory=dict)   # pass name -> its report section
     warnings: Warnings = dataclasses.field(default_factory=Warnings)
     outputs: TargetOutputs = dataclasses.field(default_factory=TargetOutputs)
+    memory: MemoryPlan | None = None          # --max-memory: activations streamed block by block
 
     def warn(self, message: str) -> None:
         self.warnings.warn(message)

@@ -8,7 +8,6 @@ ask every later pass which tensors it wants them for). The pipeline itself knows
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import onnx_ir as ir
@@ -16,6 +15,7 @@ import onnx_ir.passes
 
 from .analyses import RangeRequest
 from .facts import Fact
+from .hostinfo import PhaseMeter
 from .model_io import save_model
 from .pass_context import PassContext, log
 from .recipe import Recipe, Step
@@ -32,19 +32,18 @@ class PassInstrument:
 
 
 class PassTiming(PassInstrument):
-    """Wall time and the pass's own `modified` answer, per pass (report.json → passes)."""
+    """Wall time, peak RSS and the pass's own `modified` answer, per pass (report.json → passes)."""
 
     def __init__(self):
         self.records: list[dict] = []
-        self._start = 0.0
+        self._meter: PhaseMeter | None = None
 
     def before(self, index, step, model):
         log.info("pass %s", step.spec.name)
-        self._start = time.perf_counter()
+        self._meter = PhaseMeter()
 
     def after(self, index, step, model, result):
-        self.records.append({"pass": step.spec.name, "seconds": round(time.perf_counter() - self._start, 3),
-                             "modified": bool(result.modified)})
+        self.records.append({"pass": step.spec.name, **self._meter.done(), "modified": bool(result.modified)})
 
 
 class DumpAfter(PassInstrument):

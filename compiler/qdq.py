@@ -6,13 +6,24 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from .weight_store import stored_tensor
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
+    """A new initializer (renamed if taken); an array is stored where the compile keeps rewritten
+    weights (compiler/weight_store.py), a tensor (e.g. `derived_tensor`) as it is."""
     name = _unique(graph, name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
+    tensor = _tensor(array, name)
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+def _tensor(data: np.ndarray | ir.TensorProtocol, name: str) -> ir.TensorProtocol:
+    if isinstance(data, np.ndarray | np.generic):
+        return stored_tensor(np.asarray(data), name)
+    data.name = name
+    return data
 
 
 def _unique(graph: ir.Graph, name: str) -> str:
@@ -111,13 +122,14 @@ def take_over(graph: ir.Graph, old: ir.Value, new: ir.Value, remove: list[ir.Nod
     new.name = name
 
 
-def set_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> ir.Value:
-    """Give `node`'s constant input `index` the value `array`, copying the initializer first
-    when other nodes share it (they keep the old value)."""
+def set_constant_input(graph: ir.Graph, node: ir.Node, index: int,
+                       array: np.ndarray | ir.TensorProtocol) -> ir.Value:
+    """Give `node`'s constant input `index` the value `array` (or tensor), copying the
+    initializer first when other nodes share it (they keep the old value)."""
     value = node.inputs[index]
     if len(value.uses()) > 1:
         value = add_initializer(graph, f"{value.name}_rescaled", array)
         node.replace_input_with(index, value)
     else:
-        value.const_value = ir.tensor(array, name=value.name)
+        value.const_value = _tensor(array, value.name)
     return value

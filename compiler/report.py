@@ -39,6 +39,8 @@ def render(result) -> dict:
     report["warnings"] = result.warnings.to_json()
     report.update(result.sections)
     report["passes"] = result.timings
+    if result.phases:
+        report["phases"] = result.phases   # the work outside the passes: load, write, verify
     report["compile_seconds"] = round(result.seconds, 3)
     report.update(result.strategy)
     return report

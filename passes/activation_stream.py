@@ -1,51 +1,45 @@
 """Streaming a model's intermediate tensors over the calibration data: one onnxruntime session
 exposing exactly the tensors asked for, batch by batch, the next batch computed while the
-caller works on this one. Every pass that reads activations (calibrate, smooth_quant, awq,
-gptq, equalize_outputs, kv_cache) streams them through here."""
+caller works on this one — or, under a memory cap (`--max-memory`), the same stream block by
+block (compiler/layerwise.py). Every pass that reads activations (calibrate, smooth_quant,
+awq, gptq, equalize_outputs, kv_cache) streams them through here."""
 
 from __future__ import annotations
 
-import concurrent.futures
+import zlib
 
+import numpy as np
 import onnx_ir as ir
 
+from qcompile.layerwise import prefetched, stream_blockwise
+from qcompile.memory_plan import MemoryPlan
 from qcompile.ort_session import session_for
 from qcompile.progress import progress_bar
 
 
 def stream_tensors(model: ir.Model, values: list[ir.Value], dataset, *, samples: int, label: str,
-                   progress: bool, batch_size: int = 1):
+                   progress: bool, batch_size: int = 1, memory: MemoryPlan | None = None):
     """Yield ({tensor name: array}, batch samples) for `values` over up to `samples` samples of
     `dataset`: one onnxruntime session exposing them, the model's fixed batch size if it has one,
     a progress bar, and onnxruntime running batch i+1 (it releases the GIL) while the caller
-    works on batch i. Every pass that reads activations (calibrate, smooth_quant, gptq, awq)
-    streams them through here."""
+    works on batch i. Under a memory plan the stream goes block by block: a batch then comes
+    once per block that makes a requested tensor, each tensor's batches in order, and its
+    samples are counted at its first yield (0 afterwards)."""
+    batch, fixed = fixed_batch_size(model)
+    if memory is not None:
+        for _, arrays, n in stream_blockwise(model, values, dataset, memory=memory, samples=samples, label=label,
+                                             progress=progress, batch_size=batch or batch_size, exact=fixed):
+            yield arrays, n
+        return
     session = session_for(model, extra_outputs=values, level="basic")
     names = [v.name for v in values]
-    batch, fixed = fixed_batch_size(model)
     total = min(samples, dataset.num_samples)
     with progress_bar(label, total, enabled=progress) as advance:
-        for feed, outputs in _prefetched(session, names, dataset.batches(batch or batch_size, limit=samples,
-                                                                          exact=fixed)):
+        for feed, outputs in prefetched(session, names, dataset.batches(batch or batch_size, limit=samples,
+                                                                         exact=fixed)):
             n = next(iter(feed.values())).shape[0]
             yield dict(zip(names, outputs)), n
             advance(n)
-
-
-def _prefetched(session, names, feeds):
-    """Yield (feed, outputs), computing the next batch's outputs in a worker thread.
-
-    At most two batches of activations are alive at once, so memory stays flat.
-    """
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for feed in feeds:
-            future = pool.submit(session.run, names, feed)
-            if pending is not None:
-                yield pending[0], pending[1].result()
-            pending = (feed, future)
-        if pending is not None:
-            yield pending[0], pending[1].result()
 
 
 def fixed_batch_size(model: ir.Model) -> tuple[int | None, bool]:
@@ -54,3 +48,9 @@ def fixed_batch_size(model: ir.Model) -> tuple[int | None, bool]:
              if v.shape is not None and len(v.shape) > 0 and v.name not in model.graph.initializers}
     fixed = [s for s in sizes if isinstance(s, int) and s > 0]
     return (fixed[0], True) if fixed else (None, False)
+
+
+def tensor_rng(name: str) -> np.random.Generator:
+    """The seeded random stream for sampling one tensor's rows: per tensor, so that what is
+    sampled does not depend on the order tensors arrive in (whole model or block by block)."""
+    return np.random.default_rng(zlib.crc32(name.encode()))

@@ -64,7 +64,7 @@ class Calibrate(QPass):
         observers = {n: HistogramObserver(cfg.bins) for n in names}
         seen = 0
         for arrays, n in stream_tensors(model, wanted, dataset, samples=cfg.samples, label="calibrate",
-                                        progress=ctx.progress, batch_size=cfg.batch_size):
+                                        progress=ctx.progress, batch_size=cfg.batch_size, memory=ctx.memory):
             for name, array in arrays.items():
                 observers[name].update(array)
                 if name in request.channel_axes:

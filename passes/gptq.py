@@ -30,9 +30,10 @@ from qcompile.facts import FLOAT_MODEL_CHANGED, Fact
 from qcompile.numerics import compute_qparams, full_range_qparams, qrange
 from qcompile.registry import QPass, register_pass
 from qcompile.schemes import WeightScheme, builtin_scheme, mixable_schemes
+from qcompile.weight_store import stored_tensor
 
 from .conv_patches import ConvGeometry
-from .hessians import is_conv, is_linear, layer_hessians
+from .hessians import hessian_groups, is_conv, is_linear
 from .scope import feeds_model_output, in_scope
 
 
@@ -103,10 +104,27 @@ class GPTQ(QPass):
         if not linears and not convs:
             ctx.reports["gptq"] = {"layers": 0, "skipped": skipped}
             return False
-        hessians, rows = layer_hessians(model, linears, convs, ctx, samples=cfg.samples,
-                                        conv_positions=cfg.conv_positions, pass_name="gptq")
         records, deficient = {}, []
+        # each group of Hessians (all of them, or under --max-memory one block's) is used and dropped
+        for hessians, rows in hessian_groups(model, linears, convs, ctx, samples=cfg.samples,
+                                             conv_positions=cfg.conv_positions, pass_name="gptq"):
+            self._round_group(linears, convs, schemes, hessians, rows, records, deficient)
+        order = [n.name for n in linears] + list(convs)
+        records = {name: records[name] for name in order if name in records}
+        if deficient:  # e.g. the 1×1 Convs of squeeze-excite blocks: one row per sample
+            ctx.warn(f"gptq: {len(deficient)} layer(s) saw fewer input rows than Hessian columns, so their Hessians "
+                     f"are rank-deficient (damping keeps them usable; more calibration samples help): "
+                     f"{', '.join(deficient[:3])}{', …' if len(deficient) > 3 else ''}")
+        ctx.reports["gptq"] = {"layers": len(records), "scheme": cfg.weight.label(), "act_order": cfg.act_order,
+                              "per_layer": records, "skipped": skipped, "rank_deficient": deficient}
+        return bool(records)
+
+    def _round_group(self, linears, convs, schemes, hessians, rows, records, deficient) -> None:
+        """GPTQ-round the layers whose Hessians are in `hessians`."""
+        cfg = self.config
         for node in linears:
+            if node.inputs[0].name not in hessians:
+                continue
             w_val = node.inputs[1]
             transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
             w = w_val.const_value.numpy().astype(np.float64)
@@ -122,6 +140,8 @@ class GPTQ(QPass):
             if n_rows < w_kn.shape[0]:
                 deficient.append(f"{node.name} ({n_rows} rows, K = {w_kn.shape[0]})")
         for name, (node, geo) in convs.items():
+            if name not in hessians:
+                continue
             w_val = node.inputs[1]
             w = w_val.const_value.numpy().astype(np.float64)
             h = hessians[name]
@@ -132,13 +152,6 @@ class GPTQ(QPass):
             records[name] = self._keep_better(w_val, quantize, error, lambda deq: deq, conv=True)
             if rows[name] < h.shape[-1]:
                 deficient.append(f"{name} ({rows[name]} rows, K = {h.shape[-1]})")
-        if deficient:  # e.g. the 1×1 Convs of squeeze-excite blocks: one row per sample
-            ctx.warn(f"gptq: {len(deficient)} layer(s) saw fewer input rows than Hessian columns, so their Hessians "
-                     f"are rank-deficient (damping keeps them usable; more calibration samples help): "
-                     f"{', '.join(deficient[:3])}{', …' if len(deficient) > 3 else ''}")
-        ctx.reports["gptq"] = {"layers": len(records), "scheme": cfg.weight.label(), "act_order": cfg.act_order,
-                              "per_layer": records, "skipped": skipped, "rank_deficient": deficient}
-        return bool(records)
 
     def _scheme(self, node: ir.Node, outputs: set) -> WeightScheme | None:
         """The weight scheme GPTQ rounds this linear to: `output_layers`' for a layer feeding a
@@ -156,7 +169,7 @@ class GPTQ(QPass):
         chosen, kept = ("gptq", gptq) if gptq_error <= rtn_error else ("rtn", rtn)
         self.ctx.weights.put(w_val.name, kept)
         deq = _dequantized_conv(kept) if conv else _dequantized(kept)
-        w_val.const_value = ir.tensor(layout(deq).astype(np.float32), name=w_val.name)
+        w_val.const_value = stored_tensor(layout(deq).astype(np.float32), w_val.name)
         return {"reconstruction_error": min(gptq_error, rtn_error), "gptq_reconstruction_error": gptq_error,
                 "rtn_reconstruction_error": rtn_error, "kept": chosen}
 

@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from qcompile.errors import DataError, RecipeError
 
-from .activation_stream import stream_tensors
+from .activation_stream import stream_tensors, tensor_rng
 from .conv_patches import ConvGeometry, grouped_gram, sampled_patches
 
 
@@ -57,7 +57,22 @@ def rows_per_sample(x: ir.Value) -> int | None:
 
 def layer_hessians(model: ir.Model, linears: list[ir.Node], convs: dict[str, tuple[ir.Node, ConvGeometry]],
                    ctx, *, samples: int, conv_positions: int, pass_name: str):
-    """({input tensor name (linears) or node name (Conv): H}, {same key: rows seen}), float64.
+    """({input tensor name (linears) or node name (Conv): H}, {same key: rows seen}), float64,
+    every layer's at once."""
+    hessians, rows = {}, {}
+    for found, seen in hessian_groups(model, linears, convs, ctx, samples=samples, conv_positions=conv_positions,
+                                      pass_name=pass_name):
+        hessians.update(found)
+        rows.update(seen)
+    return hessians, rows
+
+
+def hessian_groups(model: ir.Model, linears: list[ir.Node], convs: dict[str, tuple[ir.Node, ConvGeometry]],
+                   ctx, *, samples: int, conv_positions: int, pass_name: str):
+    """Yield ({key: H}, {key: rows seen}) as the Hessians complete: all at the end of one
+    whole-model stream, or, under --max-memory, block by block — so a caller that rounds and
+    drops each group holds one block's Hessians (a 7B layer's are 1.4 GB in float64), not the
+    model's. Keys: a linear's input tensor name, a Conv's node name.
 
     Refuses, before streaming, a linear whose calibration rows cannot reach its width (a
     rank-deficient H); where the sequence length is dynamic that is only known afterwards."""
@@ -77,23 +92,39 @@ def layer_hessians(model: ir.Model, linears: list[ir.Node], convs: dict[str, tup
                 pass_name=pass_name, key="samples",
                 hint=f"{pass_name} needs at least {-(-width // per_sample)} samples here (one row per input "
                      f"channel; several times more is better): pass more --calib data or raise {pass_name}.samples")
-    keys = [n.inputs[0].name for n in linears] + list(convs)
-    acc = dict.fromkeys(keys)
-    count = dict.fromkeys(keys, 0)
-    rng = np.random.default_rng(0)
+    keys_of: dict[str, list[str]] = {}          # input tensor -> the Hessians it feeds
+    for n in linears:
+        keys_of.setdefault(n.inputs[0].name, [])
+        if n.inputs[0].name not in keys_of[n.inputs[0].name]:
+            keys_of[n.inputs[0].name].append(n.inputs[0].name)
+    for key, (node, _) in convs.items():
+        keys_of.setdefault(node.inputs[0].name, []).append(key)
+    acc: dict[str, np.ndarray] = {}
+    count: dict[str, int] = {}
+    rngs = {key: tensor_rng(key) for key in convs}
+    pending: set[str] = set()
 
-    def add(key, gram, n_rows):
-        acc[key] = gram if acc[key] is None else acc[key] + gram
-        count[key] += n_rows
+    def done(tensors):
+        keys = [k for t in tensors for k in keys_of[t]]
+        found = {k: 2.0 * acc.pop(k) / max(count[k], 1) for k in keys if k in acc}
+        return found, {k: count.pop(k) for k in found}
 
-    linear_inputs = {n.inputs[0].name for n in linears}
     for arrays, _ in stream_tensors(model, list(xs.values()), dataset, samples=samples, label=pass_name,
-                                    progress=ctx.progress):
-        for name in linear_inputs:
-            x = np.asarray(arrays[name], dtype=np.float64).reshape(-1, arrays[name].shape[-1])
-            add(name, x.T @ x, x.shape[0])
-        for key, (node, geo) in convs.items():
-            patches = sampled_patches(np.asarray(arrays[node.inputs[0].name]), geo,
-                                      max_positions=conv_positions, rng=rng)
-            add(key, grouped_gram(patches), patches.shape[0])
-    return {k: 2.0 * acc[k] / max(count[k], 1) for k in keys}, count
+                                    progress=ctx.progress, memory=ctx.memory):
+        if pending and not pending & set(arrays):    # block by block: the earlier block's tensors are complete
+            yield done(pending)
+            pending = set()
+        for name, array in arrays.items():
+            pending.add(name)
+            for key in keys_of[name]:
+                if key in convs:
+                    patches = sampled_patches(np.asarray(array), convs[key][1], max_positions=conv_positions,
+                                              rng=rngs[key])
+                    gram, n_rows = grouped_gram(patches), patches.shape[0]
+                else:
+                    x = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
+                    gram, n_rows = x.T @ x, x.shape[0]
+                acc[key] = gram if key not in acc else acc[key] + gram
+                count[key] = count.get(key, 0) + n_rows
+    if pending:
+        yield done(pending)

@@ -126,7 +126,7 @@ class KVCache(QPass):
         keep = {self.config.head_axis, -1} if self.config.granularity == "per_channel" else {self.config.head_axis}
         found: dict[str, np.ndarray] = {}
         for arrays, _ in stream_tensors(model, presents, self.ctx.data, samples=self.config.samples,
-                                        label="kv_cache", progress=self.ctx.progress):
+                                        label="kv_cache", progress=self.ctx.progress, memory=self.ctx.memory):
             for name, x in arrays.items():
                 if not np.isfinite(x).all():
                     raise DataError(f"kv_cache: {name} holds NaN/Inf on the calibration data")

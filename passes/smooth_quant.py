@@ -39,6 +39,7 @@ no smoothing). Run it before `calibrate`, so the ranges quantize uses are the sm
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import numpy as np
@@ -49,6 +50,7 @@ from qcompile.facts import FLOAT_MODEL_CHANGED, Fact
 from qcompile.numerics import compute_qparams, dequantize, quantize, reduce_absmax
 from qcompile.qdq import set_constant_input
 from qcompile.registry import QPass, register_pass
+from qcompile.weight_store import derived_tensor
 
 from .equalization.channels import channel_shaped, input_channel_absmax, scale_input_channels, times_channels
 from .equalization.conv_channels import shift_conv_bias
@@ -143,8 +145,10 @@ class SmoothQuant(QPass):
                 rec["reason"] = "no alpha lowers the simulated int8 error"
                 continue
             s = _scales(amax, wmax, alpha)
-            for w, lin in zip(weights, g.linears):
-                set_constant_input(model.graph, lin.node, 1, scale_input_channels(w, s, lin.k_axis, lin.groups).astype(np.float32))
+            for lin in g.linears:   # recomputed from the weight at each use under --max-memory
+                scale = functools.partial(_scaled, s=s, k_axis=lin.k_axis, groups=lin.groups)
+                set_constant_input(model.graph, lin.node, 1, derived_tensor(lin.weight.const_value, scale, lin.weight.name))
+            del weights
             fold_division(model.graph, g, s)
             if g.kind != "explicit-mul":
                 for tensor in g.rescaled():
@@ -177,6 +181,11 @@ class SmoothQuant(QPass):
             shift_conv_bias(graph, lin.node, (w.sum(axis=(2, 3)) * m_in).sum(axis=1))
         rec["centered"] = True
         return 1
+
+
+def _scaled(w: np.ndarray, *, s: np.ndarray, k_axis: int, groups: int | None) -> np.ndarray:
+    """A smoothed weight: input channels times s (a derived tensor's transform)."""
+    return scale_input_channels(w.astype(np.float32), s, k_axis, groups).astype(np.float32)
 
 
 def _centerable(g: Group) -> bool:

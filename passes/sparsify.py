@@ -35,6 +35,7 @@ from qcompile.config import at_least
 from qcompile.errors import RecipeError
 from qcompile.facts import FLOAT_MODEL_CHANGED, Fact
 from qcompile.registry import QPass, register_pass
+from qcompile.weight_store import stored_tensor
 
 from .conv_patches import ConvGeometry
 from .hessians import is_conv, is_linear, layer_hessians, weight_kn
@@ -108,8 +109,8 @@ class Sparsify(QPass):
         for node in linears:
             w_kn, transposed = weight_kn(node)
             pruned = self._prune(w_kn, hessians.get(node.inputs[0].name), taps=1)
-            node.inputs[1].const_value = ir.tensor((pruned.T if transposed else pruned).astype(np.float32),
-                                                   name=node.inputs[1].name)
+            node.inputs[1].const_value = stored_tensor((pruned.T if transposed else pruned).astype(np.float32),
+                                                       node.inputs[1].name)
             ctx.sparse.put(node.inputs[1].name, cfg.pattern)
             per_layer[node.name] = _layer_record(w_kn, pruned, cfg.pattern, hessians.get(node.inputs[0].name))
         for name, (node, geo) in convs.items():
@@ -123,7 +124,7 @@ class Sparsify(QPass):
                 w_kn = w[g * per_group:(g + 1) * per_group].reshape(per_group, -1).T      # [Cin/g·taps, Cout/g]
                 pruned[g * per_group:(g + 1) * per_group] = \
                     self._prune(w_kn, None if h is None else h[g], taps=taps).T.reshape(per_group, *w.shape[1:])
-            node.inputs[1].const_value = ir.tensor(pruned.astype(np.float32), name=node.inputs[1].name)
+            node.inputs[1].const_value = stored_tensor(pruned.astype(np.float32), node.inputs[1].name)
             ctx.sparse.put(node.inputs[1].name, cfg.pattern)
             per_layer[name] = _layer_record(w.reshape(cout, -1).T, pruned.reshape(cout, -1).T, cfg.pattern, None)
         total = sum(r["weights"] for r in per_layer.values())

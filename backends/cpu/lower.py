@@ -22,6 +22,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from qcompile.facts import Fact
+from qcompile.layerwise import optimized_blocks
+from qcompile.memory_plan import MemoryPlan
 from qcompile.ort_session import session_for
 from qcompile.registry import QPass, register_pass
 
@@ -30,13 +32,16 @@ from . import forms
 _FLOAT_COMPUTE = {"Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "NhwcFusedConv"}
 
 
-def optimized_graph(model: ir.Model) -> onnx.ModelProto:
-    """The graph onnxruntime CPU actually runs after its optimizations."""
+def optimized_nodes(model: ir.Model, memory: MemoryPlan | None = None) -> list[onnx.NodeProto]:
+    """The nodes onnxruntime CPU actually runs after its optimizations — under a memory plan,
+    block by block (each block optimized on its own: its fusions stay inside it)."""
+    if memory is not None:
+        return [node for graph in optimized_blocks(model, memory) for node in graph.node]
     fd, path = tempfile.mkstemp(suffix=".onnx")
     os.close(fd)
     try:
         session_for(model, level="all", optimized_path=path, threads=1)
-        return onnx.load(path, load_external_data=False)
+        return list(onnx.load(path, load_external_data=False).graph.node)
     finally:
         os.unlink(path)
         if os.path.exists(path + ".data"):
@@ -129,12 +134,12 @@ class CpuLower(QPass):
 
     def _check_kernels(self, model: ir.Model) -> None:
         slow = self.ctx.target.setting("slow_forms") or {}
-        optimized = optimized_graph(model)
+        optimized = optimized_nodes(model, self.ctx.memory)
         int8_ops = set(self.ctx.target.setting("int8_kernels", []))
-        counts = collections.Counter(n.op_type for n in optimized.graph.node)
-        float_compute = {n.name: n.op_type for n in optimized.graph.node if n.op_type in _FLOAT_COMPUTE}
+        counts = collections.Counter(n.op_type for n in optimized)
+        float_compute = {n.name: n.op_type for n in optimized if n.op_type in _FLOAT_COMPUTE}
         kernel_of = {}
-        for n in optimized.graph.node:
+        for n in optimized:
             if n.op_type in int8_ops:
                 kernel_of[n.name] = n.op_type
         fired = missed = 0

@@ -181,10 +181,10 @@ class CudaKernels(QPass):
             quantizers.setdefault(quant.id, m)
             gemms.setdefault(gemm.id, m)
         wanted = {v.name: v for m in (*quantizers.values(), *gemms.values()) for v in (m.x, m.output)}
-        stream = stream_tensors(model, list(wanted.values()), self.ctx.data, samples=1,
-                                label="recording kernel inputs", progress=False)
-        values, _ = next(stream)
-        stream.close()
+        values = {}   # one sample; under --max-memory its tensors come block by block
+        for arrays, _ in stream_tensors(model, list(wanted.values()), self.ctx.data, samples=1,
+                                        label="recording kernel inputs", progress=False, memory=self.ctx.memory):
+            values.update(arrays)
         recorded = {}
         for kernel_id, m in quantizers.items():
             recorded[f"{kernel_id}/x"] = values[m.x.name].reshape(-1, m.weight.const_value.shape[0]).astype(np.float32)

@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from qcompile.calib_data import model_input_specs, open_dataset
 
-from ..activation_stream import stream_tensors
+from ..activation_stream import stream_tensors, tensor_rng
 from ..conv_patches import ConvGeometry, sampled_patches
 
 
@@ -29,9 +29,10 @@ def channel_stats(model: ir.Model, xs: list[ir.Value], ctx, *, samples: int, row
     hi: dict[str, np.ndarray] = {}
     kept: dict[str, list[np.ndarray]] = {x.name: [] for x in xs}
     count = dict.fromkeys(kept, 0)
-    rng = np.random.default_rng(0)
+    rngs = {x.name: tensor_rng(x.name) for x in xs}   # per tensor: the same rows whatever order batches come in
     per_batch_rows = max(16, rows // max(min(samples, dataset.num_samples), 1))
-    for arrays, _ in stream_tensors(model, xs, dataset, samples=samples, label=label, progress=ctx.progress):
+    for arrays, _ in stream_tensors(model, xs, dataset, samples=samples, label=label, progress=ctx.progress,
+                                    memory=ctx.memory):
         for name, array in arrays.items():
             geos = conv_inputs.get(name)
             array = np.asarray(array, dtype=np.float32)
@@ -44,12 +45,13 @@ def channel_stats(model: ir.Model, xs: list[ir.Value], ctx, *, samples: int, row
                 continue
             if geos:
                 positions = max(1, min(per_batch_rows, rows - count[name]) // array.shape[0])
-                patches = [sampled_patches(array, geo, max_positions=positions, rng=rng) for geo in geos]
+                patches = [sampled_patches(array, geo, max_positions=positions, rng=rngs[name]) for geo in geos]
                 kept[name].append(patches)
                 count[name] += patches[0].shape[0]
             else:
                 flat = array.reshape(-1, array.shape[-1])
-                take = rng.choice(flat.shape[0], min(per_batch_rows, flat.shape[0], rows - count[name]), replace=False)
+                take = rngs[name].choice(flat.shape[0], min(per_batch_rows, flat.shape[0], rows - count[name]),
+                                         replace=False)
                 kept[name].append(flat[take])
                 count[name] += len(take)
     samples_kept = {n: ([np.concatenate(per) for per in zip(*r)] if n in conv_inputs else np.concatenate(r))
