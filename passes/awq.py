@@ -28,7 +28,7 @@ from qcompile.registry import QPass, register_pass
 from qcompile.schemes import WeightScheme, builtin_scheme, mixable_schemes
 
 from .equalization.groups import find_groups, fold_division
-from .equalization.stats import channel_stats
+from .equalization.stats import channel_stat_groups
 from .scope import feeds_model_output
 
 
@@ -86,9 +86,21 @@ class AWQ(QPass):
         if not usable:
             ctx.reports["awq"] = {"groups": records, "scaled": 0}
             return False
-        _, rows = channel_stats(model, [g.x for g in usable], ctx, samples=cfg.samples, rows=cfg.rows, label="awq")
         scaled, clipped_any = 0, False
-        for g in usable:
+        # all groups at once, or under --max-memory each block's as soon as its rows are complete
+        for ranges, rows in channel_stat_groups(model, [g.x for g in usable], ctx, samples=cfg.samples, rows=cfg.rows,
+                                                label="awq"):
+            n, clipped = self._scale(model, [g for g in usable if g.x.name in ranges], rows, records)
+            scaled, clipped_any = scaled + n, clipped_any or clipped
+        ctx.reports["awq"] = {"groups": records, "scaled": scaled, "scheme": cfg.weight.label()}
+        return bool(scaled) or clipped_any
+
+    def _scale(self, model: ir.Model, groups: list, rows: dict, records: dict) -> tuple[int, bool]:
+        """Search each group's scales (and clipping) on its sampled rows and fold them in:
+        (groups scaled, whether any weight was clipped)."""
+        cfg, ctx = self.config, self.ctx
+        scaled, clipped_any = 0, False
+        for g in groups:
             rec = records[g.x.name]
             x = rows[g.x.name].astype(np.float64)
             weights = [_as_kn(lin) for lin in g.linears]
@@ -128,8 +140,7 @@ class AWQ(QPass):
                     errs.append(float(np.sum(err * err)) / max(float(np.sum(ref * ref)), 1e-30))
                 rec["mean_clip_ratio"] = round(float(np.mean(ratios)), 4)
                 rec["error_after_clip"] = round(float(np.mean(errs)), 8)
-        ctx.reports["awq"] = {"groups": records, "scaled": scaled, "scheme": cfg.weight.label()}
-        return bool(scaled) or clipped_any
+        return scaled, clipped_any
 
 
 def _as_kn(lin) -> np.ndarray:

@@ -55,7 +55,7 @@ from qcompile.weight_store import derived_tensor
 from .equalization.channels import channel_shaped, input_channel_absmax, scale_input_channels, times_channels
 from .equalization.conv_channels import shift_conv_bias
 from .equalization.groups import Group, find_groups, fold_division
-from .equalization.stats import channel_stats
+from .equalization.stats import channel_stat_groups
 
 _EPS = 1e-5
 
@@ -107,13 +107,24 @@ class SmoothQuant(QPass):
             ctx.reports["smooth_quant"] = {"groups": records, "smoothed": 0}
             return False
         conv_inputs = {g.x.name: [lin.conv for lin in g.linears] for g in usable if g.convs}
-        ranges, rows = channel_stats(model, [g.x for g in usable], ctx, samples=cfg.samples, rows=cfg.rows,
-                                     label="smooth_quant", conv_inputs=conv_inputs)
+        changed = 0
+        # statistics come all at once, or under --max-memory block by block: each block's groups
+        # are smoothed (and their sampled rows dropped) as soon as their statistics are complete
+        for ranges, rows in channel_stat_groups(model, [g.x for g in usable], ctx, samples=cfg.samples,
+                                                rows=cfg.rows, label="smooth_quant", conv_inputs=conv_inputs):
+            changed += self._smooth(model, [g for g in usable if g.x.name in ranges], ranges, rows, records)
+        ctx.reports["smooth_quant"] = {"groups": records, "smoothed": changed,
+                                      "alpha": cfg.alpha if not cfg.alpha_search else list(cfg.alpha_search)}
+        return bool(changed)
+
+    def _smooth(self, model: ir.Model, groups: list[Group], ranges: dict, rows: dict, records: dict) -> int:
+        """Choose each group's α on its sampled rows and fold the scales in; the groups smoothed."""
+        cfg, ctx = self.config, self.ctx
         act_dtype = str(ctx.target.setting("activation_dtype", "int8")) if ctx.target is not None else "int8"
         act_symmetric = bool(ctx.target.setting("activation_symmetric", True)) if ctx.target is not None else True
         per_tensor_ops = set(ctx.target.setting("per_tensor_weight_ops") or ()) if ctx.target is not None else set()
         changed = 0
-        for g in usable:
+        for g in groups:
             rec = records[g.x.name]
             xlo, xhi = ranges[g.x.name]
             amax = np.maximum(-xlo, xhi)
@@ -158,9 +169,7 @@ class SmoothQuant(QPass):
             changed += 1
             if centers:
                 self._center(model.graph, g, xlo, xhi, s, rec)
-        ctx.reports["smooth_quant"] = {"groups": records, "smoothed": changed,
-                                      "alpha": cfg.alpha if not cfg.alpha_search else list(cfg.alpha_search)}
-        return bool(changed)
+        return changed
 
     @staticmethod
     def _center(graph: ir.Graph, g: Group, xlo: np.ndarray, xhi: np.ndarray, s: np.ndarray, rec: dict) -> int:

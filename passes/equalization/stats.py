@@ -15,11 +15,26 @@ from ..conv_patches import ConvGeometry, sampled_patches
 
 def channel_stats(model: ir.Model, xs: list[ir.Value], ctx, *, samples: int, rows: int, label: str,
                   conv_inputs: dict[str, list[ConvGeometry]] | None = None, channel_axis: int | None = None):
-    """Per-channel (min, max) of each X over the calibration data, and a random sample of up to
-    `rows` of its rows (for searches that simulate X·W; 0: none). Channels are X's last axis, or
-    `channel_axis`; an X named in `conv_inputs` is NCHW (channels on axis 1) and its sample is,
-    per Conv reading it, that Conv's input patches [rows, groups, Cin/g·kh·kw] at sampled
-    output positions."""
+    """Every X's statistics at once (channel_stat_groups, merged)."""
+    ranges, kept = {}, {}
+    for found, sampled in channel_stat_groups(model, xs, ctx, samples=samples, rows=rows, label=label,
+                                              conv_inputs=conv_inputs, channel_axis=channel_axis):
+        ranges.update(found)
+        kept.update(sampled)
+    return ranges, kept
+
+
+def channel_stat_groups(model: ir.Model, xs: list[ir.Value], ctx, *, samples: int, rows: int, label: str,
+                        conv_inputs: dict[str, list[ConvGeometry]] | None = None, channel_axis: int | None = None):
+    """Yield ({X: per-channel (min, max)}, {X: a random sample of up to `rows` of its rows}) as
+    the statistics complete: all at the end of a whole-model stream, or, under --max-memory,
+    block by block — so a caller that uses and drops each group holds one block's samples
+    (a 7B decoder's are 6 GB in all), not the model's.
+
+    Channels are X's last axis, or `channel_axis`; an X named in `conv_inputs` is NCHW (channels
+    on axis 1) and its sample is, per Conv reading it, that Conv's input patches
+    [rows, groups, Cin/g·kh·kw] at sampled output positions. Rows are sampled per tensor, so the
+    same rows are taken whatever order the batches come in."""
     conv_inputs = conv_inputs or {}
     dataset = ctx.data
     if dataset is None:
@@ -27,13 +42,28 @@ def channel_stats(model: ir.Model, xs: list[ir.Value], ctx, *, samples: int, row
         ctx.warn(f"{label} without calibration data: channel statistics from synthetic inputs")
     lo: dict[str, np.ndarray] = {}
     hi: dict[str, np.ndarray] = {}
-    kept: dict[str, list[np.ndarray]] = {x.name: [] for x in xs}
-    count = dict.fromkeys(kept, 0)
-    rngs = {x.name: tensor_rng(x.name) for x in xs}   # per tensor: the same rows whatever order batches come in
+    kept: dict[str, list[np.ndarray]] = {}
+    count: dict[str, int] = {}
+    rngs = {x.name: tensor_rng(x.name) for x in xs}
     per_batch_rows = max(16, rows // max(min(samples, dataset.num_samples), 1))
+    pending: set[str] = set()
+
+    def done(names):
+        ranges = {n: (lo.pop(n), hi.pop(n)) for n in names}
+        sampled = {}
+        for n in names:
+            r, _ = kept.pop(n, []), count.pop(n, 0)
+            if r:
+                sampled[n] = [np.concatenate(per) for per in zip(*r)] if n in conv_inputs else np.concatenate(r)
+        return ranges, sampled
+
     for arrays, _ in stream_tensors(model, xs, dataset, samples=samples, label=label, progress=ctx.progress,
                                     memory=ctx.memory):
+        if pending and not pending & set(arrays):    # block by block: the earlier block's tensors are complete
+            yield done(pending)
+            pending = set()
         for name, array in arrays.items():
+            pending.add(name)
             geos = conv_inputs.get(name)
             array = np.asarray(array, dtype=np.float32)
             channel = 1 if geos else (channel_axis % array.ndim if channel_axis is not None else array.ndim - 1)
@@ -41,19 +71,19 @@ def channel_stats(model: ir.Model, xs: list[ir.Value], ctx, *, samples: int, row
             mn, mx = array.min(axis=others), array.max(axis=others)
             lo[name] = mn if name not in lo else np.minimum(lo[name], mn)
             hi[name] = mx if name not in hi else np.maximum(hi[name], mx)
-            if count[name] >= rows:
+            have = count.get(name, 0)
+            if have >= rows:
                 continue
             if geos:
-                positions = max(1, min(per_batch_rows, rows - count[name]) // array.shape[0])
+                positions = max(1, min(per_batch_rows, rows - have) // array.shape[0])
                 patches = [sampled_patches(array, geo, max_positions=positions, rng=rngs[name]) for geo in geos]
-                kept[name].append(patches)
-                count[name] += patches[0].shape[0]
+                kept.setdefault(name, []).append(patches)
+                count[name] = have + patches[0].shape[0]
             else:
                 flat = array.reshape(-1, array.shape[-1])
-                take = rngs[name].choice(flat.shape[0], min(per_batch_rows, flat.shape[0], rows - count[name]),
+                take = rngs[name].choice(flat.shape[0], min(per_batch_rows, flat.shape[0], rows - have),
                                          replace=False)
-                kept[name].append(flat[take])
-                count[name] += len(take)
-    samples_kept = {n: ([np.concatenate(per) for per in zip(*r)] if n in conv_inputs else np.concatenate(r))
-                    for n, r in kept.items() if r}
-    return {n: (lo[n], hi[n]) for n in kept}, samples_kept
+                kept.setdefault(name, []).append(flat[take])
+                count[name] = have + len(take)
+    if pending:
+        yield done(pending)
