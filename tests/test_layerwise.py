@@ -242,3 +242,16 @@ def test_other_graphs_compile_layerwise_to_the_same_model(tmp_path, builder, rec
     for name in ref:
         np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
     assert layered.report["verification"]["outputs"] == whole.report["verification"]["outputs"]
+
+
+def test_qcompile_verify_takes_max_memory_and_gives_the_same_numbers(run_cli, decoder, tmp_path):
+    compile_model(decoder["model"], recipe="w8a8", calib=decoder["calib"], output_dir=tmp_path / "out",
+                  progress=False, verify=False)
+    got = {}
+    for mode, extra in (("whole", []), ("blocks", ["--max-memory", "1"])):
+        res = run_cli(["verify", decoder["model"], tmp_path / "out" / "model.onnx", "--data", decoder["eval"],
+                       "--json", tmp_path / f"{mode}.json", *extra])
+        assert res.code == 0, res.err
+        got[mode] = json.loads((tmp_path / f"{mode}.json").read_text())
+    assert got["blocks"]["layer_wise"] is True
+    assert got["blocks"]["outputs"] == got["whole"]["outputs"] and got["blocks"]["task"] == got["whole"]["task"]
