@@ -1,5 +1,5 @@
 """What the host can do and is doing: the CPU's ISA picks onnxruntime's fast int8 path; the
-process's peak RSS per phase goes into report.json (passes, phases)."""
+process's running peak RSS after each phase goes into report.json (passes, phases)."""
 
 from __future__ import annotations
 
@@ -26,16 +26,9 @@ def detect_isa(known: list[str]) -> str:
     return known[-1] if known else ""
 
 
-def reset_peak_rss() -> None:
-    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
 def peak_rss_mb() -> float | None:
-    """This process's peak RSS since the last reset_peak_rss (VmHWM), in MB; None off Linux."""
+    """This process's peak RSS so far (VmHWM), in MB; None off Linux. Never reset: a parent
+    measuring the compile (ru_maxrss) must see the true peak."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -46,12 +39,12 @@ def peak_rss_mb() -> float | None:
 
 
 class PhaseMeter:
-    """Wall time and peak RSS of one phase of a compile."""
+    """Wall time of one phase of a compile, and the process's peak RSS when it ends (a
+    running peak: the phase where it rises is the one that set it)."""
 
     def __init__(self):
         import time
         self._clock = time.perf_counter
-        reset_peak_rss()
         self._start = self._clock()
 
     def done(self) -> dict:

@@ -29,6 +29,33 @@ _ALIGN = 64
 _SPILL: contextvars.ContextVar["WeightSpill | None"] = contextvars.ContextVar("qcompile_weight_spill", default=None)
 
 
+class UnmappedExternalTensor(ir.ExternalTensor):
+    """An external tensor that is read into a fresh array at each use and never stays mapped.
+    onnx_ir's ExternalTensor keeps its file mapped once read, and every page a pass touched
+    then counts in the process's memory: a 7B compile reading each weight once held 8 GB of
+    mapped weights after its quantize pass. Serialized, it is still an external reference."""
+
+    __slots__ = ()
+
+    def numpy(self) -> np.ndarray:
+        array = np.array(super().numpy())
+        self.release()
+        return array
+
+    def __array__(self, dtype=None, copy=None):
+        return self.numpy().astype(dtype, copy=False) if dtype is not None else self.numpy()
+
+    def tobytes(self) -> bytes:
+        data = super().tobytes()
+        self.release()
+        return data
+
+
+def unmapped(tensor: ir.ExternalTensor) -> UnmappedExternalTensor:
+    return UnmappedExternalTensor(tensor.location, tensor.offset, tensor.length, tensor.dtype, shape=tensor.shape,
+                                  name=tensor.name, base_dir=tensor.base_dir)
+
+
 class WeightSpill:
     """An append-only scratch file of rewritten weights."""
 
@@ -57,8 +84,8 @@ class WeightSpill:
             raise OutputError(f"cannot spill weights to {self.path}: {err}") from None
         self.bytes = offset + array.nbytes
         self.tensors += 1
-        return ir.ExternalTensor(self.path.name, offset, array.nbytes, ir.DataType.from_numpy(array.dtype),
-                                 shape=ir.Shape(array.shape), name=name, base_dir=self.path.parent)
+        return UnmappedExternalTensor(self.path.name, offset, array.nbytes, ir.DataType.from_numpy(array.dtype),
+                                      shape=ir.Shape(array.shape), name=name, base_dir=self.path.parent)
 
     def close(self) -> None:
         self._file.close()
