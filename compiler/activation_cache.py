@@ -22,7 +22,6 @@ class ActivationCache:
         self._files: dict[tuple[int, str], tuple[Path, int]] = {}   # (file, array bytes)
         self.in_memory = 0           # bytes held now
         self.on_disk = 0             # bytes in files now
-        self.peak_disk = 0
 
     def put(self, batch: int, name: str, array: np.ndarray) -> None:
         key = (batch, name)
@@ -47,7 +46,6 @@ class ActivationCache:
             raise OutputError(f"cannot cache activations in {self.folder}: {err}") from None
         self._files[key] = (path, array.nbytes)
         self.on_disk += array.nbytes
-        self.peak_disk = max(self.peak_disk, self.on_disk)
 
     def get(self, batch: int, name: str) -> np.ndarray:
         key = (batch, name)

@@ -23,6 +23,7 @@ import numpy as np
 
 from .observers import HistogramObserver
 from .schemes import WeightScheme
+from .weight_store import stored_tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,17 +101,13 @@ class PrecomputedWeights:
         self._by_weight: dict[str, tuple[PrecomputedWeight, object]] = {}
 
     def put(self, weight: str, chosen: PrecomputedWeight) -> None:
-        from .weight_store import stored_tensor
         self._by_weight[weight] = (dataclasses.replace(chosen, q=None), stored_tensor(chosen.q, f"{weight}_q"))
 
     def get(self, weight: str) -> PrecomputedWeight | None:
         if weight not in self._by_weight:
             return None
         chosen, q = self._by_weight[weight]
-        ints = np.array(q.numpy())       # a copy: a spilled tensor is unmapped at once
-        if hasattr(q, "release"):
-            q.release()
-        return dataclasses.replace(chosen, q=ints)
+        return dataclasses.replace(chosen, q=q.numpy())
 
 
 class Rescales:

@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .errors import UsageError
+from .memory_plan import memory_needed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +30,7 @@ class Block:
     inputs: tuple[str, ...]          # made by an earlier block
     graph_inputs: tuple[str, ...]    # the model's inputs this block reads
     outputs: tuple[str, ...]         # read by a later block, or a graph output
-    weight_bytes: int                # initializers first read here
+    weight_bytes: int                # the initializers its nodes read
 
     def produced(self) -> set[str]:
         return {v.name for node in self.nodes for v in node.outputs if v is not None}
@@ -133,7 +134,8 @@ def partition_blocks(model: ir.Model, cap_bytes: int, *, weight_bytes_of=None) -
         g_ins = _unique(v.name for v in read_here if v in graph_inputs)
         outs = _unique(v.name for v in (out for node in members for out in node.outputs)
                        if v is not None and (v in outputs or last_read.get(v, -1) >= e))
-        blocks.append(Block(b, tuple(members), ins, g_ins, outs, int(weight[s:e].sum())))
+        held = sum(size(v) for v in {v for v in read_here if v in initializers})
+        blocks.append(Block(b, tuple(members), ins, g_ins, outs, held))
     return BlockPartition(tuple(blocks), cap_bytes)
 
 
@@ -184,5 +186,4 @@ def _stored_bytes(value: ir.Value) -> int:
 
 
 def _need_gib(block_bytes: int) -> float:
-    from .memory_plan import memory_needed
     return memory_needed(block_bytes) / 1e9

@@ -85,6 +85,7 @@ def _cmd_compile(argv: list[str]) -> int:
     if not os.path.exists(args.model):  # before loading onnx & co.: a typo answers at once
         raise ModelError(f"model file not found: {args.model}")
     from .driver import compile_model, compile_with_budget, compile_with_size_budget
+    from .memory_plan import parse_max_memory
     from .model_io import parse_input_shapes
     from .report import print_summary
 
@@ -92,7 +93,7 @@ def _cmd_compile(argv: list[str]) -> int:
                   verify=not args.no_verify, verify_data=args.verify_data, verify_samples=args.verify_samples,
                   dump_after=tuple(args.dump_after), progress=not args.quiet,
                   external_data=True if args.external_data else None, custom_ops=tuple(args.custom_ops),
-                  settings=tuple(args.settings), max_memory=_max_memory(args.max_memory))
+                  settings=tuple(args.settings), max_memory=parse_max_memory(args.max_memory))
     if args.max_size is not None:
         if args.max_loss is not None:
             raise UsageError("--max-size and --max-loss are separate searches; use one")
@@ -195,7 +196,8 @@ def _cmd_verify(argv: list[str]) -> int:
                    help="onnxruntime custom-op library for ops of the original onnxruntime lacks (repeatable)")
     p.add_argument("--max-memory", metavar="GB", help="run both models block by block within GB (docs/layerwise.md)")
     args = p.parse_args(argv)
-    max_memory = _max_memory(args.max_memory)
+    from .memory_plan import parse_max_memory
+    max_memory = parse_max_memory(args.max_memory)
     if args.samples < 1:
         raise UsageError(f"--samples must be at least 1, got {args.samples}")
     import json
@@ -250,11 +252,6 @@ def _cmd_verify(argv: list[str]) -> int:
     if args.json:
         write_report(Path(args.json), result)
     return 0
-
-
-def _max_memory(text):
-    from .memory_plan import parse_max_memory
-    return parse_max_memory(text)
 
 
 def _raise_terminated(signum, frame):

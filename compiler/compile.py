@@ -118,10 +118,10 @@ def _compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     else:
         infer_shapes(model)
     widened = {s.name: np.dtype(np.float32) for s in specs if half and s.name in half.inputs}
-    memory = _memory_plan(plan, model, folder)
+    memory = MemoryPlan(plan.max_memory, folder / SCRATCH_DIR) if plan.max_memory is not None else None
     ctx = PassContext(target=tgt, data=dataset.cast_to(widened) if dataset is not None and widened else dataset,
                       progress=plan.progress, stats=ActivationStats(plan.reuse), memory=memory)
-    if memory is not None:
+    if memory is not None:   # a first partition: a bound too small for one block is refused before any work
         ctx.reports["memory"] = {**memory.describe(), **partition_for(model, memory).describe()}
     still_dynamic = dynamic_inputs(model)
     if still_dynamic and needs_ranges and dataset is None:
@@ -138,7 +138,7 @@ def _compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     out_model = folder / MODEL_FILE
     # under --max-memory the weights go to model.onnx.data tensor by tensor, and verification
     # reads them from there block by block
-    external = plan.external_data if plan.external_data is not None or memory is None else True
+    external = True if plan.external_data is None and memory is not None else plan.external_data
     log.info("writing %s", out_model.name)
     meter = PhaseMeter()
     save_model(model, out_model, external_data=external)
@@ -166,16 +166,6 @@ def _compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     return CompileResult(plan=plan, folder=folder, header=header, layers=ctx.layers, sections=ctx.reports,
                          timings=timing.records, warnings=ctx.warnings, verification=verification,
                          stats=ctx.stats, seconds=time.perf_counter() - started, phases=phases)
-
-
-def _memory_plan(plan: CompilePlan, model, folder: Path) -> MemoryPlan | None:
-    """--max-memory: the bound, a scratch folder inside the staging folder (removed at commit),
-    and a first partition, so a bound too small for one block is refused before any work."""
-    if plan.max_memory is None:
-        return None
-    memory = MemoryPlan(plan.max_memory, folder / SCRATCH_DIR)
-    partition_for(model, memory)
-    return memory
 
 
 def _resolved(plan: CompilePlan, rec: Recipe, dataset: Dataset | None, header: dict) -> dict:

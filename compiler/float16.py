@@ -82,10 +82,8 @@ def widened_tensor(tensor, name: str):
     if not isinstance(tensor, ir.ExternalTensor):
         return ir.tensor(np.asarray(tensor.numpy(), dtype=np.float32), name=name)
 
-    def load():
-        array = np.asarray(tensor.numpy(), dtype=np.float32)
-        tensor.release()   # unmap the half-precision bytes
-        return ir.tensor(array, name=name)
+    def load():   # the source reads into a fresh array and stays unmapped (compiler/weight_store.py)
+        return ir.tensor(np.asarray(tensor.numpy(), dtype=np.float32), name=name)
 
     return ir.LazyTensor(load, dtype=ir.DataType.FLOAT, shape=tensor.shape, name=name)
 

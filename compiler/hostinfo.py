@@ -3,6 +3,7 @@ process's running peak RSS after each phase goes into report.json (passes, phase
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 
@@ -43,9 +44,7 @@ class PhaseMeter:
     running peak: the phase where it rises is the one that set it)."""
 
     def __init__(self):
-        import time
-        self._clock = time.perf_counter
-        self._start = self._clock()
+        self._start = time.perf_counter()
 
     def done(self) -> dict:
-        return {"seconds": round(self._clock() - self._start, 3), "peak_rss_mb": peak_rss_mb()}
+        return {"seconds": round(time.perf_counter() - self._start, 3), "peak_rss_mb": peak_rss_mb()}

@@ -68,6 +68,7 @@ def stream_blockwise(model: ir.Model, values: list[ir.Value], dataset, *, memory
     log.info("%s: layer-wise over %d of %d blocks (largest %.1f MiB of weights)", label, len(needed_blocks),
              len(blocks), partition.largest_block_bytes / 2**20)
     needed_after = _needed_after(needed_blocks)
+    folder = main_data_folder(model)
     cache = ActivationCache(memory.cache_bytes, memory.scratch / f"activations-{label}")
     total = min(samples, dataset.num_samples)
     counted: set[int] = set()
@@ -85,7 +86,7 @@ def stream_blockwise(model: ir.Model, values: list[ir.Value], dataset, *, memory
                 if not fetch:
                     advance(total)
                     continue
-                session = block_session(model, block, fetch, level=level)
+                session = block_session(model, block, fetch, folder, level=level)
                 feeds = _block_feeds(block, dataset, cache, samples=samples, batch_size=batch_size, exact=exact)
                 for i, (feed, outputs) in enumerate(prefetched(session, fetch, feeds)):
                     result = dict(zip(fetch, outputs))
@@ -105,7 +106,7 @@ def stream_blockwise(model: ir.Model, values: list[ir.Value], dataset, *, memory
 def _type_crossings(model: ir.Model, blocks: tuple[Block, ...]) -> None:
     """A block's inputs are graph inputs of its session: they need a type. Infer the graph's
     shapes once if one has none; a tensor inference cannot type ends the compile, named."""
-    values = {out.name: out for node in model.graph for out in node.outputs if out is not None}
+    values = ir.convenience.create_value_mapping(model.graph, include_subgraphs=False)
     crossing = {name for b in blocks for name in b.inputs}
     if all(values[n].type is not None for n in crossing):
         return
@@ -151,11 +152,11 @@ def prefetched(session, names, feeds):
             yield pending[0], pending[1].result()
 
 
-def block_model(model: ir.Model, block: Block, outputs: list[str]) -> tuple[onnx.ModelProto, str | None]:
-    """The block as a standalone ModelProto with `outputs` as its graph outputs, and the folder
-    onnxruntime reads its external weights from. Weights still in the input model's data file
-    stay there (onnxruntime reads them itself); every other weight (rewritten, widened,
-    spilled elsewhere) is written into the proto — one block's worth."""
+def block_model(model: ir.Model, block: Block, outputs: list[str], folder: str | None) -> onnx.ModelProto:
+    """The block as a standalone ModelProto with `outputs` as its graph outputs. Weights in
+    `folder` (main_data_folder: the model's own data file) stay there for onnxruntime to read;
+    every other weight (rewritten, widened, spilled elsewhere) is written into the proto — one
+    block's worth."""
     graph = model.graph
     reads = [v for node in block.nodes for v in node_reads(node)]
     values: dict[str, ir.Value] = {}
@@ -163,7 +164,6 @@ def block_model(model: ir.Model, block: Block, outputs: list[str]) -> tuple[onnx
         values.setdefault(v.name, v)
     registered = set(graph.initializers.values())   # by value: a renamed initializer keeps its old key
     initializers = list({v: None for v in reads if v in registered and v.const_value is not None})
-    folder = _main_folder(model)
     proto = onnx.GraphProto(name=f"block_{block.index}")
     proto.node.extend(ir.serde.serialize_node(node) for node in block.nodes)
     for name in (*block.graph_inputs, *block.inputs):
@@ -176,33 +176,33 @@ def block_model(model: ir.Model, block: Block, outputs: list[str]) -> tuple[onnx
             serialized = ir.serde.serialize_tensor(tensor)        # in memory, or computed lazily
         elif str(tensor.base_dir) == str(folder):
             serialized = ir.serde.serialize_tensor(tensor)        # stays an external reference
-        else:
+        else:                                                     # spilled elsewhere: inline, one block's worth
             serialized = ir.serde.serialize_tensor(ir.tensor(tensor.numpy()))
-            tensor.release()
         serialized.name = v.name   # the value's name: a tensor may keep the one it was made under
         proto.initializer.append(serialized)
     opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
     out = onnx.helper.make_model(proto, opset_imports=opsets, producer_name="qcompile-layerwise")
     out.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
     out.ir_version = ir_version_for(opset_of(model))
-    return out, folder
+    return out
 
 
 def optimized_blocks(model: ir.Model, memory: MemoryPlan) -> Iterator[onnx.GraphProto]:
     """Each block's graph as onnxruntime's optimizer leaves it (all levels), one block in memory
     at a time (cpu_lower reads which int8 kernels its layers got)."""
+    folder = main_data_folder(model)
     for block in partition_for(model, memory).blocks:
         if not block.outputs:
             continue
         with tempfile.TemporaryDirectory(dir=memory.scratch if memory.scratch.exists() else None) as tmp:
             path = Path(tmp) / "optimized.onnx"
-            block_session(model, block, list(block.outputs), level="all", optimized_path=str(path))
+            block_session(model, block, list(block.outputs), folder, level="all", optimized_path=str(path))
             yield onnx.load(str(path), load_external_data=False).graph
 
 
-def block_session(model: ir.Model, block: Block, outputs: list[str], *, level: str = "basic",
+def block_session(model: ir.Model, block: Block, outputs: list[str], folder: str | None, *, level: str = "basic",
                   optimized_path: str | None = None) -> ort.InferenceSession:
-    proto, folder = block_model(model, block, outputs)
+    proto = block_model(model, block, outputs, folder)
     opts = session_options(level=level, optimized_path=optimized_path, threads=1 if optimized_path else 0)
     # no arena: an output array kept after the session is gone (the cache, a pass's sample)
     # would otherwise keep the session's whole arena alive with it
@@ -214,7 +214,7 @@ def block_session(model: ir.Model, block: Block, outputs: list[str], *, level: s
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
-def _main_folder(model: ir.Model) -> str | None:
+def main_data_folder(model: ir.Model) -> str | None:
     """The folder of the input model's external data (where most untouched weights still are)."""
     counts: dict[str, int] = {}
     for v in model.graph.initializers.values():

@@ -87,24 +87,26 @@ def convert_opset(model: ir.Model, target: int) -> ir.Model:
     """Convert the default-domain opset with onnx's version converter (never relabel).
 
     The converter gets the graph without its weights: weights in memory of 1 MiB or more are
-    handed over as external references (the converter rewrites nodes, not weights) and put
-    back by name after; the converter's copies of a model's inline weights took 9x their size
-    (SmolLM2-135M: 4.9 GB)."""
+    handed over as external references (the converter rewrites nodes, not weights; its copies
+    of a model's inline weights took 9x their size, 4.9 GB for SmolLM2-135M), and every weight
+    it saw only as a reference is put back by name afterwards, the same tensor object."""
     if opset_of(model) == target:
         return model
-    detached = {}
+    kept = {}   # name -> the tensor the converter sees as a reference
     for value in model.graph.initializers.values():
         tensor = value.const_value
-        if tensor is not None and not isinstance(tensor, ir.ExternalTensor) and tensor.nbytes >= _DETACH_BYTES:
-            detached[value.name] = tensor
+        if isinstance(tensor, ir.ExternalTensor):
+            kept[value.name] = tensor
+        elif tensor is not None and tensor.nbytes >= _DETACH_BYTES:
+            kept[value.name] = tensor
             value.const_value = ir.ExternalTensor("qcompile-detached", 0, tensor.nbytes, tensor.dtype,
                                                   shape=tensor.shape, name=value.name, base_dir="")
     try:
         proto = ir.to_proto(model)
     finally:
         for value in model.graph.initializers.values():
-            if value.name in detached:
-                value.const_value = detached[value.name]
+            if value.name in kept:
+                value.const_value = kept[value.name]
     if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
         raise ModelError(f"the model is over 2 GB and at opset {opset_of(model)}; onnx's version "
                          f"converter cannot convert it to opset {target} in memory",
@@ -116,13 +118,9 @@ def convert_opset(model: ir.Model, target: int) -> ir.Model:
                          f"{opset_of(model)} to {target}: {err}") from None
     del proto
     result = ir.from_proto(converted)
-    base_dirs = {v.const_value.base_dir for v in model.graph.initializers.values()
-                 if isinstance(v.const_value, ir.ExternalTensor)}
-    if base_dirs:   # the proto round trip keeps external references but not where they are
-        ir.external_data.set_base_dir(result.graph, base_dirs.pop())
-    for value in result.graph.initializers.values():
-        if value.name in detached:
-            value.const_value = detached[value.name]
+    for value in result.graph.initializers.values():   # external ones keep their folder and stay unmapped
+        if value.name in kept:
+            value.const_value = kept[value.name]
     return result
 
 
@@ -197,6 +195,14 @@ def dynamic_inputs(model: ir.Model) -> dict[str, list]:
     """Inputs with a dimension that is not a fixed integer."""
     return {v.name: list(v.shape) if v.shape is not None else None for v in model.graph.inputs
             if v.shape is None or any(not isinstance(d, int) or d < 0 for d in v.shape)}
+
+
+def fixed_batch_size(model: ir.Model) -> tuple[int | None, bool]:
+    """(the model's fixed batch size, True) if axis 0 of its inputs is pinned, else (None, False)."""
+    sizes = {v.shape[0] for v in model.graph.inputs
+             if v.shape is not None and len(v.shape) > 0 and v.name not in model.graph.initializers}
+    fixed = [s for s in sizes if isinstance(s, int) and s > 0]
+    return (fixed[0], True) if fixed else (None, False)
 
 
 def infer_shapes(model: ir.Model) -> None:

@@ -209,15 +209,20 @@ def _per_layer(original: Path, compiled: Path, dataset: Dataset, layers: dict[st
     for feed in dataset.batches(batch, limit=max(samples, batch), exact=batch > 1):
         for t, r, g in zip(tensors, ref_sess.run(tensors, feed), got_sess.run(tensors, _encode(feed, codecs))):
             accs[t].update(r, rescales.undo(t, g))
+    return layer_table(layers, accs)
+
+
+def layer_table(layers: dict[str, dict], accs: dict[str, ErrorStats]) -> dict:
+    """Per quantized layer: its output's SQNR and, where its input was compared too, the SQNR
+    of the noise it adds on top of what reached its input."""
     table = {}
     for node, spec in layers.items():
         out = accs.get(spec["output"])
-        if out is None:
+        if out is None or not out.cosines:
             continue
         inp = accs.get(spec.get("input") or "")
         entry = {"tensor": spec["output"], "sqnr_db": _round(out.sqnr_db)}
-        if inp is not None:
-            # SQNR of the noise this layer adds on top of what reached its input.
+        if inp is not None and inp.cosines:
             added = out.nsr - inp.nsr
             entry["added_sqnr_db"] = _round(float(-10.0 * np.log10(added))) if added > 0 else float("inf")
         table[node] = entry

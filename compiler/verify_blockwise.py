@@ -21,8 +21,8 @@ from .analyses import Rescales
 from .layerwise import stream_blockwise
 from .lm_metrics import IDS, LOGITS, MASK, TokenStats, is_causal_lm
 from .memory_plan import MemoryPlan
-from .model_io import infer_shapes
-from .verify import ErrorStats, _decode, _encode, _round, io_quantization
+from .model_io import fixed_batch_size, infer_shapes
+from .verify import ErrorStats, _decode, _encode, io_quantization, layer_table
 
 
 class _Encoded:
@@ -55,7 +55,7 @@ def verify_blockwise(original: Path, compiled: Path, dataset, *, memory: MemoryP
                             if t in ref_values and t in got_values})
     shapes = {v.name: tuple(v.shape) if v.shape is not None else () for v in ref_model.graph.outputs}
     lm = TokenStats() if is_causal_lm([v.name for v in ref_model.graph.inputs], shapes) else None
-    batch = _fixed_batch(got_model)
+    batch = fixed_batch_size(got_model)[0] or 1
     exact = batch > 1
     total = min(samples, dataset.num_samples)
     if exact:
@@ -79,32 +79,36 @@ def verify_blockwise(original: Path, compiled: Path, dataset, *, memory: MemoryP
     # as verify_models: the outputs through sessions optimized as deployed (the int8 kernels),
     # the layers' tensors through sessions that expose them (basic optimizations)
     common = dict(memory=memory, codecs=codecs, batch=batch, exact=exact, progress=progress)
-    _compare(ref_model, got_model, dataset, out_names, total, "all", outputs, **common)
+
+    def tensors(names):
+        return ref_model, [ref_values[n] for n in names], got_model, [got_values[n] for n in names]
+
+    _compare(*tensors(out_names), dataset, total, "all", outputs, **common)
     if layer_tensors:
-        _compare(ref_model, got_model, dataset, layer_tensors, layer_batches * batch, "basic", layer_tensor, **common)
+        _compare(*tensors(layer_tensors), dataset, layer_batches * batch, "basic", layer_tensor, **common)
     result = {"samples": total, "data": dataset.description,
               "outputs": {n: a.summary() for n, a in accs.items()}, "layer_wise": True}
     if lm is not None:
         result["task"] = lm.summary()
     if layers:
-        result["layers"] = _layer_table(layers, layer_accs)
+        result["layers"] = layer_table(layers, layer_accs)
     return result
 
 
-def _compare(ref_model: ir.Model, got_model: ir.Model, dataset, names: list[str], samples: int, level: str,
-             update, *, memory: MemoryPlan, codecs: dict, batch: int, exact: bool, progress: bool) -> None:
-    """Run the original block by block over `samples`, caching `names`; then the compiled model,
+def _compare(ref_model: ir.Model, ref_tensors: list[ir.Value], got_model: ir.Model, got_tensors: list[ir.Value],
+             dataset, samples: int, level: str, update, *, memory: MemoryPlan, codecs: dict, batch: int, exact: bool,
+             progress: bool) -> None:
+    """Run the original block by block over `samples`, caching the tensors; then the compiled model,
     calling update(batch index, name, reference, compiled) as each tensor comes — in batch order
     for each tensor (one block makes it), so every sum adds up as in the whole-model verification."""
-    ref_values, got_values = _values(ref_model), _values(got_model)
     reference = ActivationCache(memory.cache_bytes, memory.scratch / "verify-reference")
     try:
-        for i, arrays, _ in stream_blockwise(ref_model, [ref_values[n] for n in names], dataset, memory=memory,
+        for i, arrays, _ in stream_blockwise(ref_model, ref_tensors, dataset, memory=memory,
                                              samples=samples, label="verify: original", progress=progress,
                                              batch_size=batch, exact=exact, level=level):
             for name, array in arrays.items():
                 reference.put(i, name, array)
-        for i, arrays, _ in stream_blockwise(got_model, [got_values[n] for n in names], _Encoded(dataset, codecs),
+        for i, arrays, _ in stream_blockwise(got_model, got_tensors, _Encoded(dataset, codecs),
                                              memory=memory, samples=samples, label="verify: compiled",
                                              progress=progress, batch_size=batch, exact=exact, level=level):
             for name, got in arrays.items():
@@ -114,29 +118,4 @@ def _compare(ref_model: ir.Model, got_model: ir.Model, dataset, names: list[str]
 
 
 def _values(model: ir.Model) -> dict[str, ir.Value]:
-    values = {v.name: v for v in model.graph.inputs}
-    values.update({out.name: out for node in model.graph for out in node.outputs if out is not None})
-    return values
-
-
-def _fixed_batch(model: ir.Model) -> int:
-    for v in model.graph.inputs:
-        if v.shape is not None and len(v.shape) and isinstance(v.shape[0], int) and v.shape[0] > 0:
-            return v.shape[0]
-    return 1
-
-
-def _layer_table(layers: dict[str, dict], accs: dict[str, ErrorStats]) -> dict:
-    """As verify.py's per-layer table: each layer's output SQNR, and the noise it adds."""
-    table = {}
-    for node, spec in layers.items():
-        out = accs.get(spec["output"])
-        if out is None or not out.cosines:
-            continue
-        inp = accs.get(spec.get("input") or "")
-        entry = {"tensor": spec["output"], "sqnr_db": _round(out.sqnr_db)}
-        if inp is not None and inp.cosines:
-            added = out.nsr - inp.nsr
-            entry["added_sqnr_db"] = _round(float(-10.0 * np.log10(added))) if added > 0 else float("inf")
-        table[node] = entry
-    return table
+    return ir.convenience.create_value_mapping(model.graph, include_subgraphs=False)

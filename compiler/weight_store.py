@@ -2,7 +2,8 @@
 (compiler/memory_plan.py) a `WeightSpill` is active for the compile, and
 
 * `stored_tensor` appends each new weight of 1 MiB or more (int8 weights, GPTQ's rounded ones)
-  to a scratch file and hands back an external tensor over it (memory-mapped on use);
+  to a scratch file and hands back an external tensor over it (read into a fresh array at
+  each use: `UnmappedExternalTensor`, which every external weight of a compile is);
 * `derived_tensor` — a weight that is a cheap function of another (SmoothQuant's or AWQ's
   per-channel scaling) — is not stored at all: a lazy tensor recomputes it from its source
   at each use, so neither memory nor disk holds a float32 copy of a 7B model.
@@ -115,15 +116,12 @@ def stored_tensor(array: np.ndarray, name: str) -> ir.TensorProtocol:
 def derived_tensor(source: ir.TensorProtocol, transform: Callable[[np.ndarray], np.ndarray], name: str,
                    dtype: ir.DataType = ir.DataType.FLOAT) -> ir.TensorProtocol:
     """`transform(source)` (of `dtype`, `source`'s shape): computed now, or — under a spill — lazily
-    at each use, from `source` (re-read each time; an external source is unmapped after)."""
+    at each use, from `source` (re-read each time)."""
     spill = _SPILL.get()
-    if spill is None or source.size * dtype.itemsize < spill.threshold:
-        return ir.tensor(np.ascontiguousarray(transform(source.numpy())), name=name)
 
     def compute():
-        array = np.ascontiguousarray(transform(source.numpy()))
-        if isinstance(source, ir.ExternalTensor):
-            source.release()
-        return ir.tensor(array, name=name)
+        return ir.tensor(np.ascontiguousarray(transform(source.numpy())), name=name)
 
+    if spill is None or source.size * dtype.itemsize < spill.threshold:
+        return compute()
     return ir.LazyTensor(compute, dtype=dtype, shape=source.shape, name=name)

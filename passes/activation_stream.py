@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from qcompile.layerwise import prefetched, stream_blockwise
 from qcompile.memory_plan import MemoryPlan
+from qcompile.model_io import fixed_batch_size
 from qcompile.ort_session import session_for
 from qcompile.progress import progress_bar
 
@@ -42,15 +43,19 @@ def stream_tensors(model: ir.Model, values: list[ir.Value], dataset, *, samples:
             advance(n)
 
 
-def fixed_batch_size(model: ir.Model) -> tuple[int | None, bool]:
-    """(the model's fixed batch size, True) if axis 0 of its inputs is pinned, else (None, False)."""
-    sizes = {v.shape[0] for v in model.graph.inputs
-             if v.shape is not None and len(v.shape) > 0 and v.name not in model.graph.initializers}
-    fixed = [s for s in sizes if isinstance(s, int) and s > 0]
-    return (fixed[0], True) if fixed else (None, False)
-
-
 def tensor_rng(name: str) -> np.random.Generator:
     """The seeded random stream for sampling one tensor's rows: per tensor, so that what is
     sampled does not depend on the order tensors arrive in (whole model or block by block)."""
     return np.random.default_rng(zlib.crc32(name.encode()))
+
+
+def tensor_groups(stream):
+    """(arrays, finished) for each item of `stream_tensors`, then a last ({}, finished):
+    `finished` are the tensors no later item carries — block by block under --max-memory, all
+    at the end otherwise — so a caller can use and drop each group's statistics at once."""
+    pending: set[str] = set()
+    for arrays, _ in stream:
+        finished = pending if pending and not pending & arrays.keys() else set()
+        pending = (pending - finished) | arrays.keys()
+        yield arrays, finished
+    yield {}, pending

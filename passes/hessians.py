@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from qcompile.errors import DataError, RecipeError
 
-from .activation_stream import stream_tensors, tensor_rng
+from .activation_stream import stream_tensors, tensor_groups, tensor_rng
 from .conv_patches import ConvGeometry, grouped_gram, sampled_patches
 
 
@@ -92,30 +92,19 @@ def hessian_groups(model: ir.Model, linears: list[ir.Node], convs: dict[str, tup
                 pass_name=pass_name, key="samples",
                 hint=f"{pass_name} needs at least {-(-width // per_sample)} samples here (one row per input "
                      f"channel; several times more is better): pass more --calib data or raise {pass_name}.samples")
-    keys_of: dict[str, list[str]] = {}          # input tensor -> the Hessians it feeds
-    for n in linears:
-        keys_of.setdefault(n.inputs[0].name, [])
-        if n.inputs[0].name not in keys_of[n.inputs[0].name]:
-            keys_of[n.inputs[0].name].append(n.inputs[0].name)
+    keys_of: dict[str, list[str]] = {n.inputs[0].name: [n.inputs[0].name] for n in linears}   # tensor -> its Hessians
     for key, (node, _) in convs.items():
         keys_of.setdefault(node.inputs[0].name, []).append(key)
     acc: dict[str, np.ndarray] = {}
     count: dict[str, int] = {}
     rngs = {key: tensor_rng(key) for key in convs}
-    pending: set[str] = set()
-
-    def done(tensors):
-        keys = [k for t in tensors for k in keys_of[t]]
-        found = {k: 2.0 * acc.pop(k) / max(count[k], 1) for k in keys if k in acc}
-        return found, {k: count.pop(k) for k in found}
-
-    for arrays, _ in stream_tensors(model, list(xs.values()), dataset, samples=samples, label=pass_name,
-                                    progress=ctx.progress, memory=ctx.memory):
-        if pending and not pending & set(arrays):    # block by block: the earlier block's tensors are complete
-            yield done(pending)
-            pending = set()
+    stream = stream_tensors(model, list(xs.values()), dataset, samples=samples, label=pass_name,
+                            progress=ctx.progress, memory=ctx.memory)
+    for arrays, finished in tensor_groups(stream):
+        if finished:
+            found = {k: 2.0 * acc.pop(k) / max(count[k], 1) for t in finished for k in keys_of[t] if k in acc}
+            yield found, {k: count.pop(k) for k in found}
         for name, array in arrays.items():
-            pending.add(name)
             for key in keys_of[name]:
                 if key in convs:
                     patches = sampled_patches(np.asarray(array), convs[key][1], max_positions=conv_positions,
@@ -126,5 +115,3 @@ def hessian_groups(model: ir.Model, linears: list[ir.Node], convs: dict[str, tup
                     gram, n_rows = x.T @ x, x.shape[0]
                 acc[key] = gram if key not in acc else acc[key] + gram
                 count[key] = count.get(key, 0) + n_rows
-    if pending:
-        yield done(pending)

@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from qcompile.calib_data import model_input_specs, open_dataset
 
-from ..activation_stream import stream_tensors, tensor_rng
+from ..activation_stream import stream_tensors, tensor_groups, tensor_rng
 from ..conv_patches import ConvGeometry, sampled_patches
 
 
@@ -46,24 +46,12 @@ def channel_stat_groups(model: ir.Model, xs: list[ir.Value], ctx, *, samples: in
     count: dict[str, int] = {}
     rngs = {x.name: tensor_rng(x.name) for x in xs}
     per_batch_rows = max(16, rows // max(min(samples, dataset.num_samples), 1))
-    pending: set[str] = set()
-
-    def done(names):
-        ranges = {n: (lo.pop(n), hi.pop(n)) for n in names}
-        sampled = {}
-        for n in names:
-            r, _ = kept.pop(n, []), count.pop(n, 0)
-            if r:
-                sampled[n] = [np.concatenate(per) for per in zip(*r)] if n in conv_inputs else np.concatenate(r)
-        return ranges, sampled
-
-    for arrays, _ in stream_tensors(model, xs, dataset, samples=samples, label=label, progress=ctx.progress,
-                                    memory=ctx.memory):
-        if pending and not pending & set(arrays):    # block by block: the earlier block's tensors are complete
-            yield done(pending)
-            pending = set()
+    stream = stream_tensors(model, xs, dataset, samples=samples, label=label, progress=ctx.progress,
+                            memory=ctx.memory)
+    for arrays, finished in tensor_groups(stream):
+        if finished:
+            yield _finish(finished, lo, hi, kept, count, conv_inputs)
         for name, array in arrays.items():
-            pending.add(name)
             geos = conv_inputs.get(name)
             array = np.asarray(array, dtype=np.float32)
             channel = 1 if geos else (channel_axis % array.ndim if channel_axis is not None else array.ndim - 1)
@@ -85,5 +73,15 @@ def channel_stat_groups(model: ir.Model, xs: list[ir.Value], ctx, *, samples: in
                                          replace=False)
                 kept.setdefault(name, []).append(flat[take])
                 count[name] = have + len(take)
-    if pending:
-        yield done(pending)
+
+
+def _finish(names, lo, hi, kept, count, conv_inputs):
+    """The finished tensors' (ranges, sampled rows), taken out of the running state."""
+    ranges = {n: (lo.pop(n), hi.pop(n)) for n in names}
+    sampled = {}
+    for n in names:
+        count.pop(n, None)
+        r = kept.pop(n, [])
+        if r:
+            sampled[n] = [np.concatenate(per) for per in zip(*r)] if n in conv_inputs else np.concatenate(r)
+    return ranges, sampled
