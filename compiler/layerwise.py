@@ -164,7 +164,9 @@ def block_model(model: ir.Model, block: Block, outputs: list[str], folder: str |
         values.setdefault(v.name, v)
     registered = set(graph.initializers.values())   # by value: a renamed initializer keeps its old key
     initializers = list({v: None for v in reads if v in registered and v.const_value is not None})
-    proto = onnx.GraphProto(name=f"block_{block.index}")
+    out = onnx.ModelProto()
+    proto = out.graph          # filled in place: make_model would copy the block's weights once more
+    proto.name = f"block_{block.index}"
     proto.node.extend(ir.serde.serialize_node(node) for node in block.nodes)
     for name in (*block.graph_inputs, *block.inputs):
         proto.input.append(ir.serde.serialize_value(values[name]))
@@ -180,8 +182,8 @@ def block_model(model: ir.Model, block: Block, outputs: list[str], folder: str |
             serialized = ir.serde.serialize_tensor(ir.tensor(tensor.numpy()))
         serialized.name = v.name   # the value's name: a tensor may keep the one it was made under
         proto.initializer.append(serialized)
-    opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
-    out = onnx.helper.make_model(proto, opset_imports=opsets, producer_name="qcompile-layerwise")
+    out.opset_import.extend(onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items())
+    out.producer_name = "qcompile-layerwise"
     out.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
     out.ir_version = ir_version_for(opset_of(model))
     return out

@@ -206,6 +206,9 @@ def quantize(x: np.ndarray, scale, zero_point, dtype: str, *, axis: int | None =
     inf out of range; they come back as ml_dtypes float8 arrays."""
     _check_dtype(dtype)
     x = np.asarray(x, dtype=np.float32)
+    along = _slicing_axis(x, axis)
+    if rng is None and along is not None:
+        return _quantize_in_slices(x, scale, zero_point, dtype, axis, block_size, rounding, along)
     s = _expand(np.asarray(scale, dtype=np.float32), x.shape, axis, block_size)
     if dtype in FLOAT8_TYPES:
         if rounding != "half_even":
@@ -221,6 +224,35 @@ def quantize(x: np.ndarray, scale, zero_point, dtype: str, *, axis: int | None =
     z = _expand(np.asarray(zero_point).astype(np.int64), x.shape, axis, block_size)
     q = round_values((x / s).astype(np.float64), rounding, rng) + z
     return np.clip(q, qmin, qmax).astype(np_dtype)
+
+
+SLICE_ELEMENTS = 1 << 23   # a tensor larger than this is quantized in slices of about this many elements
+
+
+def _slicing_axis(x: np.ndarray, axis: int | None) -> int | None:
+    """The axis to slice a large `x` along (one its scales do not run along), or None."""
+    if x.size <= SLICE_ELEMENTS or x.ndim < 2:
+        return None
+    along = 1 if axis is not None and axis % x.ndim == 0 else 0
+    return along if x.shape[along] > 1 else None
+
+
+def _quantize_in_slices(x, scale, zero_point, dtype, axis, block_size, rounding, along) -> np.ndarray:
+    """`quantize` of a large tensor one slice at a time: the same values, with the float64 and
+    expanded-scale temporaries of one slice (a 7B lm_head whole took ~3 GB of them)."""
+    scale = np.asarray(scale, dtype=np.float32)
+    zero_point = np.asarray(zero_point)
+    step = max(1, SLICE_ELEMENTS // (x.size // x.shape[along]))
+    parts = []
+    for start in range(0, x.shape[along], step):
+        idx = [slice(None)] * x.ndim
+        idx[along] = slice(start, start + step)
+        idx = tuple(idx)
+        # blocked parameters are full-rank, sliced with x; per-tensor/per-channel ones apply as they are
+        s = scale[idx] if block_size is not None else scale
+        z = zero_point[idx] if block_size is not None and zero_point.ndim == x.ndim else zero_point
+        parts.append(quantize(x[idx], s, z, dtype, axis=axis, block_size=block_size, rounding=rounding))
+    return np.concatenate(parts, axis=along)
 
 
 def dequantize(q: np.ndarray, scale, zero_point, *, axis: int | None = None,

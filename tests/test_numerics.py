@@ -450,6 +450,37 @@ def test_blocked_quantize_and_dequantize_match_loops(dtype, shape, axis, bs):
         np.testing.assert_allclose(dequantize(got, scale, zp, axis=axis, block_size=bs), ref_deq, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("axis,bs", [(None, None), (0, None), (1, None), (0, 8), (1, 8)])
+def test_large_tensors_quantized_in_slices_match_the_reference(monkeypatch, axis, bs):
+    """Past SLICE_ELEMENTS a tensor is quantized slice by slice (bounded temporaries on a 7B
+    lm_head); each element must still get exactly what QuantizeLinear gives it."""
+    import qcompile.numerics as numerics
+    monkeypatch.setattr(numerics, "SLICE_ELEMENTS", 50)   # (13, 21) = 273 elements: several slices
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((13, 21)).astype(np.float32) * 4
+    if bs:
+        lo, hi = block_minmax(x, axis, bs)
+        scale, zp = compute_qparams(lo, hi, "uint8", symmetric=False)
+    elif axis is None:
+        scale, zp = np.float32(0.03), np.array(3, np.uint8)
+    else:
+        scale = rng.uniform(0.01, 0.05, x.shape[axis]).astype(np.float32)
+        zp = rng.integers(100, 150, x.shape[axis]).astype(np.uint8)
+    got = numerics.quantize(x, scale, zp, "uint8", axis=axis, block_size=bs)
+    ref = np.empty(x.shape, np.uint8)
+    for idx in np.ndindex(*x.shape):
+        if bs:
+            b = list(idx)
+            b[axis] = idx[axis] // bs
+            s, z = scale[tuple(b)], zp[tuple(b)]
+        elif axis is None:
+            s, z = scale, zp
+        else:
+            s, z = scale[idx[axis]], zp[idx[axis]]
+        ref[idx] = ref_quantize_scalar(float(x[idx]), float(s), int(z), "uint8", "half_even")
+    np.testing.assert_array_equal(got, ref)
+
+
 def test_blocked_parameters_of_the_wrong_shape_are_rejected():
     x = np.zeros((40, 3), np.float32)
     with pytest.raises(ValueError, match="expected"):

@@ -144,23 +144,23 @@ def weight_of(node: ir.Node) -> tuple[int, int] | str:
     """(input index, per-channel axis) of the constant weight, or why there is none."""
     if node.op_type == "Conv":
         w = node.inputs[1]
-        return (1, 0) if const(w) is not None else "Conv weight is not a constant"
+        return (1, 0) if w is not None and w.const_value is not None else "Conv weight is not a constant"
     if node.op_type == "Gemm":
         attrs = node.attributes
         if attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0:
             return "Gemm with alpha/beta != 1 (int32 bias needs beta = 1)"
         if attrs.get_int("transA", 0):
             return "Gemm with transA"
-        if const(node.inputs[1]) is None:
+        if node.inputs[1] is None or node.inputs[1].const_value is None:
             return "Gemm B is not a constant"
         return (1, 0 if attrs.get_int("transB", 0) else 1)
     # MatMul: weight is the constant right-hand side, per output column.
-    w = const(node.inputs[1])
+    w = node.inputs[1].const_value if node.inputs[1] is not None else None   # its shape: the data stays where it is
     if w is None:
         return "MatMul has no constant weight"
-    if w.ndim != 2:   # a batched (3-D+) or vector weight: no int8 MatMul kernel takes it as a linear layer
-        return f"MatMul weight of rank {w.ndim}, not a 2-D linear weight"
-    return (1, w.ndim - 1)
+    if len(w.shape) != 2:   # a batched (3-D+) or vector weight: no int8 MatMul kernel takes it as a linear layer
+        return f"MatMul weight of rank {len(w.shape)}, not a 2-D linear weight"
+    return (1, 1)
 
 
 def reduction_size(node: ir.Node, weight_index: int) -> int | None:

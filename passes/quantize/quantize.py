@@ -215,13 +215,15 @@ class Quantize(QPass):
                              f"{why_granularity(node, granularity)}")
                 applied_weight = dataclasses.replace(weight, granularity=granularity)
             key = (w_val.name, weight, granularity, p.dynamic)
-            if key not in cache:
-                cache[key] = quantize_weight(graph, w_val, p, weight, granularity, block_axis,
-                                             self.ctx.weights.get(w_val.name), self.ctx.warn)
-                sizes["float"] += const(w_val).size * 4
-                sizes["quantized"] += cache[key].nbytes
-            qw = cache[key]
-            weight_bytes = WeightBytes(int(const(w_val).size * 4), qw.nbytes)
+            qw = cache.get(key)
+            if qw is None:
+                qw = quantize_weight(graph, w_val, p, weight, granularity, block_axis,
+                                     self.ctx.weights.get(w_val.name), self.ctx.warn)
+                sizes["float"] += w_val.const_value.size * 4
+                sizes["quantized"] += qw.nbytes
+                if len(w_val.uses()) > 1:   # only a shared weight is kept: the integers of a 7B are 7 GB
+                    cache[key] = qw
+            weight_bytes = WeightBytes(int(w_val.const_value.size * 4), qw.nbytes)
             bias = node.inputs[2] if len(node.inputs) > 2 and node.op_type in ("Conv", "Gemm") else None
             if p.dynamic:
                 x = node.inputs[0]  # now: an upstream dynamic layer may have replaced the value planned
