@@ -41,11 +41,21 @@ class QCompileError(Exception):
         super().__init__(message)
         self.hint = hint
 
+    def __reduce__(self):   # unpickled whole (hint and fields) in another process: calibration workers
+        return _rebuild_error, (type(self), str(self), dict(self.__dict__))
+
     def render(self) -> str:
         text = str(self)
         if self.hint:
             text += f"\n  hint: {self.hint}"
         return text
+
+
+def _rebuild_error(cls, message: str, state: dict) -> QCompileError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
 
 
 class UsageError(QCompileError):

@@ -80,6 +80,7 @@ class PassContext:
     warnings: Warnings = dataclasses.field(default_factory=Warnings)
     outputs: TargetOutputs = dataclasses.field(default_factory=TargetOutputs)
     memory: MemoryPlan | None = None          # --max-memory: activations streamed block by block
+    workers: int = 1                          # --workers: calibration statistics across processes
 
     def warn(self, message: str) -> None:
         self.warnings.warn(message)

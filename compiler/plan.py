@@ -45,6 +45,7 @@ class CompilePlan:
     custom_ops: tuple[str, ...] = ()     # onnxruntime custom-op libraries every session registers
     recipe_choice: str | None = None     # why this recipe, when the user named none
     max_memory: int | None = None        # --max-memory (bytes): layer-wise under that bound
+    workers: int = 1                     # --workers: calibration statistics across processes
 
     def adjusted(self, *, exclude: tuple[str, ...] = (), overrides: dict | None = None,
                  reuse: dict[str, HistogramObserver] | None = None) -> "CompilePlan":
@@ -87,7 +88,7 @@ def prepare_plan(model_path, *, target: str = "cpu", recipe: str | None = None, 
                  verify: bool = True, verify_data=None, verify_samples: int = 64, dump_after=(),
                  progress: bool = True, external_data: bool | None = None, exclude_layers=(), overrides=None,
                  stats: dict | None = None, custom_ops=(), settings: tuple[str, ...] = (),
-                 max_memory: int | None = None) -> CompilePlan:
+                 max_memory: int | None = None, workers: int = 1) -> CompilePlan:
     choice = None
     if recipe is None or recipe == AUTO:   # decided from the model (compiler/recipe_choice.py)
         recipe, choice = choose_recipe(model_path, target, calib is not None)
@@ -98,7 +99,8 @@ def prepare_plan(model_path, *, target: str = "cpu", recipe: str | None = None, 
                        verify=VerifyOptions(verify, Path(verify_data) if verify_data is not None else None,
                                             verify_samples),
                        dump_after=frozenset(dump_after), progress=progress, external_data=external_data,
-                       reuse=stats, custom_ops=libraries, recipe_choice=choice, max_memory=max_memory)
+                       reuse=stats, custom_ops=libraries, recipe_choice=choice, max_memory=max_memory,
+                       workers=workers)
     if exclude_layers or overrides:
         plan = plan.adjusted(exclude=tuple(exclude_layers), overrides=overrides)
     known = {s.spec.name for s in plan.recipe.steps}

@@ -43,10 +43,19 @@ def stream_tensors(model: ir.Model, values: list[ir.Value], dataset, *, samples:
             advance(n)
 
 
-def tensor_rng(name: str) -> np.random.Generator:
-    """The seeded random stream for sampling one tensor's rows: per tensor, so that what is
-    sampled does not depend on the order tensors arrive in (whole model or block by block)."""
-    return np.random.default_rng(zlib.crc32(name.encode()))
+def streamed_samples(model: ir.Model, dataset, *, samples: int) -> int:
+    """How many samples `stream_tensors` feeds: up to `samples`, and only whole batches for a
+    model whose batch size is fixed."""
+    batch, fixed = fixed_batch_size(model)
+    total = min(samples, dataset.num_samples)
+    return total - total % batch if fixed else total
+
+
+def batch_rng(name: str, batch: int) -> np.random.Generator:
+    """The seeded random stream for sampling one tensor's rows in one batch (its index in the
+    whole stream): what is sampled depends neither on the order tensors arrive in (whole model
+    or block by block) nor on which worker streams the batch (--workers)."""
+    return np.random.default_rng([zlib.crc32(name.encode()), batch])
 
 
 def tensor_groups(stream):

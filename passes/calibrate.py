@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompile.analyses import RangeMethod
@@ -19,7 +20,8 @@ from qcompile.facts import Fact
 from qcompile.observers import HistogramObserver
 from qcompile.registry import QPass, register_pass
 
-from .activation_stream import stream_tensors
+from .activation_stream import streamed_samples
+from .stream_workers import collect_groups
 
 
 @register_pass("calibrate")
@@ -61,15 +63,13 @@ class Calibrate(QPass):
                      "Activation ranges from random inputs rarely match real data; expect a large "
                      "accuracy loss. Pass --calib data.npz for a real compile.")
         names = [v.name for v in wanted]
-        observers = {n: HistogramObserver(cfg.bins) for n in names}
-        seen = 0
-        for arrays, n in stream_tensors(model, wanted, dataset, samples=cfg.samples, label="calibrate",
-                                        progress=ctx.progress, batch_size=cfg.batch_size, memory=ctx.memory):
-            for name, array in arrays.items():
-                observers[name].update(array)
-                if name in request.channel_axes:
-                    observers[name].update_channels(array, request.channel_axes[name])
-            seen += n
+        collector = lambda: ObserverCollector(names, cfg.bins, request.channel_axes)  # noqa: E731
+        observers = {n: HistogramObserver(cfg.bins) for n in names}    # a tensor never streamed stays empty
+        for found in collect_groups(model, wanted, dataset, collector, samples=cfg.samples, label="calibrate",
+                                    progress=ctx.progress, batch_size=cfg.batch_size, memory=ctx.memory,
+                                    workers=ctx.workers):
+            observers.update(found)
+        seen = streamed_samples(model, dataset, samples=cfg.samples)
         ctx.stats.add(observers)
         nonfinite = sorted(n for n, o in observers.items() if o.nonfinite)
         if nonfinite:
@@ -86,3 +86,31 @@ def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
         for out in node.outputs:
             values[out.name] = out
     return values
+
+
+class ObserverCollector:
+    """A histogram observer per tensor (and per-channel sums where a later pass asked for
+    them); partials merge observer by observer (compiler/observers.py)."""
+
+    def __init__(self, names: list[str], bins: int, channel_axes: dict[str, int]):
+        self.observers = {n: HistogramObserver(bins) for n in names}
+        self.channel_axes = channel_axes
+
+    def update(self, name: str, array: np.ndarray, batch: int) -> None:
+        self.observers[name].update(array)
+        if name in self.channel_axes:
+            self.observers[name].update_channels(array, self.channel_axes[name])
+
+    def take(self, names: set[str]) -> dict[str, HistogramObserver]:
+        return {n: self.observers.pop(n) for n in names if n in self.observers}
+
+    @staticmethod
+    def merge(parts: list[dict]) -> dict[str, HistogramObserver]:
+        merged = dict(parts[0])
+        for part in parts[1:]:
+            for name, observer in part.items():
+                if name in merged:
+                    merged[name].merge(observer)
+                else:
+                    merged[name] = observer
+        return merged

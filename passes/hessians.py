@@ -14,8 +14,9 @@ import onnx_ir as ir
 
 from qcompile.errors import DataError, RecipeError
 
-from .activation_stream import stream_tensors, tensor_groups, tensor_rng
+from .activation_stream import batch_rng
 from .conv_patches import ConvGeometry, grouped_gram, sampled_patches
+from .stream_workers import collect_groups
 
 
 def is_linear(node: ir.Node) -> bool:
@@ -95,23 +96,43 @@ def hessian_groups(model: ir.Model, linears: list[ir.Node], convs: dict[str, tup
     keys_of: dict[str, list[str]] = {n.inputs[0].name: [n.inputs[0].name] for n in linears}   # tensor -> its Hessians
     for key, (node, _) in convs.items():
         keys_of.setdefault(node.inputs[0].name, []).append(key)
-    acc: dict[str, np.ndarray] = {}
-    count: dict[str, int] = {}
-    rngs = {key: tensor_rng(key) for key in convs}
-    stream = stream_tensors(model, list(xs.values()), dataset, samples=samples, label=pass_name,
-                            progress=ctx.progress, memory=ctx.memory)
-    for arrays, finished in tensor_groups(stream):
-        if finished:
-            found = {k: 2.0 * acc.pop(k) / max(count[k], 1) for t in finished for k in keys_of[t] if k in acc}
-            yield found, {k: count.pop(k) for k in found}
-        for name, array in arrays.items():
-            for key in keys_of[name]:
-                if key in convs:
-                    patches = sampled_patches(np.asarray(array), convs[key][1], max_positions=conv_positions,
-                                              rng=rngs[key])
-                    gram, n_rows = grouped_gram(patches), patches.shape[0]
-                else:
-                    x = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
-                    gram, n_rows = x.T @ x, x.shape[0]
-                acc[key] = gram if key not in acc else acc[key] + gram
-                count[key] = count.get(key, 0) + n_rows
+    groups = collect_groups(model, list(xs.values()), dataset, lambda: GramCollector(keys_of, convs, conv_positions),
+                            samples=samples, label=pass_name, progress=ctx.progress, memory=ctx.memory,
+                            workers=ctx.workers)
+    for grams in groups:
+        yield {k: 2.0 * gram / max(n, 1) for k, (gram, n) in grams.items()}, {k: n for k, (_, n) in grams.items()}
+
+
+class GramCollector:
+    """Σ XᵀX and the rows it summed, per Hessian key, over the streamed inputs (a Conv's: its
+    input patches at positions sampled per key and batch, the same whichever worker streams
+    the batch). Partials add."""
+
+    def __init__(self, keys_of: dict[str, list[str]], convs: dict[str, tuple[ir.Node, ConvGeometry]],
+                 conv_positions: int):
+        self.keys_of, self.convs, self.conv_positions = keys_of, convs, conv_positions
+        self.acc: dict[str, np.ndarray] = {}
+        self.count: dict[str, int] = {}
+
+    def update(self, name: str, array: np.ndarray, batch: int) -> None:
+        for key in self.keys_of[name]:
+            if key in self.convs:
+                patches = sampled_patches(np.asarray(array), self.convs[key][1], max_positions=self.conv_positions,
+                                          rng=batch_rng(key, batch))
+                gram, n_rows = grouped_gram(patches), patches.shape[0]
+            else:
+                x = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
+                gram, n_rows = x.T @ x, x.shape[0]
+            self.acc[key] = gram if key not in self.acc else self.acc[key] + gram
+            self.count[key] = self.count.get(key, 0) + n_rows
+
+    def take(self, names: set[str]) -> dict[str, tuple[np.ndarray, int]]:
+        return {k: (self.acc.pop(k), self.count.pop(k)) for t in names for k in self.keys_of[t] if k in self.acc}
+
+    @staticmethod
+    def merge(parts: list[dict]) -> dict[str, tuple[np.ndarray, int]]:
+        merged: dict[str, tuple[np.ndarray, int]] = {}
+        for part in parts:
+            for key, (gram, n) in part.items():
+                merged[key] = (merged[key][0] + gram, merged[key][1] + n) if key in merged else (gram, n)
+        return merged
