@@ -19,9 +19,9 @@ $(CORE): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e .
 	touch $(CORE)
 
-# plus the test, benchmark and exporter extras
+# plus the test, benchmark, exporter and Ray extras
 $(FULL): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e ".[test,bench,export]"
+	$(PY) -m pip install --quiet -e ".[test,bench,export,ray]"
 	touch $(CORE) $(FULL)
 
 demo: $(CORE)

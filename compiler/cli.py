@@ -73,9 +73,13 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", metavar="GB",
                    help="keep the compile's memory under GB: activations are streamed block by block, rewritten "
                         "weights spilled to disk (for models larger than memory)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="compute calibration statistics (ranges, GPTQ Hessians) in N processes, each streaming every "
-                        "Nth batch; under --max-memory each worker gets 1/N of the bound (default 1)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="compute calibration statistics (ranges, GPTQ Hessians, SmoothQuant/AWQ statistics) in N "
+                        "processes, each streaming every Nth batch; under --max-memory each gets 1/N of the bound "
+                        "(default 1; with --ray, one task per CPU of the cluster)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run those statistics as tasks on the Ray cluster at ADDRESS (HOST:PORT, ray://HOST:PORT), "
+                        "or 'auto' for a local one (pip install 'qcompile[ray]')")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or table")
     p.add_argument("-v", "--verbose", action="store_true", help="log each pass")
     return p
@@ -85,20 +89,20 @@ def _cmd_compile(argv: list[str]) -> int:
     args = _compile_parser().parse_args(argv)
     if args.verify_samples < 1:
         raise UsageError(f"--verify-samples must be at least 1, got {args.verify_samples}")
-    if args.workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {args.workers}")
     if not os.path.exists(args.model):  # before loading onnx & co.: a typo answers at once
         raise ModelError(f"model file not found: {args.model}")
     from .driver import compile_model, compile_with_budget, compile_with_size_budget
     from .memory_plan import parse_max_memory
     from .model_io import parse_input_shapes
+    from .sharding import Sharding
     from .report import print_summary
 
     common = dict(target=args.target, calib=args.calib, input_shapes=parse_input_shapes(args.input_shape),
                   verify=not args.no_verify, verify_data=args.verify_data, verify_samples=args.verify_samples,
                   dump_after=tuple(args.dump_after), progress=not args.quiet,
                   external_data=True if args.external_data else None, custom_ops=tuple(args.custom_ops),
-                  settings=tuple(args.settings), max_memory=parse_max_memory(args.max_memory), workers=args.workers)
+                  settings=tuple(args.settings), max_memory=parse_max_memory(args.max_memory),
+                  sharding=Sharding(args.workers if args.workers is not None else (0 if args.ray else 1), args.ray))
     if args.max_size is not None:
         if args.max_loss is not None:
             raise UsageError("--max-size and --max-loss are separate searches; use one")

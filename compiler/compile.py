@@ -121,7 +121,9 @@ def _compile_once(plan: CompilePlan, folder: Path) -> CompileResult:
     memory = MemoryPlan(plan.max_memory, folder / SCRATCH_DIR) if plan.max_memory is not None else None
     ctx = PassContext(target=tgt, data=dataset.cast_to(widened) if dataset is not None and widened else dataset,
                       progress=plan.progress, stats=ActivationStats(plan.reuse), memory=memory,
-                      workers=plan.workers)
+                      sharding=plan.sharding)
+    if plan.sharding.sharded:
+        ctx.reports["sharding"] = plan.sharding.describe()
     if memory is not None:   # a first partition: a bound too small for one block is refused before any work
         ctx.reports["memory"] = {**memory.describe(), **partition_for(model, memory).describe()}
     still_dynamic = dynamic_inputs(model)

@@ -20,6 +20,7 @@ from .output import StagedOutput
 from .plan import prepare_plan
 from .report import render, write_report
 from .report_html import REPORT_HTML, write_html
+from .sharding import Sharding
 
 
 def _staged(plan, output_dir, run) -> CompileResult:
@@ -47,7 +48,7 @@ def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str | 
                   external_data: bool | None = None, exclude_layers: tuple[str, ...] = (),
                   overrides: dict[str, dict] | None = None, stats: dict | None = None,
                   custom_ops: tuple[str, ...] = (), settings: tuple[str, ...] = (),
-                  max_memory: int | None = None, workers: int = 1) -> CompileResult:
+                  max_memory: int | None = None, sharding: Sharding = Sharding()) -> CompileResult:
     """Compile `model_path` for `target` with `recipe`; outputs land in `output_dir` only on success.
 
     `recipe` None: chosen from the model (compiler/recipe_choice.py: `prequantized` for a model
@@ -60,14 +61,15 @@ def compile_model(model_path: str | Path, *, target: str = "cpu", recipe: str | 
     `result.stats`): calibration then only observes tensors missing from it. `custom_ops`:
     onnxruntime custom-op libraries for ops of the model onnxruntime lacks; `settings`:
     `PASS.KEY=VALUE` recipe overrides as the CLI's `--set` takes them. `max_memory` (bytes):
-    the layer-wise compile under that bound (compiler/memory_plan.py). `workers`: calibration
-    statistics computed by that many processes (passes/stream_workers.py).
+    the layer-wise compile under that bound (compiler/memory_plan.py). `sharding`: calibration
+    statistics computed by forked worker processes or Ray tasks (compiler/sharding.py).
     """
     plan = prepare_plan(model_path, target=target, recipe=recipe, calib=calib, input_shapes=input_shapes,
                         verify=verify, verify_data=verify_data, verify_samples=verify_samples, dump_after=dump_after,
                         progress=progress, external_data=external_data, exclude_layers=exclude_layers,
                         overrides=overrides, stats=stats, custom_ops=custom_ops,
-                        settings=settings, max_memory=max_memory, workers=workers)
+                        settings=settings, max_memory=max_memory,
+                        sharding=sharding)
     return _staged(plan, output_dir, lambda staged: compile_plan(plan, staged.staging))
 
 

@@ -19,6 +19,7 @@ from .analyses import ActivationStats, PrecomputedWeights, RangeRequest, Rescale
 from .calib_data import Dataset
 from .layers import LayerTable
 from .memory_plan import MemoryPlan
+from .sharding import Sharding
 from .targets import Target
 
 log = logging.getLogger("qcompile")
@@ -80,7 +81,7 @@ class PassContext:
     warnings: Warnings = dataclasses.field(default_factory=Warnings)
     outputs: TargetOutputs = dataclasses.field(default_factory=TargetOutputs)
     memory: MemoryPlan | None = None          # --max-memory: activations streamed block by block
-    workers: int = 1                          # --workers: calibration statistics across processes
+    sharding: Sharding = Sharding()           # --workers / --ray: calibration statistics across processes
 
     def warn(self, message: str) -> None:
         self.warnings.warn(message)

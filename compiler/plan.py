@@ -17,6 +17,7 @@ from .observers import HistogramObserver
 from .op_support import check_custom_op_library
 from .recipe_choice import AUTO, choose_recipe
 from .recipe import Recipe, apply_settings, load_recipe, parse_steps
+from .sharding import Sharding, connect_ray
 from .targets import Target, check_capabilities, load_target
 
 
@@ -45,7 +46,7 @@ class CompilePlan:
     custom_ops: tuple[str, ...] = ()     # onnxruntime custom-op libraries every session registers
     recipe_choice: str | None = None     # why this recipe, when the user named none
     max_memory: int | None = None        # --max-memory (bytes): layer-wise under that bound
-    workers: int = 1                     # --workers: calibration statistics across processes
+    sharding: Sharding = Sharding()      # --workers / --ray: calibration statistics across processes
 
     def adjusted(self, *, exclude: tuple[str, ...] = (), overrides: dict | None = None,
                  reuse: dict[str, HistogramObserver] | None = None) -> "CompilePlan":
@@ -88,19 +89,21 @@ def prepare_plan(model_path, *, target: str = "cpu", recipe: str | None = None, 
                  verify: bool = True, verify_data=None, verify_samples: int = 64, dump_after=(),
                  progress: bool = True, external_data: bool | None = None, exclude_layers=(), overrides=None,
                  stats: dict | None = None, custom_ops=(), settings: tuple[str, ...] = (),
-                 max_memory: int | None = None, workers: int = 1) -> CompilePlan:
+                 max_memory: int | None = None, sharding: Sharding = Sharding()) -> CompilePlan:
     choice = None
     if recipe is None or recipe == AUTO:   # decided from the model (compiler/recipe_choice.py)
         recipe, choice = choose_recipe(model_path, target, calib is not None)
     tgt, base = prepare(target, recipe, settings=settings)
     libraries = tuple(check_custom_op_library(p) for p in custom_ops)
+    if sharding.ray is not None:     # a cluster that does not answer is refused before any work
+        connect_ray(sharding.ray)
     plan = CompilePlan(model=Path(model_path), target=tgt, recipe=base, base_recipe=base,
                        calib=Path(calib) if calib is not None else None, input_shapes=dict(input_shapes or {}),
                        verify=VerifyOptions(verify, Path(verify_data) if verify_data is not None else None,
                                             verify_samples),
                        dump_after=frozenset(dump_after), progress=progress, external_data=external_data,
                        reuse=stats, custom_ops=libraries, recipe_choice=choice, max_memory=max_memory,
-                       workers=workers)
+                       sharding=sharding)
     if exclude_layers or overrides:
         plan = plan.adjusted(exclude=tuple(exclude_layers), overrides=overrides)
     known = {s.spec.name for s in plan.recipe.steps}

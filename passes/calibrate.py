@@ -8,6 +8,7 @@ memory does not grow with the number of samples.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import numpy as np
@@ -63,11 +64,11 @@ class Calibrate(QPass):
                      "Activation ranges from random inputs rarely match real data; expect a large "
                      "accuracy loss. Pass --calib data.npz for a real compile.")
         names = [v.name for v in wanted]
-        collector = lambda: ObserverCollector(names, cfg.bins, request.channel_axes)  # noqa: E731
+        collector = functools.partial(ObserverCollector, names, cfg.bins, dict(request.channel_axes))
         observers = {n: HistogramObserver(cfg.bins) for n in names}    # a tensor never streamed stays empty
         for found in collect_groups(model, wanted, dataset, collector, samples=cfg.samples, label="calibrate",
                                     progress=ctx.progress, batch_size=cfg.batch_size, memory=ctx.memory,
-                                    workers=ctx.workers):
+                                    sharding=ctx.sharding):
             observers.update(found)
         seen = streamed_samples(model, dataset, samples=cfg.samples)
         ctx.stats.add(observers)

@@ -9,6 +9,8 @@ per sample, one H per group ([G, K, K]). One onnxruntime pass streams every inpu
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx_ir as ir
 
@@ -96,9 +98,11 @@ def hessian_groups(model: ir.Model, linears: list[ir.Node], convs: dict[str, tup
     keys_of: dict[str, list[str]] = {n.inputs[0].name: [n.inputs[0].name] for n in linears}   # tensor -> its Hessians
     for key, (node, _) in convs.items():
         keys_of.setdefault(node.inputs[0].name, []).append(key)
-    groups = collect_groups(model, list(xs.values()), dataset, lambda: GramCollector(keys_of, convs, conv_positions),
+    geometry = {key: geo for key, (_, geo) in convs.items()}
+    groups = collect_groups(model, list(xs.values()), dataset,
+                            functools.partial(GramCollector, keys_of, geometry, conv_positions),
                             samples=samples, label=pass_name, progress=ctx.progress, memory=ctx.memory,
-                            workers=ctx.workers)
+                            sharding=ctx.sharding)
     for grams in groups:
         yield {k: 2.0 * gram / max(n, 1) for k, (gram, n) in grams.items()}, {k: n for k, (_, n) in grams.items()}
 
@@ -108,8 +112,7 @@ class GramCollector:
     input patches at positions sampled per key and batch, the same whichever worker streams
     the batch). Partials add."""
 
-    def __init__(self, keys_of: dict[str, list[str]], convs: dict[str, tuple[ir.Node, ConvGeometry]],
-                 conv_positions: int):
+    def __init__(self, keys_of: dict[str, list[str]], convs: dict[str, ConvGeometry], conv_positions: int):
         self.keys_of, self.convs, self.conv_positions = keys_of, convs, conv_positions
         self.acc: dict[str, np.ndarray] = {}
         self.count: dict[str, int] = {}
@@ -117,7 +120,7 @@ class GramCollector:
     def update(self, name: str, array: np.ndarray, batch: int) -> None:
         for key in self.keys_of[name]:
             if key in self.convs:
-                patches = sampled_patches(np.asarray(array), self.convs[key][1], max_positions=self.conv_positions,
+                patches = sampled_patches(np.asarray(array), self.convs[key], max_positions=self.conv_positions,
                                           rng=batch_rng(key, batch))
                 gram, n_rows = grouped_gram(patches), patches.shape[0]
             else:

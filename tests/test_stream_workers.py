@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 
@@ -20,6 +21,7 @@ from qcompile.passes.calibrate import ObserverCollector
 from qcompile.passes.equalization.stats import ChannelStatCollector, _first_rows
 from qcompile.passes.hessians import GramCollector
 from qcompile.passes.stream_workers import DatasetShard, WorkerDied, collect_groups
+from qcompile.sharding import Sharding
 
 LAYERS = 3
 
@@ -73,7 +75,7 @@ def test_sharded_hessians_are_the_single_process_ones(decoder, tmp_path, layerwi
     make = lambda: GramCollector(keys_of, {}, 0)   # noqa: E731
     memory = _memory(model, tmp_path) if layerwise else None
     one = _collect(model, xs, data, make, memory=memory)
-    two = _collect(model, xs, data, make, memory=memory, workers=2)
+    two = _collect(model, xs, data, make, memory=memory, sharding=Sharding(2))
     assert one.keys() == two.keys() == {x.name for x in xs}
     for key, (gram, rows) in one.items():
         assert two[key][1] == rows > 0
@@ -90,7 +92,7 @@ def test_sharded_channel_statistics_are_the_single_process_ones(decoder, tmp_pat
     make = lambda: ChannelStatCollector(40, 6, {}, None)   # noqa: E731  (10 batches of 6 rows > 40)
     memory = _memory(model, tmp_path, workers=3) if layerwise else None
     one = _collect(model, xs, data, make, memory=memory)
-    three = _collect(model, xs, data, make, memory=memory, workers=3)
+    three = _collect(model, xs, data, make, memory=memory, sharding=Sharding(3))
     assert one.keys() == three.keys() == {x.name for x in xs}
     for name, (lo, hi, kept) in one.items():
         np.testing.assert_array_equal(three[name][0], lo)
@@ -109,7 +111,7 @@ def test_sharded_histograms_keep_exact_extremes_and_counts(decoder):
     names = [x.name for x in xs]
     make = lambda: ObserverCollector(names, 128, {names[0]: -1})   # noqa: E731
     one = _collect(model, xs, data, make)
-    two = _collect(model, xs, data, make, workers=2)
+    two = _collect(model, xs, data, make, sharding=Sharding(2))
     for name in names:
         a, b = one[name], two[name]
         assert (a.min, a.max, a.count) == (b.min, b.max, b.count)
@@ -150,7 +152,7 @@ def test_workers_are_other_processes(decoder):
     model = load_model(decoder["model"])
     data = open_dataset(decoder["calib"], model_input_specs(model))
     xs = _linear_inputs(model)[:1]
-    seen = _collect(model, xs, data, _PidCollector, workers=3)
+    seen = _collect(model, xs, data, _PidCollector, sharding=Sharding(3))
     pids = {pid for pid, _ in seen[xs[0].name]}
     assert len(pids) == 3 and os.getpid() not in pids
 
@@ -160,7 +162,7 @@ def test_a_worker_that_dies_once_is_started_again(decoder, tmp_path):
     data = open_dataset(decoder["calib"], model_input_specs(model))
     xs = _linear_inputs(model)[:1]
     flag = tmp_path / "died-once"
-    seen = _collect(model, xs, data, lambda: _PidCollector(flag), workers=2)
+    seen = _collect(model, xs, data, lambda: _PidCollector(flag), sharding=Sharding(2))
     assert flag.exists()
     assert sum(n for _, n in seen[xs[0].name]) <= 10 and len({pid for pid, _ in seen[xs[0].name]}) == 2
 
@@ -170,7 +172,7 @@ def test_a_worker_that_dies_twice_ends_the_compile_naming_its_shard(decoder):
     data = open_dataset(decoder["calib"], model_input_specs(model))
     xs = _linear_inputs(model)[:1]
     with pytest.raises(WorkerDied, match=r"shard 1 of 2 .*died twice \(killed by SIGKILL\)"):
-        _collect(model, xs, data, lambda: _PidCollector(always_die=True), workers=2)
+        _collect(model, xs, data, lambda: _PidCollector(always_die=True), sharding=Sharding(2))
 
 
 class _DataErrorCollector(_PidCollector):
@@ -183,7 +185,7 @@ def test_an_error_in_a_worker_is_raised_as_it_is(decoder):
     data = open_dataset(decoder["calib"], model_input_specs(model))
     xs = _linear_inputs(model)[:1]
     with pytest.raises(DataError, match="NaN in this worker's batch") as err:
-        _collect(model, xs, data, _DataErrorCollector, workers=2)
+        _collect(model, xs, data, _DataErrorCollector, sharding=Sharding(2))
     assert err.value.hint == "clean the data"
 
 
@@ -195,12 +197,13 @@ def _initializers(path) -> dict[str, np.ndarray]:
 def test_a_compile_with_two_workers_writes_the_single_process_model(decoder, tmp_path, recipe):
     common = dict(recipe=recipe, calib=decoder["calib"], verify_data=decoder["eval"], progress=False)
     one = compile_model(decoder["model"], output_dir=tmp_path / "one", **common)
-    two = compile_model(decoder["model"], output_dir=tmp_path / "two", workers=2, **common)
+    two = compile_model(decoder["model"], output_dir=tmp_path / "two", sharding=Sharding(2), **common)
     a, b = _initializers(tmp_path / "one" / "model.onnx"), _initializers(tmp_path / "two" / "model.onnx")
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(b[name], a[name], err_msg=name)
     assert one.report["verification"]["outputs"] == two.report["verification"]["outputs"]
+    assert two.report["sharding"] == {"workers": 2, "ray": None} and "sharding" not in one.report
 
 
 def test_a_worker_share_too_small_for_a_block_is_refused_before_forking(decoder, tmp_path):
@@ -209,9 +212,74 @@ def test_a_worker_share_too_small_for_a_block_is_refused_before_forking(decoder,
     xs = _linear_inputs(model)[:1]
     memory = _memory(model, tmp_path, workers=1)
     with pytest.raises(UsageError, match=r"with --workers 2 each worker streams under 1/2 of --max-memory"):
-        _collect(model, xs, data, _PidCollector, memory=memory, workers=2)
+        _collect(model, xs, data, _PidCollector, memory=memory, sharding=Sharding(2))
 
 
 def test_workers_below_one_are_refused(run_cli, decoder, tmp_path):
     result = run_cli([str(decoder["model"]), "--workers", "0", "-o", str(tmp_path / "o")])
     assert result.code == 2 and "--workers must be at least 1" in result.err
+
+
+# -- Ray: the same shards as tasks on a local cluster started here ----------------------------
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray", reason="Ray is the optional extra qcompile[ray]")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             object_store_memory=200 * 2**20)
+    import sys
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # this file's collectors travel by value
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_tasks_give_the_single_process_statistics(decoder, tmp_path, local_ray):
+    """Hessians and SmoothQuant's channel statistics from two Ray tasks (graph and batches
+    shipped to them) against one process: the same rows, the same sums."""
+    model = load_model(decoder["model"])
+    data = open_dataset(decoder["calib"], model_input_specs(model))
+    xs = _linear_inputs(model)
+    keys_of = {x.name: [x.name] for x in xs}
+    grams = functools.partial(GramCollector, keys_of, {}, 0)
+    one, two = _collect(model, xs, data, grams), _collect(model, xs, data, grams, sharding=Sharding(2, "auto"))
+    assert one.keys() == two.keys()
+    for key, (gram, rows) in one.items():
+        assert two[key][1] == rows
+        np.testing.assert_allclose(two[key][0], gram, rtol=1e-12, atol=1e-9 * np.abs(gram).max(), err_msg=key)
+    stats = functools.partial(ChannelStatCollector, 40, 6, {}, None)
+    one, two = _collect(model, xs, data, stats), _collect(model, xs, data, stats, sharding=Sharding(2, "auto"))
+    for name, (lo, hi, kept) in one.items():
+        np.testing.assert_array_equal(two[name][0], lo)
+        np.testing.assert_array_equal(two[name][1], hi)
+        np.testing.assert_array_equal(_first_rows(two[name][2], 40, conv=False), _first_rows(kept, 40, conv=False))
+
+
+def test_a_compile_on_ray_writes_the_single_process_model(decoder, tmp_path, local_ray):
+    common = dict(recipe="w8a8-smooth", calib=decoder["calib"], verify_data=decoder["eval"], progress=False)
+    compile_model(decoder["model"], output_dir=tmp_path / "one", **common)
+    compile_model(decoder["model"], output_dir=tmp_path / "ray", sharding=Sharding(2, "auto"), **common)
+    a, b = _initializers(tmp_path / "one" / "model.onnx"), _initializers(tmp_path / "ray" / "model.onnx")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+
+
+def test_an_error_in_a_ray_task_is_raised_as_it_is(decoder, local_ray):
+    model = load_model(decoder["model"])
+    data = open_dataset(decoder["calib"], model_input_specs(model))
+    with pytest.raises(DataError, match="NaN in this worker's batch"):
+        _collect(model, _linear_inputs(model)[:1], data, _DataErrorCollector, sharding=Sharding(2, "auto"))
+
+
+def test_a_ray_address_that_does_not_answer_is_refused_at_once(run_cli, decoder, tmp_path):
+    """No minutes of ray.init retries and no silent fallback to local work."""
+    import socket
+    with socket.socket() as sock:           # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = run_cli([str(decoder["model"]), "--calib", str(decoder["calib"]), "--ray", f"127.0.0.1:{port}",
+                      "-o", str(tmp_path / "o")])
+    assert result.code == 2 and f"the Ray cluster at 127.0.0.1:{port} does not answer" in result.err
+    assert not (tmp_path / "o").exists()
+    result = run_cli([str(decoder["model"]), "--ray", "not an address", "-o", str(tmp_path / "o")])
+    assert result.code == 2 and "is not HOST:PORT" in result.err

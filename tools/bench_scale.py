@@ -21,6 +21,7 @@ its calibration and held-out windows from build/bench-kernels/smollm2/data).
 
     python tools/bench_scale.py --models 7b --recipes w8a8-smooth,w4a16-gptq --max-memory 8
     python tools/bench_scale.py --models 1b --whole 1b --max-memory 4   # also the whole-model compile
+    python tools/bench_scale.py --models '' --sharded smollm2 --append  # --workers 2 and --ray auto vs 1 process
 """
 
 from __future__ import annotations
@@ -92,17 +93,19 @@ class DiskWatch:
 
 
 def compile_one(model: Path, calib: Path, evaluation: Path | None, recipe: str, out: Path,
-                max_memory: float | None, timeout: float) -> dict:
+                max_memory: float | None, timeout: float, extra: tuple[str, ...] = ()) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "qcompile", str(model), "--recipe", recipe, "--calib", str(calib), "-o", str(out), "-q"]
     if evaluation is not None:
         cmd += ["--verify-data", str(evaluation)]
     if max_memory is not None:
         cmd += ["--max-memory", str(max_memory)]
-    print(f"  {recipe} {'--max-memory ' + str(max_memory) if max_memory else 'whole model'} ...", flush=True)
+    cmd += list(extra)
+    print(f"  {recipe} {'--max-memory ' + str(max_memory) if max_memory else 'whole model'} {' '.join(extra)} ...",
+          flush=True)
     with DiskWatch(out.parent) as disk:
         r = run_measured(cmd, timeout=timeout, cwd=str(out.parent), mem_limit_mb=22_000)
-    row = {"recipe": recipe, "max_memory_gb": max_memory, "rc": r["rc"], "wall_s": round(r["wall_s"], 1),
+    row = {"recipe": recipe, "max_memory_gb": max_memory, "extra": list(extra), "rc": r["rc"], "wall_s": round(r["wall_s"], 1),
            "peak_rss_mb": r["peak_rss_mb"], "disk_peak_mb": round(disk.peak / 1e6), "error": r.get("error")}
     if r["rc"] != 0:
         row["stderr"] = (r.get("stderr") or "")[-2000:]
@@ -130,6 +133,29 @@ def same_tensors(a: Path, b: Path) -> dict:
         [(n.op_type, list(n.input), list(n.output)) for n in pb.graph.node]
     return {"initializers": len(ta), "names_equal": ta.keys() == tb.keys(), "differing": differ[:10],
             "nodes_equal": nodes, "identical": ta.keys() == tb.keys() and not differ and nodes}
+
+
+STATISTICS_PASSES = ("calibrate", "smooth_quant", "awq", "gptq", "sparsify")
+
+
+def sharded_runs(model: Path, calib: Path, evaluation: Path, recipe: str, work: Path, name: str, workers: int,
+                 max_memory: float | None, timeout: float) -> dict:
+    """The same compile in one process, with --workers N and with N tasks on a local Ray: wall
+    time, the statistics passes' time, and whether the outputs are the single-process bytes."""
+    modes = {"1 process": (), f"--workers {workers}": ("--workers", str(workers)),
+             f"--ray auto ({workers} tasks)": ("--ray", "auto", "--workers", str(workers))}
+    runs, base = {}, None
+    for label, extra in modes.items():
+        out = work / f"shard-{name}-{recipe}-{len(runs)}"
+        row = compile_one(model, calib, evaluation, recipe, out, max_memory, timeout, extra)
+        if row["rc"] == 0:
+            row["statistics_s"] = round(sum(p["seconds"] for p in row["passes"] if p["pass"] in STATISTICS_PASSES), 1)
+            if base is None:
+                base = out
+            else:
+                row["same"] = same_tensors(out / "model.onnx", base / "model.onnx")
+        runs[label] = row
+    return {"model": name, "recipe": recipe, "workers": workers, "max_memory_gb": max_memory, "runs": runs}
 
 
 def comparison_model(name: str) -> tuple[Path, Path, Path]:
@@ -180,6 +206,24 @@ def render(doc: dict) -> str:
                       f"{'identical' if c['same']['identical'] else 'DIFFERENT ' + str(c['same'])} "
                       f"({c['same']['initializers']} initializers); verification "
                       f"{'identical' if c['verification_equal'] else 'differs: ' + c['verification_note']}."]
+    for s in doc.get("sharded", []):
+        mode = f", --max-memory {s['max_memory_gb']:g}" if s.get("max_memory_gb") else ""
+        lines += ["", f"{s['model']} {s['recipe']}{mode}: calibration statistics sharded "
+                      "(the statistics passes: " + ", ".join(STATISTICS_PASSES) + "; peak RSS: the largest "
+                      "process the bench waited for — forked workers count, Ray's worker processes do not)", "",
+                  "| mode | wall s | × 1 process | statistics passes s | × 1 process | peak RSS MB | output |",
+                  "|---|---|---|---|---|---|---|"]
+        one = next(iter(s["runs"].values()))
+        for label, r in s["runs"].items():
+            if r.get("rc") != 0:
+                lines.append(f"| {label} | failed: {(r.get('error') or r.get('stderr', ''))[-160:]} | | | | | |")
+                continue
+            same = r.get("same")
+            output = "the reference" if same is None else \
+                ("byte-identical" if same["identical"] else f"differs: {same['differing'][:3]}")
+            ratio = lambda k: f"{r[k] / one[k]:.2f}" if one.get("rc") == 0 and one.get(k) else "–"   # noqa: E731
+            lines.append(f"| {label} | {r['wall_s']:.0f} | {ratio('wall_s')} | {r['statistics_s']:.0f} | "
+                         f"{ratio('statistics_s')} | {r.get('peak_rss_mb') or 0:.0f} | {output} |")
     return "\n".join(lines) + "\n"
 
 
@@ -196,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--timeout", type=float, default=4 * 3600)
     ap.add_argument("--append", action="store_true", help="add to --out's bench.json instead of replacing it")
+    ap.add_argument("--sharded", default="", help="models (smollm2, or presets) compiled in one process, with "
+                                                   "--workers N and with --ray auto, compared (comma-separated)")
+    ap.add_argument("--sharded-recipes", default="w4a16-gptq")
+    ap.add_argument("--sharded-workers", type=int, default=2)
+    ap.add_argument("--sharded-memory", type=float, default=None, help="--max-memory for --sharded (GB)")
     args = ap.parse_args(argv)
     args.work, args.out = args.work.resolve(), args.out.resolve()   # the compiles run in their own folder
     args.work.mkdir(parents=True, exist_ok=True)
@@ -244,6 +293,18 @@ def main(argv: list[str] | None = None) -> int:
                                        "verification_note": "" if equal else json.dumps({"whole": vw.get("task"),
                                                                                         "layer_wise": vl.get("task")}),
                                        "whole": whole, "layer_wise": layered})
+            write(doc, args.out)
+    for name in [n for n in args.sharded.split(",") if n]:
+        if name in llama_scale.PRESETS:
+            folder = args.work / name
+            if not (folder / "model.onnx").exists():
+                llama_scale.write(folder, name)
+            model, calib, evaluation = folder / "model.onnx", folder / "calib.npz", folder / "eval.npz"
+        else:
+            model, calib, evaluation = comparison_model(name)
+        for recipe in args.sharded_recipes.split(","):
+            doc.setdefault("sharded", []).append(sharded_runs(model, calib, evaluation, recipe, args.work, name,
+                                                              args.sharded_workers, args.sharded_memory, args.timeout))
             write(doc, args.out)
     write(doc, args.out)
     print(f"wrote {args.out / 'bench.md'}")

@@ -4,6 +4,8 @@ for Conv inputs, input patches) that a scale search can simulate X·W on."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx_ir as ir
 
@@ -43,9 +45,9 @@ def channel_stat_groups(model: ir.Model, xs: list[ir.Value], ctx, *, samples: in
         dataset = open_dataset(None, model_input_specs(model), synthetic_samples=8)
         ctx.warn(f"{label} without calibration data: channel statistics from synthetic inputs")
     per_batch_rows = max(16, rows // max(min(samples, dataset.num_samples), 1))
-    collector = lambda: ChannelStatCollector(rows, per_batch_rows, conv_inputs, channel_axis)  # noqa: E731
+    collector = functools.partial(ChannelStatCollector, rows, per_batch_rows, conv_inputs, channel_axis)
     for stats in collect_groups(model, xs, dataset, collector, samples=samples, label=label, progress=ctx.progress,
-                                memory=ctx.memory, workers=ctx.workers):
+                                memory=ctx.memory, sharding=ctx.sharding):
         ranges, sampled = {}, {}
         for name, (lo, hi, kept) in stats.items():
             ranges[name] = (lo, hi)
