@@ -268,6 +268,25 @@ def dequantize(q: np.ndarray, scale, zero_point, *, axis: int | None = None,
     return ((q.astype(np.int64) - z).astype(np.float32) * s).astype(np.float32)
 
 
+def fake_quantize(x: np.ndarray, scale, zero_point, dtype: str, *, axis: int | None = None) -> np.ndarray:
+    """dequantize(quantize(x)) for an 8-bit-or-narrower integer dtype, per tensor or per
+    channel, round half to even — the same float32 values, computed in float32 in place (a
+    search that simulates int8 error many times over a 7B's weights spends its time here)."""
+    qmin, qmax, _, _ = INT_TYPES[dtype]
+    if qmax - qmin > 255:
+        raise ValueError(f"fake_quantize is exact for 8-bit and narrower types, not {dtype}")
+    x = np.asarray(x, dtype=np.float32)
+    s = _along(np.asarray(scale, dtype=np.float32), x.ndim, axis)
+    z = _along(np.asarray(zero_point).astype(np.float32), x.ndim, axis)
+    q = np.divide(x, s)            # float32, as QuantizeLinear divides
+    np.rint(q, out=q)              # rint of a float32 is exact: the float64 detour of quantize() changes nothing
+    q += z                         # integers below 2**24: exact in float32
+    np.clip(q, qmin, qmax, out=q)
+    q -= z
+    q *= s
+    return q
+
+
 def dynamic_quantize_per_token(x: np.ndarray, dtype: str = "int8") -> tuple[np.ndarray, np.ndarray]:
     """What a run-time per-token symmetric quantizer computes along the last axis,
     in float32 step for step as the ONNX graph Abs -> ReduceMax(axes=[-1],

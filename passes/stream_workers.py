@@ -124,7 +124,11 @@ def collect_groups(model: ir.Model, values: list[ir.Value], dataset, make_collec
         yield from _ray_groups(model, values, dataset, make_collector, samples=samples, label=label, memory=memory,
                                sharding=sharding, batch=batch, exact=fixed, batches=batches)
         return
-    workers = max(1, min(sharding.workers, batches))     # never a worker without a batch
+    workers = min(sharding.workers, batches)     # never a worker without a batch
+    if workers <= 1:
+        yield from _local_groups(model, values, dataset, make_collector(), samples=samples, label=label,
+                                 progress=progress, memory=memory, batch_size=batch_size)
+        return
     if memory is not None:
         _check_share(model, memory, workers)
     log.info("%s: %d worker processes, every %dth batch each", label, workers, workers)

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompile.numerics import (DTYPES, FLOAT8_TYPES, INT_TYPES, bits, block_minmax, compute_qparams,
-                               dequantize, dynamic_quantize_per_tensor_uint8, dynamic_quantize_per_token,
+                               dequantize, dynamic_quantize_per_tensor_uint8, dynamic_quantize_per_token, fake_quantize,
                                is_float8, onnx_dtype, qrange, quantize, round_values, to_storage)
 
 RANGES = {"int4": (-8, 7), "uint4": (0, 15), "int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
@@ -479,6 +479,23 @@ def test_large_tensors_quantized_in_slices_match_the_reference(monkeypatch, axis
             s, z = scale[idx[axis]], zp[idx[axis]]
         ref[idx] = ref_quantize_scalar(float(x[idx]), float(s), int(z), "uint8", "half_even")
     np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("dtype,symmetric", [("int8", True), ("uint8", False), ("int4", True), ("uint4", False)])
+@pytest.mark.parametrize("axis", [None, 0, 1])
+def test_fake_quantize_is_dequantize_of_quantize_bit_for_bit(dtype, symmetric, axis):
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((64, 48)) * rng.uniform(0.1, 20, (1, 48))).astype(np.float32)
+    x[0, 0], x[1, 1] = 1e30, -1e30                                     # saturating values
+    lo, hi = (x.min(), x.max()) if axis is None else (x.min(axis=1 - axis), x.max(axis=1 - axis))
+    lo, hi = np.clip(lo, -50, 0), np.clip(hi, 0, 50)
+    scale, zp = compute_qparams(lo, hi, dtype, symmetric=symmetric)
+    ties = (np.round(x[2:4] / np.float32(np.max(scale))) + 0.5) * np.float32(np.max(scale))
+    x[2:4] = ties.astype(np.float32)                                     # values on a rounding tie
+    want = dequantize(quantize(x, scale, zp, dtype, axis=axis), scale, zp, axis=axis)
+    got = fake_quantize(x, scale, zp, dtype, axis=axis)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
 
 
 def test_blocked_parameters_of_the_wrong_shape_are_rejected():

@@ -150,8 +150,8 @@ def test_alpha_search_simulates_per_tensor_weights_where_the_target_uses_them():
     xq = np.clip(np.round(xs / xscale), -128, 127) * xscale
     wscale = np.abs(ws).max() / 127.0                          # one scale for the whole weight
     wq = np.clip(np.round(ws / wscale), -127, 127) * wscale
-    ref = x.astype(np.float64) @ w
-    product = (xq.astype(np.float32) @ wq.astype(np.float32)).astype(np.float64)   # float32 products, as the pass
+    ref = (x @ w).astype(np.float64)                           # float32 products, as the pass
+    product = (xq.astype(np.float32) @ wq.astype(np.float32)).astype(np.float64)
     want = float(((ref - product) ** 2).sum() / (ref ** 2).sum())
     assert got == pytest.approx(want, rel=1e-6)
     per_channel = _simulated_error(x, (x.min(0), x.max(0)), [w], [lin], s, "int8", True, [False])
