@@ -52,12 +52,22 @@ def partition_for(model: ir.Model, memory: MemoryPlan) -> BlockPartition:
 
 
 def stream_blockwise(model: ir.Model, values: list[ir.Value], dataset, *, memory: MemoryPlan, samples: int,
-                     label: str, progress: bool, batch_size: int, exact: bool, level: str = "basic"
+                     label: str, progress: bool, batch_size: int, exact: bool, level: str = "basic",
+                     block_ends: bool = False, sequential: bool = False
                      ) -> Iterator[tuple[int, dict[str, np.ndarray], int]]:
     """Yield (batch index, {tensor name: array}, samples) block by block, batch by batch, for
     `values`. A batch's samples are counted once (at its first yield); later yields of it give 0.
     `level`: onnxruntime's graph optimizations in the block sessions (verification runs the
-    outputs at "all", as deployed)."""
+    outputs at "all", as deployed).
+
+    `block_ends`: after a block's tensors an empty item (-1, {}, 0) marks the block's end, its
+    session already dropped, so a caller finishing that block's statistics (GPTQ rounding it)
+    does not hold the next block's session meanwhile; such a caller must not rewrite what the
+    stream has still to run. Without it a group finishes when the next block's first batch
+    arrives, its session made (SmoothQuant folds its scales then: the blocks still to run are
+    already built). `sequential` (implies `block_ends`): when the caller asks for more, the
+    block runs again with its weights as the caller left them (GPTQ's rounded ones) to make the
+    tensors later blocks read — so every block sees the blocks before it as rewritten."""
     partition = partition_for(model, memory)
     blocks = partition.blocks
     _type_crossings(model, blocks)
@@ -86,18 +96,26 @@ def stream_blockwise(model: ir.Model, values: list[ir.Value], dataset, *, memory
                 if not fetch:
                     advance(total)
                     continue
-                session = block_session(model, block, fetch, folder, level=level)
-                feeds = _block_feeds(block, dataset, cache, samples=samples, batch_size=batch_size, exact=exact)
-                for i, (feed, outputs) in enumerate(prefetched(session, fetch, feeds)):
-                    result = dict(zip(fetch, outputs))
-                    for name in keep:
-                        cache.put(i, name, result[name])
-                    n = _samples_in(feed)
-                    if yielded:
-                        yield i, {name: result[name] for name in yielded}, (0 if i in counted else n)
-                        counted.add(i)
-                    advance(n)
-                del session
+                rerun = sequential and bool(yielded) and bool(keep)
+                # (outputs, cache them, yield them): one run, or under `sequential` the yielded
+                # tensors first and, once the caller has rewritten the block, the cached ones
+                runs = [(yielded, False, True), (keep, True, False)] if rerun else [(fetch, True, bool(yielded))]
+                for run, (names, caches, yields) in enumerate(runs):
+                    session = block_session(model, block, names, folder, level=level)
+                    feeds = _block_feeds(block, dataset, cache, samples=samples, batch_size=batch_size, exact=exact)
+                    for i, (feed, outputs) in enumerate(prefetched(session, names, feeds)):
+                        result = dict(zip(names, outputs))
+                        for name in keep if caches else ():
+                            cache.put(i, name, result[name])
+                        n = _samples_in(feed)
+                        if yields:
+                            yield i, {name: result[name] for name in yielded}, (0 if i in counted else n)
+                            counted.add(i)
+                        if run == 0:
+                            advance(n)
+                    del session
+                    if yields and (block_ends or sequential):   # the block's end, before any other session
+                        yield -1, {}, 0
                 cache.keep_only(needed_after[block.index])
     finally:
         cache.clear()

@@ -19,17 +19,21 @@ from qcompile.progress import progress_bar
 
 
 def stream_tensors(model: ir.Model, values: list[ir.Value], dataset, *, samples: int, label: str,
-                   progress: bool, batch_size: int = 1, memory: MemoryPlan | None = None):
+                   progress: bool, batch_size: int = 1, memory: MemoryPlan | None = None, block_ends: bool = False,
+                   sequential: bool = False):
     """Yield ({tensor name: array}, batch samples) for `values` over up to `samples` samples of
     `dataset`: one onnxruntime session exposing them, the model's fixed batch size if it has one,
     a progress bar, and onnxruntime running batch i+1 (it releases the GIL) while the caller
     works on batch i. Under a memory plan the stream goes block by block: a batch then comes
     once per block that makes a requested tensor, each tensor's batches in order, and its
-    samples are counted at its first yield (0 afterwards)."""
+    samples are counted at its first yield (0 afterwards). `block_ends`, `sequential` (under a
+    memory plan): an empty item ends each block; with `sequential` the blocks after it see what
+    the caller rewrote in it (compiler/layerwise.py)."""
     batch, fixed = fixed_batch_size(model)
     if memory is not None:
         for _, arrays, n in stream_blockwise(model, values, dataset, memory=memory, samples=samples, label=label,
-                                             progress=progress, batch_size=batch or batch_size, exact=fixed):
+                                             progress=progress, batch_size=batch or batch_size, exact=fixed,
+                                             block_ends=block_ends, sequential=sequential):
             yield arrays, n
         return
     session = session_for(model, extra_outputs=values, level="basic")

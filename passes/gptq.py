@@ -57,6 +57,9 @@ class GPTQ(QPass):
         # the scheme of the layers feeding a model output, as the later quantize step's
         # `output_layers` gives them (a built-in scheme name; float: left alone)
         output_layers: str | None = None
+        # under --max-memory: each block's Hessians from the outputs of the blocks before it as
+        # rounded (GPTQ's sequential order), not from the float model's
+        sequential: bool = False
 
         def validate(self):
             if not 0.0 < self.damp < 1.0:
@@ -76,6 +79,7 @@ class GPTQ(QPass):
             return None
 
     GIVES = frozenset({Fact.WEIGHTS_ROUNDED})
+    _deferred: list | None = None    # (weight, rounded tensor) written after the stream (run)
     # its error feedback moves every weight, pruned zeros included
     INVALIDATES = FLOAT_MODEL_CHANGED | {Fact.SPARSE}
 
@@ -105,10 +109,18 @@ class GPTQ(QPass):
             ctx.reports["gptq"] = {"layers": 0, "skipped": skipped}
             return False
         records, deficient = {}, []
-        # each group of Hessians (all of them, or under --max-memory one block's) is used and dropped
+        sequential = self._sequential()
+        # each group of Hessians (all of them, or under --max-memory one block's) is used and dropped,
+        # block by block before the next block's session is made; under --max-memory the rounded
+        # weights (spilled) go into the graph once all are rounded, unless the later blocks are to
+        # run on them (sequential)
+        self._deferred = [] if ctx.memory is not None and not sequential else None
         for hessians, rows in hessian_groups(model, linears, convs, ctx, samples=cfg.samples,
-                                             conv_positions=cfg.conv_positions, pass_name="gptq"):
+                                             conv_positions=cfg.conv_positions, pass_name="gptq",
+                                             block_ends=True, sequential=sequential):
             self._round_group(linears, convs, schemes, hessians, rows, records, deficient)
+        for w_val, tensor in self._deferred or ():
+            w_val.const_value = tensor
         order = [n.name for n in linears] + list(convs)
         records = {name: records[name] for name in order if name in records}
         if deficient:  # e.g. the 1×1 Convs of squeeze-excite blocks: one row per sample
@@ -116,8 +128,22 @@ class GPTQ(QPass):
                      f"are rank-deficient (damping keeps them usable; more calibration samples help): "
                      f"{', '.join(deficient[:3])}{', …' if len(deficient) > 3 else ''}")
         ctx.reports["gptq"] = {"layers": len(records), "scheme": cfg.weight.label(), "act_order": cfg.act_order,
-                              "per_layer": records, "skipped": skipped, "rank_deficient": deficient}
+                              "sequential": sequential, "per_layer": records, "skipped": skipped, "rank_deficient": deficient}
         return bool(records)
+
+    def _sequential(self) -> bool:
+        """Whether the Hessians follow the rounded blocks: `sequential` under --max-memory."""
+        cfg, ctx = self.config, self.ctx
+        if not cfg.sequential:
+            return False
+        if ctx.memory is None:
+            ctx.warn("gptq.sequential takes effect block by block, under --max-memory; in one whole-model "
+                     "session every Hessian comes from the float model's activations")
+            return False
+        if ctx.sharding.sharded:
+            ctx.warn("gptq.sequential: its Hessians are streamed in the compile's own process (each block waits "
+                     "for the one before it to be rounded); --workers/--ray serve the other passes")
+        return True
 
     def _round_group(self, linears, convs, schemes, hessians, rows, records, deficient) -> None:
         """GPTQ-round the layers whose Hessians are in `hessians`."""
@@ -169,7 +195,11 @@ class GPTQ(QPass):
         chosen, kept = ("gptq", gptq) if gptq_error <= rtn_error else ("rtn", rtn)
         self.ctx.weights.put(w_val.name, kept)
         deq = _dequantized_conv(kept) if conv else _dequantized(kept)
-        w_val.const_value = stored_tensor(layout(deq).astype(np.float32), w_val.name)
+        rounded = stored_tensor(layout(deq).astype(np.float32), w_val.name)
+        if self._deferred is None:
+            w_val.const_value = rounded
+        else:
+            self._deferred.append((w_val, rounded))
         return {"reconstruction_error": min(gptq_error, rtn_error), "gptq_reconstruction_error": gptq_error,
                 "rtn_reconstruction_error": rtn_error, "kept": chosen}
 
@@ -222,20 +252,23 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray | None, scheme: WeightScheme, *, 
     elif act_order and h is not None:
         g_scale = np.stack([_scales(w[s:s + group], scheme, imp(s, s + group)) for s in range(0, k, group)])
         fixed_scales = np.repeat(g_scale, group, axis=0)[:k]
-    q = np.zeros((k, n), dtype=np.int64)
-    scale_rows = np.zeros((k, n), dtype=np.float64)
+    q = np.zeros((k, n), dtype=np.int16)              # 4- and 8-bit integers; a 7B down_proj's [K, N] is 45M of them
+    scale_rows = np.zeros((k, n), dtype=np.float32)   # stored as float32 in the end anyway
     if h is None and fixed_scales is None:  # plain rounding: whole groups at once
         fixed_scales = np.repeat(np.stack([_scales(w[s:s + group], scheme) for s in range(0, k, group)]),
                                  group, axis=0)[:k]
     if h is None:
-        q = np.clip(np.rint(w / fixed_scales), qmin, qmax).astype(np.int64)
+        q = np.clip(np.rint(w / fixed_scales), qmin, qmax).astype(np.int16)
         scale_rows = fixed_scales
         hinv = None
     else:
-        h = h[np.ix_(perm, perm)]
+        if act_order:
+            h = h[np.ix_(perm, perm)]
         h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-        hinv = np.linalg.cholesky(np.linalg.inv(h)).T                    # upper factor of H^-1
-    wp = w[perm]                                                         # rows = input channels, in order
+        h = np.linalg.inv(h)        # one [K, K] float64 at a time (a 7B down_proj's is 970 MB)
+        hinv = np.linalg.cholesky(h).T                                   # upper factor of H^-1
+        del h
+    wp = w[perm] if act_order else w                                     # rows = input channels, in order
     step = max(block_size - block_size % group, group) if group else block_size
     for i1 in range(0, k if hinv is not None else 0, step):
         i2 = min(i1 + step, k)

@@ -71,11 +71,16 @@ def layer_hessians(model: ir.Model, linears: list[ir.Node], convs: dict[str, tup
 
 
 def hessian_groups(model: ir.Model, linears: list[ir.Node], convs: dict[str, tuple[ir.Node, ConvGeometry]],
-                   ctx, *, samples: int, conv_positions: int, pass_name: str):
+                   ctx, *, samples: int, conv_positions: int, pass_name: str, block_ends: bool = False,
+                   sequential: bool = False):
     """Yield ({key: H}, {key: rows seen}) as the Hessians complete: all at the end of one
     whole-model stream, or, under --max-memory, block by block — so a caller that rounds and
     drops each group holds one block's Hessians (a 7B layer's are 1.4 GB in float64), not the
-    model's. Keys: a linear's input tensor name, a Conv's node name.
+    model's. Keys: a linear's input tensor name, a Conv's node name. Under --max-memory,
+    `block_ends`: a block's group comes before the next block's session is made (the caller
+    must not rewrite the graph until the stream ends); `sequential`: each block's inputs come
+    from the blocks before it as the caller rounded them while holding their group (GPTQ's
+    sequential order).
 
     Refuses, before streaming, a linear whose calibration rows cannot reach its width (a
     rank-deficient H); where the sequence length is dynamic that is only known afterwards."""
@@ -102,7 +107,7 @@ def hessian_groups(model: ir.Model, linears: list[ir.Node], convs: dict[str, tup
     groups = collect_groups(model, list(xs.values()), dataset,
                             functools.partial(GramCollector, keys_of, geometry, conv_positions),
                             samples=samples, label=pass_name, progress=ctx.progress, memory=ctx.memory,
-                            sharding=ctx.sharding)
+                            sharding=ctx.sharding, block_ends=block_ends, sequential=sequential)
     for grams in groups:
         yield {k: 2.0 * gram / max(n, 1) for k, (gram, n) in grams.items()}, {k: n for k, (_, n) in grams.items()}
 

@@ -109,13 +109,18 @@ class ShardFeeds:
 
 def collect_groups(model: ir.Model, values: list[ir.Value], dataset, make_collector: Callable[[], Collector], *,
                    samples: int, label: str, progress: bool, memory: MemoryPlan | None = None,
-                   sharding: Sharding = Sharding(), batch_size: int = 1) -> Iterator[dict]:
+                   sharding: Sharding = Sharding(), batch_size: int = 1, block_ends: bool = False,
+                   sequential: bool = False) -> Iterator[dict]:
     """Yield the merged statistics of each group of `values` as it finishes (tensor_groups):
     in this process, across forked workers (`sharding.workers`), or as Ray tasks (`sharding.ray`).
-    `make_collector` must pickle for Ray (a class or a functools.partial of one)."""
-    if not sharding.sharded:
+    `make_collector` must pickle for Ray (a class or a functools.partial of one). `block_ends`
+    and `sequential` as stream_tensors takes them; under `sequential` the blocks after a group
+    see what the caller rewrote while holding it, which only a stream in this process can: it
+    is never sharded."""
+    if not sharding.sharded or sequential:
         yield from _local_groups(model, values, dataset, make_collector(), samples=samples, label=label,
-                                 progress=progress, memory=memory, batch_size=batch_size)
+                                 progress=progress, memory=memory, batch_size=batch_size, block_ends=block_ends,
+                                 sequential=sequential)
         return
     fixed_batch, fixed = fixed_batch_size(model)
     batch = fixed_batch or batch_size
@@ -127,7 +132,7 @@ def collect_groups(model: ir.Model, values: list[ir.Value], dataset, make_collec
     workers = min(sharding.workers, batches)     # never a worker without a batch
     if workers <= 1:
         yield from _local_groups(model, values, dataset, make_collector(), samples=samples, label=label,
-                                 progress=progress, memory=memory, batch_size=batch_size)
+                                 progress=progress, memory=memory, batch_size=batch_size, block_ends=block_ends)
         return
     if memory is not None:
         _check_share(model, memory, workers)
@@ -150,9 +155,10 @@ def collect_groups(model: ir.Model, values: list[ir.Value], dataset, make_collec
             worker.stop()
 
 
-def _local_groups(model, values, dataset, collector: Collector, *, samples, label, progress, memory, batch_size):
+def _local_groups(model, values, dataset, collector: Collector, *, samples, label, progress, memory, batch_size,
+                  block_ends: bool = False, sequential: bool = False):
     stream = stream_tensors(model, values, dataset, samples=samples, label=label, progress=progress,
-                            batch_size=batch_size, memory=memory)
+                            batch_size=batch_size, memory=memory, block_ends=block_ends, sequential=sequential)
     first, step = (dataset.index, dataset.count) if isinstance(dataset, (DatasetShard, ShardFeeds)) else (0, 1)
     seen: dict[str, int] = {}   # batches of each tensor so far: a tensor's batches come in order
     for arrays, finished in tensor_groups(stream):

@@ -121,6 +121,61 @@ def test_the_blockwise_stream_gives_the_whole_model_streams_tensors(decoder, tmp
     assert not (tmp_path / "scratch").exists() or not any((tmp_path / "scratch").rglob("*.npy"))
 
 
+def test_a_sequential_stream_runs_each_block_on_the_blocks_before_it_as_rewritten(decoder, tmp_path):
+    """GPTQ's sequential order: what the caller writes into a block while it holds that
+    block's tensors is what the later blocks run on — checked against the whole-model stream
+    of a model with the same rewrite made beforehand."""
+    from qcompile.passes.activation_stream import tensor_groups
+    model = load_model(decoder["model"])
+    dataset = open_dataset(decoder["calib"], model_input_specs(model))
+    linears = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
+    xs = list({n.inputs[0].name: n.inputs[0] for n in linears}.values())
+    memory = MemoryPlan(memory_needed(int(_one_layer_bytes(model) * 1.2)), tmp_path / "scratch")
+
+    def halve(m, x_names):   # what "rounding" the layers reading x_names does here
+        for node in m.graph:
+            if node.op_type == "MatMul" and node.inputs[0].name in x_names and node.inputs[1].const_value is not None:
+                node.inputs[1].const_value = ir.tensor(node.inputs[1].const_value.numpy() * np.float32(0.5))
+
+    got, first = {}, None
+    for arrays, finished in tensor_groups(stream_tensors(model, xs, dataset, samples=8, label="t", progress=False,
+                                                         memory=memory, sequential=True)):
+        if finished and first is None:
+            first = set(finished)
+            halve(model, first)
+        for name, array in arrays.items():
+            got.setdefault(name, []).append(array)
+    assert first and len(first) < len(xs)
+
+    plain, rewritten = load_model(decoder["model"]), load_model(decoder["model"])
+    halve(rewritten, first)
+    want_first, _ = _stream(plain, sorted(first), dataset, None)              # the block before its rewrite
+    want_rest, _ = _stream(rewritten, sorted(set(got) - first), dataset, None)
+    for name, arrays in {**want_first, **want_rest}.items():
+        assert len(got[name]) == 8
+        for a, b in zip(got[name], arrays):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    changed = [n for n in want_rest if not np.allclose(_stream(plain, [n], dataset, None)[0][n][0], got[n][0])]
+    assert changed                                                           # the rewrite did reach later blocks
+
+
+def test_sequential_gptq_follows_the_rounded_blocks_under_a_cap(decoder, tmp_path):
+    model = load_model(decoder["model"])
+    cap = memory_needed(int(_one_layer_bytes(model) * 1.2))
+    common = dict(recipe="w4a16-gptq", calib=decoder["calib"], verify_data=decoder["eval"], progress=False,
+                  max_memory=cap)
+    plain = compile_model(decoder["model"], output_dir=tmp_path / "plain", **common)
+    seq = compile_model(decoder["model"], output_dir=tmp_path / "seq", settings=("gptq.sequential=true",), **common)
+    assert seq.report["gptq"]["sequential"] is True and plain.report["gptq"]["sequential"] is False
+    a, b = _initializers(tmp_path / "plain" / "model.onnx"), _initializers(tmp_path / "seq" / "model.onnx")
+    differ = [n for n in a if not np.array_equal(a[n], b[n])]
+    assert differ and any(".layers.0." not in n for n in differ)
+    whole = compile_model(decoder["model"], output_dir=tmp_path / "whole", settings=("gptq.sequential=true",),
+                          **{**common, "max_memory": None})
+    assert whole.report["gptq"]["sequential"] is False
+    assert any("gptq.sequential takes effect block by block" in w for w in whole.report["warnings"])
+
+
 def _initializers(path) -> dict[str, np.ndarray]:
     proto = onnx.load(str(path))   # external data next to it is loaded
     return {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
