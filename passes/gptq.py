@@ -265,8 +265,7 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray | None, scheme: WeightScheme, *, 
         if act_order:
             h = h[np.ix_(perm, perm)]
         h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-        h = np.linalg.inv(h)        # one [K, K] float64 at a time (a 7B down_proj's is 970 MB)
-        hinv = np.linalg.cholesky(h).T                                   # upper factor of H^-1
+        hinv = upper_cholesky_of_inverse(h)                             # upper factor of H^-1
         del h
     wp = w[perm] if act_order else w                                     # rows = input channels, in order
     step = max(block_size - block_size % group, group) if group else block_size
@@ -299,6 +298,22 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray | None, scheme: WeightScheme, *, 
     dtype = np.int8 if qmin < 0 else np.uint8
     zp = np.zeros(scale.shape, dtype=dtype)
     return PrecomputedWeight(scheme, scheme.granularity, axis, block, q.astype(dtype), scale, zp)
+
+
+def upper_cholesky_of_inverse(h: np.ndarray, block: int = 256) -> np.ndarray:
+    """U upper triangular with Uᵀ·U = H⁻¹ (H symmetric positive definite), without forming H⁻¹:
+    with J the reversal, J·H·J = L·Lᵀ gives H⁻¹ = (J·L⁻¹·J)ᵀ(J·L⁻¹·J), and L⁻¹ is inverted in
+    place block row by block row. Two [K, K] arrays at most, where inv + cholesky took four or
+    five (a 7B down_proj's Hessian is 970 MB in float64)."""
+    lower = np.linalg.cholesky(h[::-1, ::-1])
+    k = lower.shape[0]
+    for j in range(0, k, block):    # rows < j already hold L⁻¹'s; extend by rows j..j+block
+        e = min(j + block, k)
+        diag = np.linalg.inv(lower[j:e, j:e])
+        if j:
+            lower[j:e, :j] = -(diag @ (lower[j:e, :j] @ lower[:j, :j]))
+        lower[j:e, j:e] = diag
+    return lower[::-1, ::-1]
 
 
 def _grid(scheme: WeightScheme) -> tuple[int, int]:

@@ -47,6 +47,18 @@ def reference_gptq(w, h, scheme: WeightScheme, damp=0.01):
     return q
 
 
+@pytest.mark.parametrize("k,block", [(1, 4), (7, 3), (300, 64), (300, 256)])
+def test_the_upper_cholesky_factor_of_the_inverse_is_numpys(k, block):
+    """gptq's H⁻¹ factor without forming H⁻¹ (two [K, K] arrays, not five): numpy's inv + cholesky."""
+    from qcompile.passes.gptq import upper_cholesky_of_inverse
+    x = correlated(k, rows=3 * k + 5, seed=k)
+    h = 2 * x.T @ x / len(x) + 0.01 * np.eye(k)
+    got = upper_cholesky_of_inverse(h.copy(), block=block)
+    want = np.linalg.cholesky(np.linalg.inv(h)).T
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+    np.testing.assert_allclose(got.T @ got, np.linalg.inv(h), rtol=1e-8, atol=1e-12 * np.abs(want).max() ** 2)
+
+
 @pytest.mark.parametrize("scheme,block", [(INT4_G16, 32), (INT4_G16, 16), (INT8_PC, 24)])
 def test_blocked_gptq_equals_the_column_by_column_reference(scheme, block):
     x = correlated(64)
