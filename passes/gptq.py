@@ -148,6 +148,7 @@ class GPTQ(QPass):
     def _round_group(self, linears, convs, schemes, hessians, rows, records, deficient) -> None:
         """GPTQ-round the layers whose Hessians are in `hessians`."""
         cfg = self.config
+        last_reader = {node.inputs[0].name: node.name for node in linears}   # each H is dropped after it
         for node in linears:
             if node.inputs[0].name not in hessians:
                 continue
@@ -165,6 +166,9 @@ class GPTQ(QPass):
             records[node.name] = self._keep_better(w_val, quantize, error, layout)
             if n_rows < w_kn.shape[0]:
                 deficient.append(f"{node.name} ({n_rows} rows, K = {w_kn.shape[0]})")
+            del w, w_kn, h, quantize, error
+            if last_reader[node.inputs[0].name] == node.name:
+                del hessians[node.inputs[0].name]
         for name, (node, geo) in convs.items():
             if name not in hessians:
                 continue
@@ -237,15 +241,18 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray | None, scheme: WeightScheme, *, 
     qmin, qmax = _grid(scheme)
     perm = np.arange(k)
     if h is not None:
-        h = np.array(h, dtype=np.float64)
-        dead = np.diag(h) == 0
+        # the caller's H, changed on its diagonal only and given back as it was (a copy of a 7B
+        # down_proj's is 970 MB); a permuted one (act_order) is a copy of its own
+        h = np.asarray(h, dtype=np.float64)
+        given_diag = h.diagonal().copy()
+        dead = given_diag == 0
         h[dead, dead] = 1.0
         w[dead, :] = 0.0
         if act_order:
             perm = np.argsort(-np.diag(h), kind="stable")
     # scales: per channel (from the original W), per group (fixed up front when columns are permuted)
     fixed_scales = None
-    hdiag = np.diag(h) if (h is not None and scale_search) else None
+    hdiag = np.diag(h).copy() if (h is not None and scale_search) else None
     imp = (lambda s, e: None if hdiag is None else hdiag[s:e])  # noqa: E731
     if group is None:
         fixed_scales = _scales(w, scheme, imp(0, k))[None, :].repeat(k, axis=0)      # [K, N]
@@ -262,11 +269,15 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray | None, scheme: WeightScheme, *, 
         scale_rows = fixed_scales
         hinv = None
     else:
+        given = h
         if act_order:
             h = h[np.ix_(perm, perm)]
-        h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-        hinv = upper_cholesky_of_inverse(h)                             # upper factor of H^-1
-        del h
+        try:
+            h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+            hinv = upper_cholesky_of_inverse(h)                         # upper factor of H^-1
+        finally:
+            given[np.diag_indices(k)] = given_diag
+        del h, given
     wp = w[perm] if act_order else w                                     # rows = input channels, in order
     step = max(block_size - block_size % group, group) if group else block_size
     for i1 in range(0, k if hinv is not None else 0, step):

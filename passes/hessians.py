@@ -109,7 +109,14 @@ def hessian_groups(model: ir.Model, linears: list[ir.Node], convs: dict[str, tup
                             samples=samples, label=pass_name, progress=ctx.progress, memory=ctx.memory,
                             sharding=ctx.sharding, block_ends=block_ends, sequential=sequential)
     for grams in groups:
-        yield {k: 2.0 * gram / max(n, 1) for k, (gram, n) in grams.items()}, {k: n for k, (_, n) in grams.items()}
+        hessians, rows = {}, {}
+        for key in list(grams):        # H = 2·XᵀX / rows, in place: no second copy of a block's Hessians
+            gram, n = grams.pop(key)
+            np.multiply(gram, 2.0, out=gram)
+            np.divide(gram, max(n, 1), out=gram)
+            hessians[key], rows[key] = gram, n
+        del grams
+        yield hessians, rows
 
 
 class GramCollector:
