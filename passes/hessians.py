@@ -138,7 +138,10 @@ class GramCollector:
             else:
                 x = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
                 gram, n_rows = x.T @ x, x.shape[0]
-            self.acc[key] = gram if key not in self.acc else self.acc[key] + gram
+            if key in self.acc:
+                np.add(self.acc[key], gram, out=self.acc[key])   # in place: a 7B down_proj's sum is 970 MB
+            else:
+                self.acc[key] = gram
             self.count[key] = self.count.get(key, 0) + n_rows
 
     def take(self, names: set[str]) -> dict[str, tuple[np.ndarray, int]]:
