@@ -269,12 +269,13 @@ def dequantize(q: np.ndarray, scale, zero_point, *, axis: int | None = None,
 
 
 def fake_quantize(x: np.ndarray, scale, zero_point, dtype: str, *, axis: int | None = None) -> np.ndarray:
-    """dequantize(quantize(x)) for an 8-bit-or-narrower integer dtype, per tensor or per
-    channel, round half to even — the same float32 values, computed in float32 in place (a
-    search that simulates int8 error many times over a 7B's weights spends its time here)."""
+    """dequantize(quantize(x)), per tensor or per channel, round half to even. For an
+    8-bit-or-narrower integer dtype the same float32 values computed in float32 in place (a
+    search that simulates int8 error many times over a 7B's weights spends its time here);
+    other dtypes (float8, int16) go through quantize and dequantize."""
+    if dtype not in INT_TYPES or INT_TYPES[dtype][1] - INT_TYPES[dtype][0] > 255:
+        return dequantize(quantize(x, scale, zero_point, dtype, axis=axis), scale, zero_point, axis=axis)
     qmin, qmax, _, _ = INT_TYPES[dtype]
-    if qmax - qmin > 255:
-        raise ValueError(f"fake_quantize is exact for 8-bit and narrower types, not {dtype}")
     x = np.asarray(x, dtype=np.float32)
     s = _along(np.asarray(scale, dtype=np.float32), x.ndim, axis)
     z = _along(np.asarray(zero_point).astype(np.float32), x.ndim, axis)

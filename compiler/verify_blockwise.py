@@ -50,7 +50,8 @@ def verify_blockwise(original: Path, compiled: Path, dataset, *, memory: MemoryP
     missing = [n for n in out_names if n not in got_outputs]
     if missing:
         raise ValueError(f"compiled model lacks outputs {missing}")
-    ref_values, got_values = _values(ref_model), _values(got_model)
+    ref_values, got_values = (ir.convenience.create_value_mapping(m.graph, include_subgraphs=False)
+                              for m in (ref_model, got_model))
     layer_tensors = sorted({t for spec in (layers or {}).values() for t in (spec.get("input"), spec["output"])
                             if t in ref_values and t in got_values})
     shapes = {v.name: tuple(v.shape) if v.shape is not None else () for v in ref_model.graph.outputs}
@@ -116,6 +117,3 @@ def _compare(ref_model: ir.Model, ref_tensors: list[ir.Value], got_model: ir.Mod
     finally:
         reference.clear()
 
-
-def _values(model: ir.Model) -> dict[str, ir.Value]:
-    return ir.convenience.create_value_mapping(model.graph, include_subgraphs=False)

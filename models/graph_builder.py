@@ -9,7 +9,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 
-def write_with_data(out_dir, filename: str, model: onnx.ModelProto, sample_inputs, seed: int) -> dict:
+def write_with_data(out_dir, filename: str, model: onnx.ModelProto, sample_inputs, seed: int, *,
+                    calib_samples: int = 32, eval_samples: int = 64) -> dict:
     """`filename` in `out_dir` with calib.npz (32 samples, seed + 1) and eval.npz (64, seed + 2)
     from `sample_inputs(n, seed)`: what every seeded builder's `write` ships."""
     from pathlib import Path
@@ -18,8 +19,8 @@ def write_with_data(out_dir, filename: str, model: onnx.ModelProto, sample_input
     out.mkdir(parents=True, exist_ok=True)
     paths = {"model": out / filename, "calib": out / "calib.npz", "eval": out / "eval.npz"}
     onnx.save(model, paths["model"])
-    np.savez(paths["calib"], **sample_inputs(32, seed + 1))
-    np.savez(paths["eval"], **sample_inputs(64, seed + 2))
+    np.savez(paths["calib"], **sample_inputs(calib_samples, seed + 1))
+    np.savez(paths["eval"], **sample_inputs(eval_samples, seed + 2))
     return paths
 
 

@@ -226,8 +226,11 @@ def sample_inputs(n: int, seed: int, seq: int = 16, vocab: int = 512, layers: in
     return feeds
 
 
-def write(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
-    return write_with_data(out_dir, "llama_block.onnx", build(seed), sample_inputs, seed)
+def write(out_dir: str | Path, seed: int = 0, *, layers: int = 2, calib_samples: int = 32,
+          eval_samples: int = 64) -> dict[str, Path]:
+    return write_with_data(out_dir, "llama_block.onnx", build(seed, layers=layers),
+                           lambda n, s: sample_inputs(n, s, layers=layers), seed,
+                           calib_samples=calib_samples, eval_samples=eval_samples)
 
 
 def _session(source):

@@ -47,7 +47,7 @@ import onnx_ir as ir
 
 from qcompile.config import at_least
 from qcompile.facts import FLOAT_MODEL_CHANGED, Fact
-from qcompile.numerics import compute_qparams, dequantize, fake_quantize, quantize, reduce_absmax
+from qcompile.numerics import compute_qparams, fake_quantize, reduce_absmax
 from qcompile.qdq import set_constant_input
 from qcompile.registry import QPass, register_pass
 from qcompile.weight_store import derived_tensor
@@ -217,14 +217,6 @@ def _scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
-def _fake_quantize(x: np.ndarray, scale, zero_point, dtype: str, axis: int | None = None) -> np.ndarray:
-    """X or W as the target will see it after int8 (or uint8) rounding: numerics.fake_quantize,
-    float32 in place; other dtypes through quantize/dequantize."""
-    if dtype in ("int8", "uint8", "int4", "uint4"):
-        return fake_quantize(x, scale, zero_point, dtype, axis=axis)
-    return dequantize(quantize(x, scale, zero_point, dtype, axis=axis), scale, zero_point, axis=axis)
-
-
 def _float_outputs(x, weights, linears, *, conv: bool) -> list[np.ndarray]:
     """X·W of each linear of a group, or each Conv's outputs at the sampled patches [rows, G,
     Cout/g]: what every α's simulated error is measured against. float32 products (their
@@ -254,11 +246,11 @@ def _simulated_error(x: np.ndarray, x_range, weights, linears, s: np.ndarray, ac
     if per_token:
         lo_t, hi_t = reduce_absmax(xs, 0)
         xscale, xzp = compute_qparams(lo_t, hi_t, "int8", symmetric=True)
-        xq = _fake_quantize(xs, xscale, xzp, "int8", axis=0)
+        xq = fake_quantize(xs, xscale, xzp, "int8", axis=0)
     else:
         lo, hi = float(np.min(x_range[0] / s)), float(np.max(x_range[1] / s))
         xscale, xzp = compute_qparams(lo, hi, act_dtype, symmetric=act_symmetric)
-        xq = _fake_quantize(xs, xscale, xzp, act_dtype)
+        xq = fake_quantize(xs, xscale, xzp, act_dtype)
     errors = []
     for i, (w, lin) in enumerate(zip(weights, linears)):
         w2 = w if lin.k_axis == 0 else w.T                    # [K, N]
@@ -266,7 +258,7 @@ def _simulated_error(x: np.ndarray, x_range, weights, linears, s: np.ndarray, ac
         axis = None if per_tensor and per_tensor[i] else 1
         lo_w, hi_w = reduce_absmax(ws, axis)
         wscale, wzp = compute_qparams(lo_w, hi_w, "int8", symmetric=True, restricted=True)
-        wq = _fake_quantize(ws, wscale, wzp, "int8", axis=axis)
+        wq = fake_quantize(ws, wscale, wzp, "int8", axis=axis)
         ref = refs[i]
         # float32 products, as for Convs: their rounding (~1e-7 relative) is far below the int8
         # error being compared, and a float64 GEMM took half of a 7B compile; the sums are float64
@@ -290,12 +282,12 @@ def _simulated_conv_error(patches: list[np.ndarray], x_range, weights, linears, 
         groups, taps = lin.conv.groups, int(np.prod(w.shape[2:]))
         s_cols = np.repeat(s.reshape(groups, -1), taps, axis=1)                    # [G, K]
         xs = x / s_cols
-        xq = _fake_quantize(xs, xscale, xzp, act_dtype)
+        xq = fake_quantize(xs, xscale, xzp, act_dtype)
         ws = scale_input_channels(w, s, 1, groups)
         axis = None if per_tensor and per_tensor[i] else 0
         lo_w, hi_w = reduce_absmax(ws, axis)
         wscale, wzp = compute_qparams(lo_w, hi_w, "int8", symmetric=True, restricted=True)
-        wq = dequantize(quantize(ws, wscale, wzp, "int8", axis=axis), wscale, wzp, axis=axis)
+        wq = fake_quantize(ws, wscale, wzp, "int8", axis=axis)
         wqg = wq.reshape(groups, w.shape[0] // groups, -1).astype(np.float32)     # [G, Cout/g, K]
         ref = refs[i]
         err = ref - np.einsum("pgk,gok->pgo", xq.astype(np.float32), wqg, optimize=True)

@@ -33,11 +33,7 @@ LAYERS = 4
 @pytest.fixture(scope="module")
 def decoder(tmp_path_factory) -> dict:
     """A 4-layer float32 llama_block (about 150 KB of weights per layer)."""
-    out = tmp_path_factory.mktemp("decoder")
-    onnx.save(llama_block.build(0, layers=LAYERS), out / "model.onnx")
-    np.savez(out / "calib.npz", **llama_block.sample_inputs(8, 1, layers=LAYERS))
-    np.savez(out / "eval.npz", **llama_block.sample_inputs(6, 2, layers=LAYERS))
-    return {"model": out / "model.onnx", "calib": out / "calib.npz", "eval": out / "eval.npz"}
+    return llama_block.write(tmp_path_factory.mktemp("decoder"), layers=LAYERS, calib_samples=8, eval_samples=6)
 
 
 def _layer_of(value_name: str) -> int | None:

@@ -28,11 +28,7 @@ LAYERS = 3
 
 @pytest.fixture(scope="module")
 def decoder(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("decoder")
-    onnx.save(llama_block.build(0, layers=LAYERS), out / "model.onnx")
-    np.savez(out / "calib.npz", **llama_block.sample_inputs(10, 1, layers=LAYERS))
-    np.savez(out / "eval.npz", **llama_block.sample_inputs(4, 2, layers=LAYERS))
-    return {"model": out / "model.onnx", "calib": out / "calib.npz", "eval": out / "eval.npz"}
+    return llama_block.write(tmp_path_factory.mktemp("decoder"), layers=LAYERS, calib_samples=10, eval_samples=4)
 
 
 def _linear_inputs(model):
